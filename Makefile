@@ -1,0 +1,33 @@
+# Two commands on a fresh machine with python3 + pip: `make train` and `make test`.
+# uv installs the locked registry torch + torchvision pair into .venv (pip's local CPU torch is not used).
+UV := python3 -m uv
+RUN := $(UV) run --frozen
+
+.PHONY: setup train test test-all lint bench tensorboard
+
+setup: .venv/.synced
+
+.venv/.synced: pyproject.toml uv.lock
+	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
+		|| python3 -m pip install --quiet --user --break-system-packages uv
+	$(UV) sync --frozen --all-extras
+	@touch $@
+
+train: setup
+	$(RUN) python train.py fit --config configs/digits.yaml
+
+test: setup
+	$(RUN) pytest -m "not slow" -q
+
+test-all: setup
+	$(RUN) pytest -q
+
+lint: setup
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+bench: setup
+	$(RUN) python benchmarks/run.py
+
+tensorboard: setup
+	$(RUN) tensorboard --logdir lightning_logs --host 127.0.0.1

@@ -1,0 +1,218 @@
+"""LightningDataModules yielding ``(x, y)``: ``x`` is ``N×3×H×W`` float in [0, 1], ``y`` is ``N`` int64.
+
+- :class:`Digits`: scikit-learn's bundled 8×8 digits upsampled to 32×32 RGB. Embedded: no download.
+- :class:`CIFAR10`: torchvision's CIFAR-10 (downloads to ``root`` for online users).
+- :class:`ImageFolder`: any ``root/<split>/<class>/<image>`` tree, e.g. ``../shared/data/cifar10-subset``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from robust.errors import RobustError
+
+DIGIT_NAMES = tuple(str(i) for i in range(10))
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def shared_data_dir() -> Path:
+    """Test/benchmark data: ``$ROBUST_DATA`` if set, else ``../shared/data`` beside the project root."""
+    env = os.environ.get("ROBUST_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def digits_tensors(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 scikit-learn digits as ``N×3×size×size`` float [0, 1] images and ``N`` int64 labels."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    return x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(bunch.target, dtype=torch.int64)
+
+
+class _Base(L.LightningDataModule):
+    """Shared loaders; subclasses set ``train_set``, ``val_set`` and ``class_names`` in ``setup``."""
+
+    class_names: tuple[str, ...]
+
+    def __init__(self, batch_size: int, num_workers: int, limit: int | None) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise RobustError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _limited(self, ds: Dataset) -> Dataset:
+        if self.limit is None or self.limit >= len(ds):
+            return ds
+        # Evenly spaced, so every class of a class-sorted folder stays represented.
+        step = len(ds) / self.limit
+        return Subset(ds, [int(i * step) for i in range(self.limit)])
+
+    def _loader(self, shuffle: bool) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        ds = self.train_set if shuffle else self.val_set
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class Digits(_Base):
+    """Embedded 10-class digits (scikit-learn), 32×32 RGB; a fixed seeded 80/20 train/val split."""
+
+    class_names = DIGIT_NAMES
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        image_size: int = 32,
+        limit: int | None = None,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, limit)
+        self.image_size, self.split_seed = image_size, split_seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x, y = digits_tensors(self.image_size)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
+        n_train = int(0.8 * len(y))
+        tr, va = order[:n_train], order[n_train:]
+        self.train_set = self._limited(TensorDataset(x[tr], y[tr]))
+        self.val_set = self._limited(TensorDataset(x[va], y[va]))
+
+
+def _train_transform(size: int, augment: bool) -> v2.Compose:
+    steps = [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()] if augment else []
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True)])
+
+
+class CIFAR10(_Base):
+    """torchvision's CIFAR-10 in ``root`` (downloaded when ``download``); val = the official test set."""
+
+    class_names = CIFAR10_NAMES
+
+    def __init__(
+        self,
+        root: str = "data/cifar10",
+        batch_size: int = 128,
+        num_workers: int = 2,
+        augment: bool = True,
+        download: bool = True,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, limit)
+        self.root, self.augment, self.download = root, augment, download
+
+    def prepare_data(self) -> None:
+        try:
+            datasets.CIFAR10(self.root, train=True, download=self.download)
+            datasets.CIFAR10(self.root, train=False, download=self.download)
+        except (OSError, RuntimeError) as exc:
+            raise RobustError(f"CIFAR-10 is not in {self.root} and could not be downloaded ({exc})") from None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.prepare_data()
+        plain = _train_transform(32, augment=False)
+        self.train_set = self._limited(datasets.CIFAR10(self.root, True, _train_transform(32, self.augment)))
+        self.val_set = self._limited(datasets.CIFAR10(self.root, False, plain))
+
+
+def folder_transform(image_size: int, resize: int | None = None, augment: bool = False) -> v2.Compose:
+    """PIL image -> ``3×S×S`` float [0, 1]: resize the short side to ``resize`` (default ``image_size``),
+    center-crop ``image_size``; ``augment`` adds padded random crop and horizontal flip."""
+    steps = [v2.Resize(resize or image_size, antialias=True), v2.CenterCrop(image_size)]
+    if augment:
+        steps += [v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True)])
+
+
+def image_folder(path: str | Path, transform: v2.Compose) -> datasets.ImageFolder:
+    """A checked ``ImageFolder``: the folder exists, holds images, and at least two classes."""
+    path = Path(path)
+    _class_folders(path)
+    try:
+        ds = datasets.ImageFolder(
+            str(path),
+            transform=transform,
+            allow_empty=False,
+            is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS),
+        )
+    except FileNotFoundError as exc:
+        raise RobustError(f"data folder {path} holds no images in class sub-folders ({exc})") from None
+    return ds
+
+
+def _class_folders(path: Path) -> tuple[str, ...]:
+    """Sorted class sub-folder names of ``path`` (as ImageFolder orders them); checked, no image decoding."""
+    if not path.is_dir():
+        raise RobustError(f"data folder {path} does not exist")
+    classes = tuple(sorted(e.name for e in os.scandir(path) if e.is_dir()))
+    if len(classes) < 2:
+        raise RobustError(f"data folder {path} has {len(classes)} class folder(s); a classifier needs at least 2")
+    return classes
+
+
+class ImageFolder(_Base):
+    """``root/<train_dir>/<class>/*`` and ``root/<val_dir>/<class>/*`` image trees (any size, any mode)."""
+
+    def __init__(
+        self,
+        root: str = "data/images",
+        train_dir: str = "train",
+        val_dir: str = "test",
+        image_size: int = 32,
+        resize: int | None = None,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        augment: bool = True,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, limit)
+        self.root, self.train_dir, self.val_dir = Path(root), train_dir, val_dir
+        self.image_size, self.resize, self.augment = image_size, resize, augment
+        self.class_names = _class_folders(self.root / train_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train = image_folder(self.root / self.train_dir, folder_transform(self.image_size, self.resize, self.augment))
+        val = image_folder(self.root / self.val_dir, folder_transform(self.image_size, self.resize))
+        if train.classes != val.classes:
+            raise RobustError(f"{self.root / self.train_dir} and {self.root / self.val_dir} have different classes")
+        self.class_names = tuple(train.classes)
+        self.train_set, self.val_set = self._limited(train), self._limited(val)

@@ -1,0 +1,67 @@
+"""JPEG re-encoding as an input defense, on whole batches through ``torchvision.io``.
+
+Images are ``N×C×H×W`` floats in [0, 1] (C = 1 or 3). On CUDA tensors the codec is nvjpeg; elsewhere the
+CPU codec. ``jpeg`` is not differentiable; ``bpda_jpeg`` is the straight-through version (forward = JPEG,
+backward = identity) that lets an adaptive attacker run PGD *through* the defense (BPDA, Athalye et al. 2018).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+from robust.errors import RobustError
+
+
+def check_quality(quality: int) -> None:
+    """Raise :class:`RobustError` unless ``quality`` is an integer in 1..100."""
+    if isinstance(quality, bool) or int(quality) != quality or not 1 <= int(quality) <= 100:
+        raise RobustError(f"JPEG quality must be an integer in 1..100, got {quality}")
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[0, 1] float images -> uint8 images in 0..255 (round to nearest grey level)."""
+    return (x.detach().clamp(0, 1) * 255).round_().to(torch.uint8)
+
+
+@torch.no_grad()
+def jpeg(x: Tensor, quality: int = 75) -> Tensor:
+    """JPEG encode + decode every image of a batch. ``N×C×H×W`` [0, 1] -> same shape, dtype, device."""
+    check_quality(quality)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise RobustError(f"JPEG needs a batch N×C×H×W with C = 1 or 3, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        return x.clone()
+    encoded = encode_jpeg(list(to_uint8(x)), quality=int(quality))
+    decoded = decode_jpeg([e.cpu() for e in encoded], mode=ImageReadMode.UNCHANGED, device=x.device)
+    return torch.stack(decoded).to(x.dtype).div_(255)
+
+
+class _StraightThroughJpeg(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, quality: int) -> Tensor:  # noqa: ARG004
+        return jpeg(x, quality)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # noqa: ARG004
+        return grad_output, None
+
+
+def bpda_jpeg(x: Tensor, quality: int = 75) -> Tensor:
+    """JPEG in the forward pass, identity in the backward pass (straight-through / BPDA)."""
+    check_quality(quality)
+    return _StraightThroughJpeg.apply(x, int(quality))
+
+
+class JpegDefended(torch.nn.Module):
+    """``model(jpeg(x))`` as a module; with ``straight_through=True`` gradients pass through (BPDA)."""
+
+    def __init__(self, model: torch.nn.Module, quality: int = 75, straight_through: bool = False) -> None:
+        super().__init__()
+        check_quality(quality)
+        self.model, self.quality, self.straight_through = model, int(quality), straight_through
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = bpda_jpeg(x, self.quality) if self.straight_through else jpeg(x, self.quality)
+        return self.model(x)

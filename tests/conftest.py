@@ -1,0 +1,56 @@
+"""Shared fixtures: the shared real data, and a small ResNet18 really trained on the embedded digits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robust.data import Digits, shared_data_dir
+from robust.models import build_model
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (or ``$ROBUST_DATA``); CI sets ROBUST_REQUIRE_SHARED_DATA=1 to fail when missing."""
+    path = shared_data_dir()
+    if not (path / "cifar10-subset").is_dir():
+        msg = f"shared data not found at {path} (set ROBUST_DATA)"
+        if os.environ.get("ROBUST_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def train_digits_model(epochs: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A clean-trained ResNet18 (torchvision stem) on the digits train split: ~95% val accuracy, ~10 s on CPU."""
+    torch.manual_seed(seed)
+    dm = Digits(batch_size=64)
+    dm.setup()
+    model = build_model("resnet18", num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(epochs):
+        for x, y in dm.train_dataloader():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_model() -> torch.nn.Module:
+    return train_digits_model()
+
+
+@pytest.fixture(scope="session")
+def digits_val() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 360 digits validation images (``360×3×32×32`` in [0, 1]) and labels."""
+    dm = Digits()
+    dm.setup()
+    x, y = dm.val_set.tensors
+    return x, y

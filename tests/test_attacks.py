@@ -1,0 +1,142 @@
+"""Attacks: agreement with torchattacks, real effect on a trained model, bounds and side effects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchattacks
+
+from robust.attacks import fgsm, fixed_class, least_likely_class, pgd, random_other_class, resolve_class
+from robust.errors import RobustError
+
+EPS = 0.1  # digits: about 25 grey levels
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def batch(digits_val):
+    x, y = digits_val
+    return x[:64], y[:64]
+
+
+def test_fgsm_matches_torchattacks(digits_model, batch):
+    x, y = batch
+    ours = fgsm(digits_model, x, y, EPS)
+    ref = torchattacks.FGSM(digits_model, eps=EPS)(x, y)
+    assert (ours - ref).abs().max().item() <= 1e-6
+    assert (ours != x).float().mean() > 0.5  # it really moved
+
+
+def test_pgd_matches_torchattacks(digits_model, batch):
+    x, y = batch
+    ours = pgd(digits_model, x, y, EPS, alpha=EPS / 4, steps=7, random_start=False)
+    ref = torchattacks.PGD(digits_model, eps=EPS, alpha=EPS / 4, steps=7, random_start=False)(x, y)
+    assert (ours - ref).abs().max().item() <= 1e-6
+
+
+def test_targeted_pgd_matches_torchattacks_and_reaches_target(digits_model, batch):
+    x, y = batch
+    target = random_other_class(y, 10, generator=torch.Generator().manual_seed(0))
+    ours = pgd(digits_model, x, target, EPS, alpha=EPS / 8, steps=20, targeted=True, random_start=False)
+    atk = torchattacks.PGD(digits_model, eps=EPS, alpha=EPS / 8, steps=20, random_start=False)
+    atk.set_mode_targeted_by_label(quiet=True)
+    assert (ours - atk(x, target)).abs().max().item() <= 1e-6
+    with torch.no_grad():
+        reached = (digits_model(ours).argmax(1) == target).float().mean().item()
+    assert reached >= 0.8, reached
+
+
+def test_attacks_lower_accuracy_by_a_large_margin(digits_model, digits_val):
+    x, y = digits_val
+    clean = accuracy(digits_model, x, y)
+    assert clean >= 0.9
+    torch.manual_seed(0)
+    assert accuracy(digits_model, fgsm(digits_model, x, y, EPS), y) <= clean - 0.4
+    assert accuracy(digits_model, fgsm(digits_model, x, y, EPS, random_start=True), y) <= clean - 0.4
+    assert accuracy(digits_model, pgd(digits_model, x, y, EPS, alpha=EPS / 4, steps=10), y) <= 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        lambda m, x, y: fgsm(m, x, y, EPS),
+        lambda m, x, y: fgsm(m, x, y, EPS, random_start=True),
+        lambda m, x, y: fgsm(m, x, y, EPS, targeted=True),
+        lambda m, x, y: pgd(m, x, y, EPS, EPS / 4, 3),
+        lambda m, x, y: pgd(m, x, y, EPS, EPS / 4, 3, restarts=2),
+    ],
+    ids=["fgsm", "fgsm_rs", "fgsm_targeted", "pgd", "pgd_restarts"],
+)
+def test_bounds_dtype_device_and_no_side_effects(digits_model, batch, attack, dtype):
+    model = digits_model.to(dtype)
+    try:
+        x, y = batch[0].to(dtype), batch[1]
+        x_before = x.clone()
+        frozen = next(model.parameters())
+        frozen.requires_grad_(False)
+        flags = [p.requires_grad for p in model.parameters()]
+        for mode in (True, False):
+            model.train(mode)
+            bn = model.backbone.bn1
+            stats = bn.running_mean.clone()
+            x_adv = attack(model, x, y)
+            assert [m.training for m in model.modules()] == [mode] * len(list(model.modules()))
+            if not mode:
+                assert torch.equal(bn.running_mean, stats)
+            assert x_adv.dtype == dtype and x_adv.device == x.device and x_adv.shape == x.shape
+            assert not x_adv.requires_grad and x_adv.grad_fn is None
+            assert x_adv.min() >= 0 and x_adv.max() <= 1
+            assert (x_adv - x).abs().max().item() <= EPS + 1e-6
+            assert torch.equal(x, x_before)
+            assert [p.requires_grad for p in model.parameters()] == flags
+            assert all(p.grad is None for p in model.parameters())
+    finally:
+        next(model.parameters()).requires_grad_(True)
+        model.float().eval()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, y: fgsm(m, x, y, -0.1),
+        lambda m, x, y: fgsm(m, x, y, 1.5),
+        lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 0),
+        lambda m, x, y: pgd(m, x, y, 0.1, 0.0, 5),
+        lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 5, restarts=0),
+        lambda m, x, y: fgsm(m, x[0], y, 0.1),
+        lambda m, x, y: fgsm(m, x, y[:3], 0.1),
+    ],
+    ids=["eps<0", "eps>1", "steps0", "alpha0", "restarts0", "not4d", "label_shape"],
+)
+def test_bad_budget_or_shape_is_a_clear_error(digits_model, batch, call):
+    with pytest.raises(RobustError):
+        call(digits_model, *batch)
+
+
+def test_target_helpers(digits_model, batch):
+    x, y = batch
+    other = random_other_class(y, 10)
+    assert (other != y).all() and other.min() >= 0 and other.max() < 10
+    ll = least_likely_class(digits_model, x)
+    with torch.no_grad():
+        assert torch.equal(ll, digits_model(x).argmin(1))
+    assert (fixed_class(y, 3, 10) == 3).all()
+    with pytest.raises(RobustError, match="out of range"):
+        fixed_class(y, 10, 10)
+
+
+def test_resolve_class_names_ids_and_suggestions():
+    names = ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark"]
+    assert resolve_class("goldfish", names) == 1
+    assert resolve_class("Great White Shark", names) == 2
+    assert resolve_class(0, names) == 0
+    assert resolve_class("2", names) == 2
+    with pytest.raises(RobustError, match="out of range"):
+        resolve_class(3, names)
+    with pytest.raises(RobustError, match="did you mean 'great white shark'"):
+        resolve_class("great white shak", names)

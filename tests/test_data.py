@@ -1,0 +1,48 @@
+"""Data modules yield [0, 1] float images and int labels; folders are checked with clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robust.data import CIFAR10, CIFAR10_NAMES, Digits, ImageFolder
+from robust.errors import RobustError
+
+
+def test_digits_is_embedded_and_deterministic():
+    a, b = Digits(batch_size=32), Digits(batch_size=32)
+    a.setup()
+    b.setup()
+    assert len(a.train_set) == 1437 and len(a.val_set) == 360 and a.num_classes == 10
+    x, y = next(iter(a.val_dataloader()))
+    assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.min() >= 0 and x.max() <= 1 and x.max() > 0.9
+    assert torch.equal(a.val_set.tensors[1], b.val_set.tensors[1])
+
+
+def test_image_folder_on_real_cifar_subset(shared_data):
+    dm = ImageFolder(root=str(shared_data / "cifar10-subset"), batch_size=16, num_workers=0, limit=100)
+    assert dm.class_names == CIFAR10_NAMES and dm.num_classes == 10
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and x.min() >= 0 and x.max() <= 1
+    assert len(dm.val_set) == 100
+    assert len({int(label) for _, label in dm.val_set}) == 10  # the limit keeps every class
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(RobustError, match="does not exist"):
+        ImageFolder(root=str(tmp_path / "nope"))
+    (tmp_path / "train" / "only").mkdir(parents=True)
+    with pytest.raises(RobustError, match="at least 2"):
+        ImageFolder(root=str(tmp_path))
+    (tmp_path / "train" / "other").mkdir()
+    (tmp_path / "test" / "only").mkdir(parents=True)
+    (tmp_path / "test" / "other").mkdir()
+    dm = ImageFolder(root=str(tmp_path), num_workers=0)
+    with pytest.raises(RobustError, match="no images"):
+        dm.setup()
+
+
+def test_cifar10_offline_without_files_is_a_clear_error(tmp_path):
+    with pytest.raises(RobustError, match="CIFAR-10"):
+        CIFAR10(root=str(tmp_path), download=False).setup()
