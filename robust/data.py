@@ -57,6 +57,13 @@ class _Base(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def describe(self) -> dict:
+        """What a deployed model needs to know about its training data: name, classes, input size."""
+        size = getattr(self, "image_size", 32)
+        return {"name": type(self).__name__, "root": str(getattr(self, "root", "")) or None,
+                "class_names": list(self.class_names), "image_size": size,
+                "resize": getattr(self, "resize", None) or size}  # fmt: skip
+
     def _limited(self, ds: Dataset) -> Dataset:
         if self.limit is None or self.limit >= len(ds):
             return ds

@@ -1,0 +1,67 @@
+"""Callbacks: what the model sees, as an image grid in TensorBoard."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from robust.attacks import pgd
+from robust.defenses import jpeg
+
+
+class AdversarialImages(L.Callback):
+    """After each validation, log a figure of ``n`` validation images to TensorBoard (``val/images``).
+
+    Rows: original, perturbation (amplified to the full grey range), PGD adversarial, JPEG of adversarial;
+    each titled with its true / predicted class names.
+    """
+
+    def __init__(self, n: int = 8) -> None:
+        self.n = n
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            x, y = batch
+            self._batch = (x[: self.n].detach(), y[: self.n].detach())
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if self._batch is None or trainer.sanity_checking or not hasattr(experiment, "add_figure"):
+            return
+        fig = self.figure(pl_module, *self._batch)
+        experiment.add_figure("val/images", fig, global_step=trainer.global_step)
+
+    @staticmethod
+    def figure(pl_module, x: torch.Tensor, y: torch.Tensor):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        eps, names = pl_module.val_eps, pl_module.class_names
+        with torch.enable_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            x_adv = pgd(pl_module, x, y, eps, pl_module.val_alpha, pl_module.hparams.val_steps)
+        x_jpeg = jpeg(x_adv, pl_module.hparams.jpeg_quality)
+        perturbation = ((x_adv - x) / (2 * eps) + 0.5).clamp(0, 1) if eps > 0 else torch.full_like(x, 0.5)
+        rows = [("original", x), ("perturbation ×1/2eps", perturbation), ("adversarial", x_adv), ("JPEG(adv)", x_jpeg)]
+        with torch.no_grad():
+            preds = {label: pl_module(imgs).argmax(1) for label, imgs in rows if label != "perturbation ×1/2eps"}
+        n = len(x)
+        fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.9 * len(rows)), squeeze=False)
+        for r, (label, imgs) in enumerate(rows):
+            for c in range(n):
+                ax = axes[r][c]
+                ax.imshow(imgs[c].float().permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if label in preds:
+                    p = int(preds[label][c])
+                    ok = p == int(y[c])
+                    ax.set_title(f"{names[int(y[c])]}→{names[p]}", fontsize=7, color="green" if ok else "red")
+                if c == 0:
+                    ax.set_ylabel(label, fontsize=8)
+        fig.suptitle(f"PGD-{pl_module.hparams.val_steps}, eps={eps:.4f}; titles: true→predicted", fontsize=9)
+        fig.tight_layout()
+        return fig

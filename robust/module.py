@@ -1,0 +1,212 @@
+"""AdversarialClassifier: adversarial training in Lightning, and robust validation metrics.
+
+Training (per batch ``x`` ``N×3×H×W`` in [0, 1], ``y`` ``N``): the first ``round(adv_ratio·N)`` examples of the
+(shuffled) batch are replaced by adversarial examples from the configured attack, made with input gradients
+only, with BatchNorm in ``attack_bn_mode``; then one cross-entropy step on the mixed batch, true labels.
+
+Validation runs under ``torch.enable_grad()`` and logs accuracies in [0, 1] under ``val/<key>`` (keys in
+:data:`VAL_KEYS`), computed with torchmetrics so they are synced across DDP processes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from robust.attacks import check_budget, fgsm, least_likely_class, pgd, random_other_class
+from robust.defenses import JpegDefended, check_quality, jpeg
+from robust.errors import RobustError
+from robust.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+
+VAL_KEYS = ("clean", "fgsm", "pgd", "jpeg", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "targeted_success")
+TrainAttack = Literal["none", "fgsm", "fgsm_rs", "pgd"]
+
+
+@contextmanager
+def bn_mode(model: nn.Module, mode: Literal["eval", "train"]):
+    """Put ``model`` in ``mode`` for the block, then restore its previous mode."""
+    was_training = model.training
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class AdversarialClassifier(L.LightningModule):
+    """ResNet classifier trained on a mix of clean and adversarial examples.
+
+    Args:
+        arch, num_classes, weights, mean, std, cifar_stem: passed to :func:`robust.models.build_model`.
+        class_names: names for the ``num_classes`` outputs (image grids, exports); linked from the data.
+        channels_last: keep activations in channels-last memory format (faster on GPUs with AMP).
+        attack: training attack: ``none``, ``fgsm``, ``fgsm_rs`` (random start, Wong et al. 2020), ``pgd``.
+        target: ``none`` (untargeted), ``random`` or ``least_likely`` target class; labels stay true.
+        eps: L-inf budget in [0, 1] pixel units. alpha: step (default: 1.25·eps for fgsm_rs, eps for fgsm,
+            eps/4 for pgd). attack_steps: PGD training steps.
+        adv_ratio: fraction of each batch replaced by adversarial examples, in [0, 1]; 0 = clean training.
+        attack_bn_mode: BatchNorm mode while making training attacks (``eval`` uses running stats).
+        optimizer: ``sgd`` (momentum, nesterov) or ``adamw``. schedule: ``onecycle`` (peak ``lr``),
+            ``cosine`` or ``constant``.
+        val_eps, val_steps, val_alpha: validation threat (default eps; PGD-10 with step eps/4).
+        jpeg_quality: JPEG defense quality, 1..100. val_seed: seed of validation random starts and targets.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int = 10,
+        class_names: list[str] | None = None,
+        weights: str | None = None,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        cifar_stem: bool = False,
+        channels_last: bool = False,
+        attack: TrainAttack = "fgsm_rs",
+        target: Literal["none", "random", "least_likely"] = "none",
+        eps: float = 8 / 255,
+        alpha: float | None = None,
+        attack_steps: int = 7,
+        adv_ratio: float = 1.0,
+        attack_bn_mode: Literal["eval", "train"] = "eval",
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        val_eps: float | None = None,
+        val_steps: int = 10,
+        val_alpha: float | None = None,
+        jpeg_quality: int = 75,
+        val_seed: int = 1234,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= adv_ratio <= 1.0:
+            raise RobustError(f"adv_ratio must be in [0, 1], got {adv_ratio}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise RobustError(f"{len(class_names)} class names given for {num_classes} classes")
+        self.alpha = alpha if alpha is not None else {"fgsm_rs": 1.25 * eps, "pgd": eps / 4}.get(attack, eps)
+        self.val_eps = eps if val_eps is None else val_eps
+        self.val_alpha = val_alpha if val_alpha is not None else self.val_eps / 4
+        check_budget(eps, self.alpha if attack != "none" else None, attack_steps)
+        check_budget(self.val_eps, self.val_alpha, val_steps)
+        check_quality(jpeg_quality)
+        self.save_hyperparameters()
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.model = build_model(arch, num_classes, weights, mean, std, cifar_stem)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in ("clean", "adv")})
+        self.val_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in VAL_KEYS})
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``N×3×H×W`` images in [0, 1] -> ``N×num_classes`` logits."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def make_training_attack(self, x: Tensor, y: Tensor) -> Tensor:
+        """Adversarial versions of ``x`` (true labels ``y``) by the configured training attack."""
+        hp = self.hparams
+        targeted = hp.target != "none"
+        with bn_mode(self.model, hp.attack_bn_mode):
+            if hp.target == "random":
+                y = random_other_class(y, hp.num_classes)
+            elif hp.target == "least_likely":
+                y = least_likely_class(self, x)
+            if hp.attack == "pgd":
+                return pgd(self, x, y, hp.eps, self.alpha, hp.attack_steps, targeted=targeted)
+            return fgsm(self, x, y, hp.eps, targeted=targeted, random_start=hp.attack == "fgsm_rs", alpha=self.alpha)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        n_adv = round(self.hparams.adv_ratio * len(x)) if self.hparams.attack != "none" else 0
+        if n_adv:
+            x = torch.cat([self.make_training_attack(x[:n_adv], y[:n_adv]), x[n_adv:]])
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        preds = logits.detach().argmax(1)
+        if n_adv:
+            self.train_acc["adv"](preds[:n_adv], y[:n_adv])
+            self.log("train/adv", self.train_acc["adv"], on_step=False, on_epoch=True, prog_bar=True)
+        if n_adv < len(x):
+            self.train_acc["clean"](preds[n_adv:], y[n_adv:])
+            self.log("train/clean", self.train_acc["clean"], on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    # ---- validation ----------------------------------------------------------------------------
+
+    def robust_predictions(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Predictions (``N`` class ids) of every threat in :data:`VAL_KEYS`, plus ``target`` labels."""
+        hp = self.hparams
+        eps, alpha, steps, q = self.val_eps, self.val_alpha, hp.val_steps, hp.jpeg_quality
+        x_fgsm = fgsm(self, x, y, eps)
+        x_pgd = pgd(self, x, y, eps, alpha, steps)
+        x_bpda = pgd(JpegDefended(self, q, straight_through=True), x, y, eps, alpha, steps)
+        target = random_other_class(y, hp.num_classes)
+        x_tgt = pgd(self, x, target, eps, alpha, steps, targeted=True)
+        inputs = {
+            "clean": x, "fgsm": x_fgsm, "pgd": x_pgd, "jpeg": jpeg(x, q), "jpeg_fgsm": jpeg(x_fgsm, q),
+            "jpeg_pgd": jpeg(x_pgd, q), "bpda_pgd": jpeg(x_bpda, q), "targeted_success": x_tgt,
+        }  # fmt: skip
+        with torch.no_grad():
+            preds = {k: self(v).argmax(1) for k, v in inputs.items()}
+        preds["target"] = target
+        return preds
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        with torch.no_grad():
+            self.log("val/loss", F.cross_entropy(self(x), y), sync_dist=True)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.enable_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.hparams.val_seed + batch_idx)  # same threats every epoch; training RNG untouched
+            preds = self.robust_predictions(x, y)
+        for key in VAL_KEYS:
+            self.val_acc[key](preds[key], preds["target"] if key == "targeted_success" else y)
+            self.log(f"val/{key}", self.val_acc[key], on_step=False, on_epoch=True, prog_bar=key in ("clean", "pgd"))
+
+    # ---- optimization and checkpoints ---------------------------------------------------------
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                                  weight_decay=hp.weight_decay)  # fmt: skip
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.schedule == "constant":
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        if hp.schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=0.4,
+                                                        anneal_strategy="linear")  # fmt: skip
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the data description (input size, classes) and the RNG states, so a resumed run draws the
+        same shuffles and random starts."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "describe"):
+            checkpoint["robust_data"] = datamodule.describe()
+        checkpoint["rng_torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_torch" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_torch"])
+        if "rng_cuda" in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])

@@ -1,0 +1,87 @@
+"""Train a robust classifier: ``python train.py fit --config configs/digits.yaml [--model.adv_ratio 0.5 ...]``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from robust.callbacks import AdversarialImages
+from robust.checkpointing import AtomicCheckpointIO
+from robust.errors import RobustError
+from robust.module import AdversarialClassifier
+
+
+class RobustCLI(LightningCLI):
+    """LightningCLI with the data's classes linked into the model, robust checkpointing and resume."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/pgd", "checkpoint.mode": "max", "checkpoint.save_last": True,
+            "checkpoint.filename": "best-epoch{epoch:03d}-pgd{val/pgd:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })  # fmt: skip
+        parser.add_lightning_class_args(AdversarialImages, "image_grid")
+
+    def before_instantiate_classes(self) -> None:
+        """With ``--ckpt_path last``, log into the latest run's version folder so Lightning finds its last.ckpt."""
+        config = self.config.get(self.subcommand, self.config)
+        if config.get("ckpt_path") != "last":
+            return
+        logger = config["trainer"].get("logger")
+        init = getattr(logger, "init_args", None) or {}
+        root = Path(init.get("save_dir", "lightning_logs")) / (init.get("name") or "")
+        runs = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: int(p.parts[-3].split("_")[1]))
+        if not runs:
+            raise RobustError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints to resume from")
+        init["version"] = int(runs[-1].parts[-3].split("_")[1])
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        ckpt = trainer.checkpoint_callback
+        print(f"\nTensorBoard logs: {trainer.log_dir}   (view: tensorboard --logdir {trainer.log_dir})")
+        if ckpt is not None and ckpt.best_model_path:
+            print(f"Best checkpoint ({ckpt.monitor} = {float(ckpt.best_model_score):.4f}): {ckpt.best_model_path}")
+            print(f"Last checkpoint: {ckpt.last_model_path}")
+
+
+def main(args: list[str] | None = None) -> RobustCLI | None:
+    debug = "--debug" in (args if args is not None else sys.argv)
+    if debug:
+        args = [a for a in (args if args is not None else sys.argv[1:]) if a != "--debug"]
+    try:
+        return RobustCLI(
+            AdversarialClassifier,
+            subclass_mode_data=True,
+            trainer_defaults={
+                "inference_mode": False,
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "lightning_logs"},
+                },
+                "callbacks": [LearningRateMonitor(logging_interval="epoch")],
+            },  # fmt: skip
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except RobustError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
