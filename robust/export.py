@@ -12,7 +12,7 @@ from torch import nn
 
 from robust.checkpointing import load_checkpoint
 from robust.errors import RobustError
-from robust.models import build_model
+from robust.models import IMAGENET_MEAN, IMAGENET_STD, build_model, imagenet_class_names
 
 
 def card_from_checkpoint(ckpt: dict) -> dict:
@@ -44,9 +44,31 @@ def model_from_checkpoint(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """Load a Lightning checkpoint (``.ckpt``) for evaluation: eval mode, CPU, ``model.card`` set."""
-    path = Path(path)
-    if path.suffix == ".ckpt" or path.is_file():
+def imagenet_model() -> nn.Module:
+    """torchvision's ImageNet ResNet18 (downloaded by torchvision for online users) with its card."""
+    model = build_model("resnet18", 1000, "imagenet", IMAGENET_MEAN, IMAGENET_STD)
+    model.card = {
+        "arch": "resnet18", "num_classes": 1000, "class_names": imagenet_class_names(), "cifar_stem": False,
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "image_size": 224, "resize": 256,
+        "data": "ImageNet", "training": {"attack": "none"},
+    }  # fmt: skip
+    return model.eval()
+
+
+def load_model(spec: str | Path) -> nn.Module:
+    """Load a model for evaluation: eval mode, CPU, with a ``model.card`` dict.
+
+    ``spec`` is a Lightning checkpoint (``.ckpt``, loaded with ``weights_only=True``), ``"imagenet"``
+    (torchvision's ImageNet ResNet18) or ``"hf:<model id or local dir>"`` (a Hugging Face classifier).
+    """
+    text = str(spec)
+    if text == "imagenet":
+        return imagenet_model()
+    if text.startswith("hf:"):
+        from robust.hf import load_hf_model
+
+        return load_hf_model(text[3:])
+    path = Path(spec)
+    if path.is_file():
         return model_from_checkpoint(path)
-    raise RobustError(f"{path} is not a checkpoint file")
+    raise RobustError(f"model {text!r} not found: give a .ckpt file, 'imagenet' or 'hf:<model id or dir>'")
