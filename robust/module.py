@@ -196,11 +196,13 @@ class AdversarialClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the data description (input size, classes) and the RNG states, so a resumed run draws the
-        same shuffles and random starts."""
+        """Keep the data description (input size, classes), the latest ``val/*`` figures (for the exported
+        model card) and the RNG states, so a resumed run draws the same shuffles and random starts."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "describe"):
             checkpoint["robust_data"] = datamodule.describe()
+        metrics = getattr(self.trainer, "callback_metrics", None) or {}
+        checkpoint["robust_metrics"] = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
         checkpoint["rng_torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
