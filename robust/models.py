@@ -99,8 +99,14 @@ def build_model(
     """``Sequential(normalize=Normalize(mean, std), backbone=ResNet)``: input ``N×3×H×W`` in [0, 1] -> logits.
 
     See :func:`build_backbone` for ``weights`` and ``cifar_stem``. The backbone's state dict keys are
-    torchvision's, under the ``backbone.`` prefix.
+    torchvision's, under the ``backbone.`` prefix. ``arch="hf:<model id or dir>"`` gives a Hugging Face
+    classifier with its own preprocessing (:func:`robust.hf.load_hf_model`; head replaced when ``num_classes``
+    differs; ``weights``, ``mean``, ``std``, ``cifar_stem`` unused). Like any new module, it is in train mode.
     """
+    if arch.startswith("hf:"):
+        from robust.hf import load_hf_model
+
+        return load_hf_model(arch[3:], num_classes).train()
     return nn.Sequential(
         OrderedDict(normalize=Normalize(mean, std), backbone=build_backbone(arch, num_classes, weights, cifar_stem))
     )
