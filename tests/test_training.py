@@ -1,0 +1,108 @@
+"""train.py end to end: LightningCLI run on digits, TensorBoard scalars and images, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from robust.module import VAL_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
+        "false", "--data.init_args.batch_size", "32", "--image_grid.n", "4",
+        "--trainer.log_every_n_steps", "1"]  # fmt: skip
+
+
+def train(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", "fit", "--config", "configs/digits.yaml", *TINY,
+           "--trainer.logger.init_args.save_dir", str(tmp), *extra]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("logs")
+    proc = train(tmp, "--trainer.max_epochs", "2", "--model.adv_ratio", "0.5", "--model.schedule", "constant")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Best checkpoint" in proc.stdout and "tensorboard --logdir" in proc.stdout
+    return tmp / "digits" / "version_0"
+
+
+def test_tensorboard_events_hold_every_metric_and_an_image(run):
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {f"val/{k}" for k in VAL_KEYS} | {"val/loss", "train/loss", "train/clean", "train/adv"}
+    assert expected <= scalars, expected - scalars
+    for key in expected:
+        assert all(0 <= e.value <= 1 for e in events.Scalars(key)) or "loss" in key
+    assert "val/images" in events.Tags()["images"]
+    assert len(events.Images("val/images")) == 2  # one grid per validation epoch
+
+
+def test_checkpoints_and_resolved_config(run):
+    ckpts = run / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file()
+    assert len(list(ckpts.glob("best-epoch*-pgd*.ckpt"))) == 1
+    config = (run / "config.yaml").read_text()
+    assert "adv_ratio: 0.5" in config and "robust.data.Digits" in config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_tensorboard_server_lists_the_scalar_tags(run):
+    port = _free_port()
+    exe = Path(sys.executable).with_name("tensorboard")
+    server = subprocess.Popen([str(exe), "--logdir", str(run), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline, tags = time.time() + 90, None
+        while time.time() < deadline and tags is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                    tags = json.load(r)
+            except OSError:
+                assert server.poll() is None, "tensorboard exited"
+                time.sleep(1)
+        assert tags is not None, "tensorboard did not answer"
+        run_tags = set().union(*(t.keys() for t in tags.values()))
+        assert {"val/pgd", "val/clean", "val/bpda_pgd", "train/loss"} <= run_tags
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_resume_from_last(run, tmp_path):
+    import shutil
+
+    shutil.copytree(run.parent, tmp_path / "digits")
+    # Train one epoch longer than the first run (a one-cycle schedule could not be extended; constant can).
+    proc = train(tmp_path, "--trainer.max_epochs", "3", "--model.adv_ratio", "0.5", "--model.schedule", "constant",
+                 "--ckpt_path", "last")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in proc.stderr + proc.stdout
+    events = EventAccumulator(str(tmp_path / "digits" / "version_0"))
+    events.Reload()
+    # epochs 0 and 1 from the first run, epoch 2 resumed (Lightning may repeat the restored epoch's validation)
+    assert len({e.step for e in events.Scalars("val/pgd")}) == 3
+
+
+def test_bad_override_is_one_clear_error(tmp_path):
+    proc = train(tmp_path, "--model.not_a_key", "1")
+    assert proc.returncode == 2 and "not_a_key" in proc.stderr
+    proc = train(tmp_path, "--model.eps", "2")
+    assert proc.returncode == 2 and "eps must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
+    proc = train(tmp_path, "--ckpt_path", "last")
+    assert proc.returncode == 2 and "no last.ckpt" in proc.stderr
