@@ -8,7 +8,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from robust.callbacks import AdversarialImages
+from robust.callbacks import AdversarialImages, CatastrophicOverfittingGuard
 from robust.checkpointing import AtomicCheckpointIO
 from robust.errors import RobustError
 from robust.module import AdversarialClassifier
@@ -27,6 +27,7 @@ class RobustCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })  # fmt: skip
         parser.add_lightning_class_args(AdversarialImages, "image_grid")
+        parser.add_lightning_class_args(CatastrophicOverfittingGuard, "overfit_guard")
 
     def before_instantiate_classes(self) -> None:
         """With ``--ckpt_path last``, log into the latest run's version folder so Lightning finds its last.ckpt."""
@@ -51,7 +52,8 @@ class RobustCLI(LightningCLI):
         if not trainer.is_global_zero:
             return
         ckpt = trainer.checkpoint_callback
-        print(f"\nTensorBoard logs: {trainer.log_dir}   (view: tensorboard --logdir {trainer.log_dir})")
+        log_dir = trainer.logger.log_dir if trainer.logger else None  # not trainer.log_dir: it is a collective call
+        print(f"\nTensorBoard logs: {log_dir}   (view: tensorboard --logdir {log_dir})")
         if ckpt is not None and ckpt.best_model_path:
             print(f"Best checkpoint ({ckpt.monitor} = {float(ckpt.best_model_score):.4f}): {ckpt.best_model_path}")
             print(f"Last checkpoint: {ckpt.last_model_path}")

@@ -54,3 +54,23 @@ def digits_val() -> tuple[torch.Tensor, torch.Tensor]:
     dm.setup()
     x, y = dm.val_set.tensors
     return x, y
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(digits_model, tmp_path_factory) -> Path:
+    """A real Lightning checkpoint of ``digits_model``: an AdversarialClassifier fitted for one batch on Digits by a
+    Trainer (so the checkpoint holds the data description), its weights then set to ``digits_model``'s, saved."""
+    import lightning as L
+
+    from robust.data import DIGIT_NAMES
+    from robust.module import AdversarialClassifier
+
+    module = AdversarialClassifier(num_classes=10, class_names=list(DIGIT_NAMES), mean=(0.5,) * 3, std=(0.5,) * 3,
+                                   attack="none", schedule="constant", eps=0.1)  # fmt: skip
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, accelerator="cpu",
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=Digits(batch_size=64))
+    module.model.load_state_dict(digits_model.state_dict())
+    path = tmp_path_factory.mktemp("digits_ckpt") / "digits.ckpt"
+    trainer.save_checkpoint(path)
+    return path

@@ -1,0 +1,179 @@
+"""Evaluate robust classifiers (argument wiring only; the logic lives in ``robust/``).
+
+    python evaluate.py report --checkpoint CKPT --data digits|cifar10|FOLDER [--eps 0.05 0.1] [--out DIR]
+    python evaluate.py fool --image IMG --out DIR (--checkpoint CKPT | --weights imagenet) [--target NAME]
+    python evaluate.py export --checkpoint CKPT --out DIR
+
+Bad input prints one line ``error: ...`` on stderr and exits with code 2 (a traceback only with ``--debug``).
+Heavy libraries are imported after the arguments are checked, so argument errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one ``error: ...`` line and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _number(text: str) -> float:
+    """``0.1`` or a fraction such as ``8/255``."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.03 or 8/255)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _eps(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"eps must be in [0, 1] pixel units (e.g. 8/255), got {text}")
+    return value
+
+
+def _alpha(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"alpha (PGD step) must be in (0, 1] pixel units, got {text}")
+    return value
+
+
+def _at_least_one(what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def _quality(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"JPEG quality must be an integer in 1..100, got {text!r}") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality must be an integer in 1..100, got {value}")
+    return value
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--steps", type=_at_least_one("steps"), default=10, help="PGD steps (default 10)")
+    sub.add_argument("--alpha", type=_alpha, help="PGD step size in pixel units (default eps/4)")
+    sub.add_argument("--quality", type=_quality, default=75, help="JPEG defense quality 1..100 (default 75)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of random starts and targets (default 0)")
+    sub.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    parser = _Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0], parents=[debug])
+    parser.set_defaults(debug=False)
+    subs = parser.add_subparsers(dest="command", required=True, metavar="{report,fool,export}")
+
+    report = subs.add_parser("report", parents=[debug], help="robustness report of a model on a data set")
+    report.add_argument("--checkpoint", "--model", dest="model", required=True,
+                        help="a .ckpt, an exported model folder, 'imagenet' or 'hf:<id>'")  # fmt: skip
+    report.add_argument("--data", required=True, help="digits, cifar10 or an image folder (one sub-folder per class)")
+    report.add_argument("--eps", type=_eps, nargs="+", help="L-inf budgets, e.g. 0.05 8/255 (default: training eps)")
+    report.add_argument("--restarts", type=_at_least_one("restarts"), default=1, help="PGD random restarts")
+    report.add_argument("--limit", type=_at_least_one("limit"), help="evaluate N images spread evenly over the data")
+    report.add_argument("--batch-size", type=_at_least_one("batch size"), default=128)
+    report.add_argument("--num-workers", type=int, default=0, help="data loading processes (default 0)")
+    report.add_argument("--cifar10-root", default="data/cifar10", help="where CIFAR-10 is (or is downloaded to)")
+    report.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard; slow)")
+    report.add_argument("--out", help="output folder (default reports/<model>-<data>)")
+    _common(report)
+    report.set_defaults(func=run_report)
+
+    fool = subs.add_parser("fool", parents=[debug], help="fool a model on one image, then defend with JPEG")
+    fool.add_argument("--image", required=True, help="any common image file (JPEG, PNG, GIF, ...)")
+    fool.add_argument("--out", required=True, help="output folder")
+    source = fool.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", "--model", dest="model", help="a .ckpt, exported folder or 'hf:<id>'")
+    source.add_argument("--weights", choices=["imagenet"], help="torchvision's ImageNet ResNet18")
+    fool.add_argument("--target", help="target class name or id (default: untargeted)")
+    fool.add_argument("--attack", choices=["fgsm", "pgd"], default="pgd")
+    fool.add_argument("--eps", type=_eps, default=8 / 255, help="L-inf budget, e.g. 8/255 (default 8/255)")
+    _common(fool)
+    fool.set_defaults(func=run_fool)
+
+    export = subs.add_parser("export", parents=[debug], help="export a checkpoint as a deployable model folder")
+    export.add_argument("--checkpoint", required=True, help="a Lightning .ckpt")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--torch-export", action="store_true", help="also write a torch.export program (model.pt2)")
+    export.set_defaults(func=run_export)
+    return parser
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from robust import load_model
+    from robust import report as rep
+
+    model = load_model(args.model).to(rep.pick_device(args.device))
+    loader, data_info = rep.eval_data(
+        args.data, model.card, args.limit, args.batch_size, args.num_workers, args.cifar10_root
+    )
+    eps = args.eps or [rep.default_eps(model.card)]
+    results = rep.evaluate(
+        model, loader, eps, args.steps, args.alpha, args.restarts, args.quality, args.autoattack, args.seed
+    )
+    report = rep.build_report(results, rep.model_identity(args.model, model), data_info)
+    paths = rep.write_report(report, args.out or rep.default_out(args.model, args.data))
+    print(rep.markdown_table(report))
+    print("wrote: " + ", ".join(str(p) for p in paths))
+
+
+def run_fool(args: argparse.Namespace) -> None:
+    from robust import load_model
+    from robust.fool import fool, summary, write_fool
+    from robust.images import load_image
+    from robust.report import pick_device
+
+    model = load_model(args.model or args.weights).to(pick_device(args.device))
+    x = load_image(args.image, model.card)
+    result = fool(model, x, args.target, args.attack, args.eps, args.steps, args.alpha, args.quality, args.seed)
+    paths = write_fool(result, args.out)
+    print(summary(result))
+    print("wrote: " + ", ".join(str(p) for p in paths))
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from robust.export import export_model
+
+    folder = export_model(args.checkpoint, args.out, torch_export=args.torch_export)
+    print(f"exported {args.checkpoint} to {folder}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (2 for bad input)."""
+    args = build_parser().parse_args(argv)
+    from robust.errors import RobustError
+
+    try:
+        args.func(args)
+    except RobustError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

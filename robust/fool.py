@@ -1,0 +1,184 @@
+"""Fool one image, then try to defend it with JPEG: the single-image flow of ``evaluate.py fool``.
+
+The adversarial image is quantized to uint8 grey levels inside the eps-ball *before* it is classified, so the
+PNG written to disk holds exactly the pixels whose prediction is reported (re-loading it gives the same answer).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+from robust.attacks import check_budget, fgsm, pgd, resolve_class
+from robust.checkpointing import atomic_write_bytes
+from robust.defenses import check_quality, jpeg
+from robust.errors import RobustError
+from robust.images import check_images, png_bytes
+from robust.report import default_alpha, format_eps
+
+FILES = ("adversarial.png", "perturbation.png", "figure.png")
+
+
+@dataclass
+class FoolResult:
+    """Images are ``1×3×S×S`` in [0, 1]; ``top`` maps each panel to its top-3 ``(class name, probability)``."""
+
+    x: Tensor
+    x_adv: Tensor
+    x_jpeg: Tensor
+    pred: dict[str, int]
+    top: dict[str, list[tuple[str, float]]]
+    target: int | None
+    class_names: list[str]
+    attack: str
+    eps: float
+    quality: int
+
+    @property
+    def linf(self) -> float:
+        """``|x_adv - x|_inf`` in pixel units."""
+        return float((self.x_adv - self.x).abs().max())
+
+
+def quantize_within(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Round ``x_adv`` to uint8 grey levels, keeping every pixel within ``eps`` of ``x`` and in [0, 1].
+
+    The result is exactly what a uint8 PNG of it decodes to (same float values as ``to_dtype(uint8)``).
+    """
+    tol = 1e-4  # grey levels; absorbs float error in (x ± eps)·255 without leaving the ball measurably
+    lo = torch.ceil((x - eps) * 255 - tol).clamp(0, 255)
+    hi = torch.floor((x + eps) * 255 + tol).clamp(0, 255)
+    levels = torch.minimum(torch.maximum(torch.round(x_adv * 255), lo), hi)
+    return v2.functional.to_dtype(levels.to(torch.uint8), torch.float32, scale=True)
+
+
+@torch.no_grad()
+def _top(model: nn.Module, x: Tensor, names: list[str], k: int = 3) -> tuple[int, list[tuple[str, float]]]:
+    probs = model(x).softmax(1)[0]
+    values, ids = probs.topk(min(k, probs.numel()))
+    return int(ids[0]), [(names[i], float(p)) for p, i in zip(values.tolist(), ids.tolist(), strict=True)]
+
+
+def fool(
+    model: nn.Module,
+    x: Tensor,
+    target: str | int | None = None,
+    attack: str = "pgd",
+    eps: float = 8 / 255,
+    steps: int = 10,
+    alpha: float | None = None,
+    quality: int = 75,
+    seed: int = 0,
+) -> FoolResult:
+    """Attack ``model``'s prediction of one image ``x`` (``1×3×S×S`` in [0, 1]) and JPEG the result.
+
+    Untargeted (``target=None``) pushes away from the model's own prediction; otherwise ``target`` is a class
+    name or id of ``model.card["class_names"]``. ``attack`` is ``fgsm`` or ``pgd`` (``steps`` of ``alpha``,
+    default eps/4, random start seeded by ``seed``); ``eps`` in [0, 1] pixel units.
+    """
+    if attack not in ("fgsm", "pgd"):
+        raise RobustError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
+    alpha = default_alpha(eps) if alpha is None else alpha
+    check_budget(eps, alpha, steps)
+    check_quality(quality)
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise RobustError(f"fool takes one image 1×3×H×W, got shape {tuple(x.shape)}")
+    check_images(x)
+    card = getattr(model, "card", {}) or {}
+    model.eval()
+    x = x.to(next(model.parameters()).device)
+    with torch.no_grad():
+        num_classes = model(x).shape[1]
+    names = list(card.get("class_names") or [str(i) for i in range(num_classes)])
+    target_id = None if target is None else resolve_class(target, names)
+    pred, top = {}, {}
+    pred["original"], top["original"] = _top(model, x, names)
+    y = torch.tensor([pred["original"] if target_id is None else target_id], device=x.device)
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if attack == "fgsm":
+            x_adv = fgsm(model, x, y, eps, targeted=target_id is not None)
+        else:
+            x_adv = pgd(model, x, y, eps, alpha, steps, targeted=target_id is not None)
+    x_adv = quantize_within(x_adv, x, eps)
+    x_jpeg = jpeg(x_adv, quality)
+    pred["adversarial"], top["adversarial"] = _top(model, x_adv, names)
+    pred["jpeg"], top["jpeg"] = _top(model, x_jpeg, names)
+    return FoolResult(x, x_adv, x_jpeg, pred, top, target_id, names, attack, float(eps), int(quality))
+
+
+def _label(top: list[tuple[str, float]]) -> str:
+    name, p = top[0]
+    return f"{name} ({p:.1%})"
+
+
+def summary(result: FoolResult) -> str:
+    """What happened, in a few printed lines: original, adversarial and after-JPEG predictions."""
+    r = result
+    if r.target is None:
+        verdict = "fooled" if r.pred["adversarial"] != r.pred["original"] else "NOT fooled"
+    else:
+        reached = r.pred["adversarial"] == r.target
+        verdict = f"target {r.class_names[r.target]!r} {'reached' if reached else 'NOT reached'}"
+    restored = r.pred["jpeg"] == r.pred["original"]
+    return "\n".join([
+        f"original prediction:    {_label(r.top['original'])}",
+        f"adversarial prediction: {_label(r.top['adversarial'])}   [{r.attack.upper()}, eps {format_eps(r.eps)}, "
+        f"L-inf {r.linf * 255:.0f}/255: {verdict}]",
+        f"after JPEG q{r.quality}:        {_label(r.top['jpeg'])}   "
+        f"[{'original prediction restored' if restored else 'original prediction not restored'}]",
+    ])  # fmt: skip
+
+
+def perturbation_image(result: FoolResult) -> Tensor:
+    """``x_adv - x`` amplified to the full grey range around mid-grey: ``1×3×S×S`` in [0, 1]."""
+    delta = result.x_adv - result.x
+    peak = float(delta.abs().max())
+    return (0.5 + delta / (2 * peak)).clamp(0, 1) if peak > 0 else torch.full_like(delta, 0.5)
+
+
+def figure_png(result: FoolResult) -> bytes:
+    """Original / perturbation / adversarial / JPEG-defended side by side, each titled with its top-3."""
+    r = result
+    fig = Figure(figsize=(13, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    peak = r.linf
+    amp = f"×{0.5 / peak:.0f}" if peak > 0 else "none"
+    panels = [("original", r.x, r.top["original"]),
+              (f"perturbation (amplified {amp}, L-inf {peak * 255:.0f}/255)", perturbation_image(r), None),
+              (f"adversarial ({r.attack.upper()})", r.x_adv, r.top["adversarial"]),
+              (f"JPEG q{r.quality} of adversarial", r.x_jpeg, r.top["jpeg"])]  # fmt: skip
+    for i, (title, img, top) in enumerate(panels):
+        ax = fig.add_subplot(1, 4, i + 1)
+        ax.imshow(img[0].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        lines = [f"{name[:28]}: {p:.1%}" for name, p in top] if top else []
+        ax.set_title("\n".join([title, *lines]), fontsize=8)
+        ax.axis("off")
+    goal = "untargeted" if r.target is None else f"target: {r.class_names[r.target]}"
+    fig.suptitle(f"{r.attack.upper()} at eps {format_eps(r.eps)} ({goal})", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_fool(result: FoolResult, out: str | Path) -> list[Path]:
+    """Write ``adversarial.png`` (lossless, model input size), ``perturbation.png`` and ``figure.png`` into
+    ``out``; everything is rendered first, then each file is written atomically. Returns the paths."""
+    out = Path(out)
+    blobs = {"adversarial.png": png_bytes(result.x_adv), "perturbation.png": png_bytes(perturbation_image(result)),
+             "figure.png": figure_png(result)}  # fmt: skip
+    try:
+        for name, data in blobs.items():
+            atomic_write_bytes(out / name, data)
+    except OSError as exc:
+        raise RobustError(f"cannot write into {out}: {exc.strerror or exc}") from None
+    return [out / name for name in FILES]

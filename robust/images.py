@@ -1,0 +1,132 @@
+"""Load user images safely and turn them into model inputs; save model inputs as lossless PNG.
+
+:func:`open_image` decodes any common file with PIL (JPEG, PNG, GIF, BMP, TIFF, WebP; greyscale, palette,
+RGBA, CMYK, 16-bit; animated files give their first frame; EXIF rotation applied) into an 8-bit RGB image,
+and turns every bad file (missing, empty, truncated, not an image, over PIL's decompression-bomb pixel limit)
+into a :class:`RobustError`. :func:`to_model_input` applies the model card's preprocessing and returns a
+``1×3×S×S`` float tensor in [0, 1] whose values lie exactly on the 1/255 grid of uint8 pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torchvision.transforms import v2
+
+from robust.data import folder_transform
+from robust.defenses import to_uint8
+from robust.errors import RobustError
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _decode(path: Path) -> Image.Image:
+    """Open and fully decode the first frame, with decompression-bomb warnings turned into errors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+            img.seek(0)
+            img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise RobustError(
+                f"image {path} is too large to decode safely (over PIL's limit of {Image.MAX_IMAGE_PIXELS:,} "
+                "pixels; decompression-bomb protection)"
+            ) from None
+        except UnidentifiedImageError:
+            raise RobustError(f"{path} is not an image file PIL can read") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise RobustError(f"image {path} is damaged or truncated ({exc})") from None
+    return img
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit scaled to 8 bits, transparency composited onto white."""
+    if img.mode in _SIXTEEN_BIT:
+        grey = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        values = np.asarray(img)
+        if not np.isfinite(values).all():
+            raise RobustError(f"image {path} holds NaN or infinite pixel values")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise RobustError(
+            f"image {path} has colour mode {img.mode}, which cannot be converted to RGB ({exc})"
+        ) from None
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode the image file at ``path`` (first frame, EXIF orientation applied) into an RGB PIL image.
+
+    Raises :class:`RobustError` for a missing, empty, truncated or non-image file, and for images over
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (decompression bombs).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RobustError(f"image {path} does not exist")
+    if not path.is_file():
+        raise RobustError(f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise RobustError(f"image {path} is empty (0 bytes)")
+    img = _decode(path)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError):
+        pass  # a broken EXIF block only loses the rotation hint; the pixels are fine
+    return _to_rgb(img, path)
+
+
+def to_model_input(img: Image.Image, card: dict) -> Tensor:
+    """RGB PIL image -> ``1×3×S×S`` float [0, 1] with ``S = card["image_size"]`` (values on the 1/255 grid).
+
+    An image already ``S×S`` is used as is. Otherwise, when the card's ``resize`` exceeds ``S`` (ImageNet-style
+    models: 256 then 224) the short side is resized to ``resize`` and the centre ``S×S`` cropped; else
+    (e.g. 32×32 models) the image is resized to ``S×S``.
+    """
+    size = int(card["image_size"])
+    resize = int(card.get("resize") or size)
+    to_float = v2.functional.to_dtype
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    if img.size == (size, size):
+        x = to_float(v2.functional.pil_to_tensor(img), torch.float32, scale=True)
+    elif resize > size:
+        x = folder_transform(size, resize)(img)
+    else:
+        pixels = v2.functional.resize(v2.functional.pil_to_tensor(img), [size, size], antialias=True)
+        x = to_float(pixels, torch.float32, scale=True)
+    return x.as_subclass(Tensor).unsqueeze(0)
+
+
+def check_images(x: Tensor) -> None:
+    """Raise :class:`RobustError` unless the float images ``x`` are finite and within [0, 1]."""
+    if not torch.isfinite(x).all():
+        raise RobustError("the input images hold NaN or infinite values")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise RobustError(f"input images must be in [0, 1], got values in [{x.min():.3g}, {x.max():.3g}]")
+
+
+def load_image(path: str | Path, card: dict) -> Tensor:
+    """:func:`open_image` then :func:`to_model_input`: a ``1×3×S×S`` model input in [0, 1]."""
+    return to_model_input(open_image(path), card)
+
+
+def png_bytes(x: Tensor) -> bytes:
+    """A ``3×H×W`` (or ``1×3×H×W``) [0, 1] image as lossless 8-bit RGB PNG bytes (rounded to uint8)."""
+    pixels = to_uint8(x.squeeze(0)).permute(1, 2, 0).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,96 @@
+"""Faults and determinism: SIGKILL mid-epoch then resume == uninterrupted; seeded runs are identical; DDP syncs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from robust import load_model
+from robust.checkpointing import load_checkpoint
+from robust.data import Digits
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "1",
+         "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "32", "--image_grid.n", "2",
+         "--model.val_steps", "2"]  # fmt: skip
+
+
+def command(save_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "train.py", "fit", "--config", "configs/digits.yaml", *SMALL,
+            "--trainer.logger.init_args.save_dir", str(save_dir), *extra]  # fmt: skip
+
+
+def final_state(save_dir: Path) -> tuple[dict, dict[int, float]]:
+    run = save_dir / "digits" / "version_0"
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return ckpt["state_dict"], {e.step: e.value for e in events.Scalars("val/pgd")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("a")
+    proc = subprocess.run(command(out), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    state_a, pgd_a = final_state(a)
+    state_b, pgd_b = final_state(b)
+    assert state_a.keys() == state_b.keys()
+    different = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert pgd_a == pgd_b
+
+
+def test_two_seeded_runs_are_identical(uninterrupted, tmp_path):
+    proc = subprocess.run(command(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(uninterrupted, tmp_path)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
+    last = tmp_path / "digits" / "version_0" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(command(tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists() and proc.poll() is None, "training ended before it could be killed"
+    time.sleep(1.0)  # into the next epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(last)["epoch"] < 3  # really interrupted before the end
+    resumed = subprocess.run(command(tmp_path, "--ckpt_path", "last"), cwd=ROOT, capture_output=True, text=True,
+                             timeout=900)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(uninterrupted, tmp_path)
+
+
+def test_ddp_on_two_cpu_processes_syncs_validation(tmp_path):
+    """DDP (gloo) validates half of the 360 images per process; the logged val/clean is the whole set's."""
+    args = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1.0"]  # fmt: skip
+    proc = subprocess.run(command(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "digits" / "version_0"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    logged = events.Scalars("val/clean")[-1].value
+    model = load_model(run / "checkpoints" / "last.ckpt")
+    dm = Digits()
+    dm.setup()
+    x, y = dm.val_set.tensors
+    with torch.no_grad():
+        full = (model(x).argmax(1) == y).float().mean().item()
+    assert logged == pytest.approx(full, abs=1e-6)
