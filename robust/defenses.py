@@ -1,11 +1,14 @@
 """JPEG re-encoding as an input defense, on whole batches through ``torchvision.io``.
 
-Images are ``N×C×H×W`` floats in [0, 1] (C = 1 or 3). On CUDA tensors the codec is nvjpeg; elsewhere the
-CPU codec. ``jpeg`` is not differentiable; ``bpda_jpeg`` is the straight-through version (forward = JPEG,
+Images are ``N×C×H×W`` floats in [0, 1] (C = 1 or 3). On CUDA tensors the codec is nvjpeg (one batched
+call); elsewhere the CPU codec, split across ``torch.get_num_threads()`` threads (torchvision's codec releases
+the GIL). ``jpeg`` is not differentiable; ``bpda_jpeg`` is the straight-through version (forward = JPEG,
 backward = identity) that lets an adaptive attacker run PGD *through* the defense (BPDA, Athalye et al. 2018).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -33,8 +36,21 @@ def jpeg(x: Tensor, quality: int = 75) -> Tensor:
         raise RobustError(f"JPEG needs a batch N×C×H×W with C = 1 or 3, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         return x.clone()
-    encoded = encode_jpeg(list(to_uint8(x)), quality=int(quality))
-    decoded = decode_jpeg([e.cpu() for e in encoded], mode=ImageReadMode.UNCHANGED, device=x.device)
+    if x.device.type == "cuda":
+        encoded = encode_jpeg(list(to_uint8(x)), quality=int(quality))
+        decoded = decode_jpeg([e.cpu() for e in encoded], mode=ImageReadMode.UNCHANGED, device=x.device)
+        return torch.stack(decoded).to(x.dtype).div_(255)
+    workers = min(torch.get_num_threads(), len(x))
+    if workers <= 1:
+        return _cpu_jpeg(x.cpu(), int(quality)).to(x.device)
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(_cpu_jpeg, x.cpu().tensor_split(workers), [int(quality)] * workers))
+    return torch.cat(parts).to(x.device)
+
+
+def _cpu_jpeg(x: Tensor, quality: int) -> Tensor:
+    """JPEG of a CPU batch, image by image; runs in a worker thread (torchvision's codec releases the GIL)."""
+    decoded = decode_jpeg(encode_jpeg(list(to_uint8(x)), quality=quality), mode=ImageReadMode.UNCHANGED)
     return torch.stack(decoded).to(x.dtype).div_(255)
 
 

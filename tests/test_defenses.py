@@ -40,6 +40,18 @@ def test_jpeg_matches_pil_pixels(cifar_batch, quality):
     assert 0 < (ours - cifar_batch).abs().mean() < 0.1  # lossy, but the picture survives
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_jpeg_same_pixels_on_any_number_of_threads(cifar_batch, threads):
+    """The CPU codec runs in ``torch.get_num_threads()`` worker threads; the split must not change a pixel."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = jpeg(cifar_batch[:7], 75)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(to_uint8(ours), to_uint8(pil_jpeg(cifar_batch[:7], 75)))
+
+
 def test_jpeg_greyscale_and_empty_batch():
     grey = torch.rand(2, 1, 16, 16)
     assert jpeg(grey).shape == grey.shape

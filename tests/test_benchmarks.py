@@ -1,0 +1,86 @@
+"""Smoke test of ``benchmarks/run.py``: every benchmark runs once on tiny sizes (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from robust.errors import RobustError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_run_module():
+    """``benchmarks/run.py`` as a module (benchmarks/ is a script folder, not a package)."""
+    if "bench_run" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+        sys.modules["bench_run"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["bench_run"])
+    return sys.modules["bench_run"]
+
+
+def test_quick_run_prints_table_and_json_with_every_ratio(tmp_path):
+    """All benchmarks, with the bf16 / channels_last variants (the GPU fast paths, here on CPU autocast)."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "benchmarks/run.py", "--quick", "--device", "cpu", "--fast-paths", "--threads", "1",
+           "--warmup", "0", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert json.loads(out.read_text()) == record
+    assert lines[0].split()[:3] == ["benchmark", "variant", "ms/batch"]
+    assert any(line.startswith("PGD-2 attack, torchattacks") for line in lines)
+    ratios = ["fgsm_step_over_clean_step", "fgsm_half_step_over_clean_step", "pgd2_step_over_clean_step",
+              "pgd_over_torchattacks", "jpeg_batched_over_pil", "jpeg_batched_over_pil_224"]  # fmt: skip
+    for suffix in ("", "_channels_last", "_bf16", "_bf16_channels_last"):
+        ratios += [f"fgsm_step_over_clean_step{suffix}", f"pgd_over_torchattacks{suffix}"]
+    for key in ratios:
+        assert math.isfinite(record[key]) and record[key] > 0, key
+    assert record["jpeg_batched_over_pil_pixels_identical"] and record["jpeg_batched_over_pil_224_pixels_identical"]
+    assert record["device"].startswith("cpu") and record["torch"] == torch.__version__ and record["threads"] == 1
+    assert record["batch"] == 2 and len(record["images_per_s"]) == 4 * 6 + 4
+
+
+def test_time_interleaved_takes_medians_after_warmup():
+    run = load_run_module()
+    calls = {"fast": 0, "slow": 0}
+
+    def call(name: str, seconds: float):
+        def fn() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return fn
+
+    t = run.time_interleaved({"fast": call("fast", 0.001), "slow": call("slow", 0.02)}, repeats=3, warmup=2,
+                             sync=lambda: None)  # fmt: skip
+    assert calls == {"fast": 5, "slow": 5}
+    assert 0.001 <= t["fast"] < t["slow"] and t["slow"] >= 0.02
+
+
+def test_sample_images_are_real_photos_in_range():
+    run = load_run_module()
+    x, source = run.sample_images(3, 64, seed=0)
+    assert x.shape == (3, 3, 64, 64) and 0 <= x.min() and x.max() <= 1 and "photos" in source
+    assert x.std() > 0.05  # real picture content, not a constant
+    assert torch.equal(x, run.sample_images(3, 64, seed=0)[0])
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [(["--repeats", "0"], "at least"), (["--threads", "0"], "at least"), (["--device", "cuda"], "CUDA")],
+)
+def test_bad_options_are_clear_errors(argv, match):
+    if argv[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RobustError, match=match):
+        load_run_module().main(argv)
