@@ -76,7 +76,7 @@ class AdversarialImages(L.Callback):
 class CatastrophicOverfittingGuard(L.Callback):
     """Watch FGSM-family training for catastrophic overfitting (Wong et al. 2020) and act on it.
 
-    At fit start it takes a fixed probe of ``n`` training examples (evenly spaced over the training set, so
+    When training starts it takes a fixed probe of ``n`` training examples (evenly spaced over the training set, so
     every class of a class-sorted folder is in it; drawn once, under a fixed seed). It checks once when
     training starts (``check_at_start``: a baseline, also right after a resume), then at the last training
     batch of every epoch (before validation, so ``val/*`` and checkpoints see any rollback), or every
@@ -105,7 +105,7 @@ class CatastrophicOverfittingGuard(L.Callback):
     def __init__(
         self,
         action: Literal["rollback", "stop", "warn"] = "rollback",
-        n: int = 256,
+        n: int = 128,
         every_n_steps: int | None = None,
         pgd_steps: int = 10,
         min_drop: float = 0.2,
@@ -156,15 +156,14 @@ class CatastrophicOverfittingGuard(L.Callback):
         """Whether the guard watches this module (FGSM-family training attack, or ``force``)."""
         return self.force or getattr(pl_module.hparams, "attack", None) in self.FGSM_ATTACKS
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After any checkpoint restore and once the data is set up.
         if not self.active(pl_module):
             return
         if self.alpha is not None:  # resumed after a rollback: keep the reduced step
             pl_module.alpha = self.alpha
         self._probe = self.take_probe(trainer, self.n, self.seed)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self.check_at_start:  # after any checkpoint restore: a baseline, and healthy weights to roll back to
+        if self.check_at_start:  # a baseline, and healthy weights to roll back to
             self.check(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

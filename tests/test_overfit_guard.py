@@ -1,0 +1,223 @@
+"""CatastrophicOverfittingGuard: detection, actions (rollback / stop / warn), logging, resume, and a real collapse."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from robust.callbacks import CatastrophicOverfittingGuard
+from robust.data import Digits, ImageFolder
+from robust.errors import RobustError
+from robust.module import AdversarialClassifier
+
+EPS = 0.1
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread. Two OpenMP threads on a busy 2-core machine spin-wait, 10-50× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_module(attack: str = "fgsm_rs", **kw) -> AdversarialClassifier:
+    return AdversarialClassifier(attack=attack, eps=EPS, mean=(0.5,) * 3, std=(0.5,) * 3, optimizer="sgd", lr=0.05,
+                                 schedule="constant", **kw)  # fmt: skip
+
+
+def small_data() -> Digits:
+    """One batch of 32 digits at 8×8 per epoch: the actions are under test here, not the learning."""
+    return Digits(batch_size=32, image_size=8, limit=32)
+
+
+def fit(module, guard, tmp_path, epochs: int, ckpt_path=None) -> L.Trainer:
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, name="g"),
+                        callbacks=[guard], limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, inference_mode=False)  # fmt: skip
+    trainer.fit(module, datamodule=small_data(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def scalars(log_dir, tag: str) -> list[float]:
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+class ScriptedGuard(CatastrophicOverfittingGuard):
+    """The real guard, its measurement replaced by a script of (PGD, FGSM) accuracies; records what it measured."""
+
+    def __init__(self, script: list[tuple[float, float]], **kw) -> None:
+        super().__init__(**kw)
+        self.script = list(script)
+        self.seen: list[dict] = []
+
+    def measure(self, pl_module, x, y):
+        opt = pl_module.trainer.optimizers[0].state_dict()["state"]
+        self.seen.append({"model": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                          "momentum": {k: s["momentum_buffer"].clone() for k, s in opt.items()}})  # fmt: skip
+        return self.script.pop(0)
+
+
+# ---- detection logic -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pgd_acc", "fgsm_acc", "expected"),
+    [
+        (0.05, 0.80, True),  # PGD collapsed, FGSM rose: catastrophic overfitting
+        (0.10, 0.56, True),  # FGSM within tolerance of its value at the best
+        (0.05, 0.40, False),  # FGSM fell too: a general blow-up, not CO
+        (0.35, 0.90, False),  # drop 0.15 < min_drop
+        (0.30, 0.90, False),  # drop 0.3 > min_drop, but not below half the best
+        (0.29, 0.90, True),
+    ],
+)
+def test_collapsed_needs_sharp_pgd_drop_with_fgsm_holding(pgd_acc, fgsm_acc, expected):
+    guard = CatastrophicOverfittingGuard(min_drop=0.2, drop_ratio=0.5, fgsm_tolerance=0.05)
+    assert not guard.collapsed(0.0, 1.0)  # nothing seen yet
+    guard.best_pgd, guard.fgsm_at_best = 0.6, 0.6
+    assert guard.collapsed(pgd_acc, fgsm_acc) is expected
+
+
+def test_collapsed_needs_both_absolute_and_relative_drop():
+    guard = CatastrophicOverfittingGuard(min_drop=0.2, drop_ratio=0.5)
+    guard.best_pgd, guard.fgsm_at_best = 0.9, 0.9
+    assert not guard.collapsed(0.6, 0.95)  # 0.3 absolute but still 2/3 of best
+    assert guard.collapsed(0.4, 0.95)
+    guard.best_pgd = 0.25  # a weak best: a drop to 0.1 is relative but not 0.2 absolute
+    assert not guard.collapsed(0.1, 0.95)
+
+
+@pytest.mark.parametrize("bad", [{"action": "halt"}, {"n": 0}, {"min_drop": 0}, {"alpha_factor": 1.0}])
+def test_bad_options_raise_robust_error(bad):
+    with pytest.raises(RobustError):
+        CatastrophicOverfittingGuard(**bad)
+
+
+# ---- real measurement and probe ------------------------------------------------------------------
+
+
+def test_measure_is_seeded_and_leaves_mode_and_rng(digits_model, digits_val):
+    module = small_module()
+    module.model.load_state_dict(digits_model.state_dict())
+    module.train()
+    x, y = digits_val[0][:40], digits_val[1][:40]
+    guard = CatastrophicOverfittingGuard(batch_size=16, pgd_steps=5)  # uneven chunks
+    rng = torch.get_rng_state()
+    first = guard.measure(module, x, y)
+    assert torch.equal(rng, torch.get_rng_state()) and module.training
+    assert guard.measure(module, x, y) == first
+    pgd_acc, fgsm_acc = first
+    with torch.no_grad():
+        clean = (module.eval()(x).argmax(1) == y).float().mean().item()
+    assert clean > 0.85 and pgd_acc <= fgsm_acc <= clean
+    assert pgd_acc < 0.3  # a clean-trained model is not PGD-robust at eps 0.1
+
+
+def test_probe_is_fixed_and_covers_every_class_of_a_sorted_folder(shared_data):
+    dm = ImageFolder(root=str(shared_data / "cifar10-subset"), num_workers=0, augment=True)
+    dm.setup()
+    trainer = SimpleNamespace(datamodule=dm)
+    x, y = CatastrophicOverfittingGuard.take_probe(trainer, 50, seed=3)
+    assert x.shape == (50, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert set(y.tolist()) == set(range(10))  # the folder is class-sorted; the first 50 would be one class
+    rng = torch.get_rng_state()
+    x2, y2 = CatastrophicOverfittingGuard.take_probe(trainer, 50, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # augmentation drawn under the seed
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+# ---- actions in a real fit -----------------------------------------------------------------------
+
+
+def test_rollback_restores_last_healthy_weights_and_optimizer_and_halves_step(tmp_path):
+    module = small_module()
+    # Checks: train start, end of epoch 0 (healthy, kept), end of epoch 1 (collapse -> roll back to epoch 0).
+    guard = ScriptedGuard([(0.1, 0.1), (0.5, 0.55), (0.05, 0.9)], action="rollback", n=32)
+    trainer = fit(module, guard, tmp_path, epochs=2)
+    healthy, collapsed = guard.seen[1], guard.seen[2]
+    state = module.state_dict()
+    assert any(not torch.equal(collapsed["model"][k], healthy["model"][k]) for k in state)
+    assert all(torch.equal(state[k], healthy["model"][k]) for k in state)
+    momentum = trainer.optimizers[0].state_dict()["state"]
+    assert all(torch.equal(momentum[k]["momentum_buffer"], v) for k, v in healthy["momentum"].items())
+    assert module.alpha == pytest.approx(0.5 * 1.25 * EPS) and guard.alpha == module.alpha
+    assert guard.rollbacks == 1 and guard.best_pgd == 0.5
+    log_dir = trainer.logger.log_dir
+    assert scalars(log_dir, "guard/collapsed") == [0.0, 0.0, 1.0]
+    assert scalars(log_dir, "guard/pgd") == pytest.approx([0.1, 0.5, 0.05])
+    assert scalars(log_dir, "guard/alpha")[-1] == pytest.approx(module.alpha)
+
+
+def test_plain_fgsm_step_is_shrunk_from_eps_not_from_a_clipped_larger_step(tmp_path):
+    module = small_module(attack="fgsm", alpha=2 * EPS)  # without random start, steps past eps are clipped
+    guard = ScriptedGuard([(0.1, 0.1), (0.5, 0.55), (0.05, 0.9)], n=32)
+    fit(module, guard, tmp_path, epochs=2)
+    assert module.alpha == pytest.approx(0.5 * EPS)
+
+
+def test_stop_ends_training_and_rollback_limit_stops_too(tmp_path):
+    guard = ScriptedGuard([(0.1, 0.1), (0.5, 0.55), (0.05, 0.9)] + [(0.5, 0.5)] * 3, action="stop", n=32)
+    trainer = fit(small_module(), guard, tmp_path / "stop", epochs=5)
+    assert len(guard.history) == 3 and trainer.current_epoch == 2 and trainer.should_stop
+    guard = ScriptedGuard([(0.1, 0.1), (0.5, 0.55), (0.05, 0.9)] + [(0.5, 0.5)] * 3, max_rollbacks=0, n=32)
+    module = small_module()
+    trainer = fit(module, guard, tmp_path / "limit", epochs=5)
+    assert len(guard.history) == 3 and guard.rollbacks == 0 and module.alpha == pytest.approx(1.25 * EPS)
+
+
+def test_warn_only_warns(tmp_path):
+    guard = ScriptedGuard([(0.1, 0.1), (0.5, 0.55), (0.05, 0.9), (0.04, 0.9)], action="warn", n=32)
+    module = small_module()
+    with pytest.warns(UserWarning, match="catastrophic overfitting"):
+        fit(module, guard, tmp_path, epochs=3)
+    assert [h["guard/collapsed"] for h in guard.history] == [0.0, 0.0, 1.0, 1.0]
+    assert guard.rollbacks == 0 and module.alpha == pytest.approx(1.25 * EPS)
+
+
+@pytest.mark.parametrize(("attack", "force", "active"), [("none", False, False), ("none", True, True),
+                                                         ("fgsm", False, True)])  # fmt: skip
+def test_active_only_for_fgsm_family_unless_forced(tmp_path, attack, force, active):
+    guard = CatastrophicOverfittingGuard(n=8, pgd_steps=1, force=force)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(small_module(attack=attack), guard, tmp_path, epochs=1)
+    assert len(guard.history) == (2 if active else 0)  # train start + end of the epoch
+
+
+def test_resume_restores_guard_state_and_reduced_step(tmp_path):
+    module = small_module()
+    guard = ScriptedGuard([(0.1, 0.1), (0.5, 0.55), (0.05, 0.9)], n=32)
+    trainer = fit(module, guard, tmp_path, epochs=2)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed, guard2 = small_module(), ScriptedGuard([(0.45, 0.5), (0.5, 0.5)], n=32)
+    fit(resumed, guard2, tmp_path, epochs=3, ckpt_path=ckpt)
+    assert resumed.alpha == pytest.approx(module.alpha) and resumed.alpha < 1.25 * EPS
+    assert (guard2.rollbacks, guard2.best_pgd, guard2.fgsm_at_best) == (1, 0.5, 0.55)
+    assert len(guard2.history) == 2  # train start (after the restore) + the one remaining epoch
+
+
+def test_real_healthy_fgsm_rs_run_is_measured_and_not_flagged(tmp_path):
+    """Real FGSM-RS training on digits with the real guard: robustness on the probe grows, no false alarm."""
+    torch.manual_seed(0)
+    module = AdversarialClassifier(attack="fgsm_rs", eps=EPS, mean=(0.5,) * 3, std=(0.5,) * 3, cifar_stem=True,
+                                   optimizer="adamw", lr=1e-3, schedule="constant")  # fmt: skip
+    guard = CatastrophicOverfittingGuard(n=64, pgd_steps=5)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="g"),
+                        callbacks=[guard], limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, inference_mode=False)  # fmt: skip
+    trainer.fit(module, datamodule=Digits(batch_size=64, image_size=8, limit=512))
+    pgd_accs = scalars(trainer.logger.log_dir, "guard/pgd")
+    assert len(pgd_accs) == 4 and scalars(trainer.logger.log_dir, "guard/collapsed") == [0.0] * 4
+    assert pgd_accs[-1] > pgd_accs[0] + 0.15  # the model really becomes robust on the probe
+    assert guard.best_pgd == max(pgd_accs) and guard.rollbacks == 0
