@@ -29,6 +29,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_files(out: str | Path, blobs: dict[str, bytes]) -> list[Path]:
+    """Write each ``name -> bytes`` of ``blobs`` into folder ``out`` with :func:`atomic_write_bytes`.
+
+    Render everything before calling, so a failure never leaves a half-written set; OSError -> RobustError.
+    """
+    out = Path(out)
+    try:
+        for name, data in blobs.items():
+            atomic_write_bytes(out / name, data)
+    except OSError as exc:
+        raise RobustError(f"cannot write into {out}: {exc.strerror or exc}") from None
+    return [out / name for name in blobs]
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load a ``.ckpt`` with ``weights_only=True`` (no pickled code can run); bad files raise RobustError."""
     path = Path(path)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from robust.attacks import check_budget, fgsm, pgd, resolve_class
-from robust.checkpointing import atomic_write_bytes
+from robust.checkpointing import atomic_write_files
 from robust.defenses import check_quality, jpeg
 from robust.errors import RobustError
 from robust.images import check_images, png_bytes
@@ -176,9 +176,5 @@ def write_fool(result: FoolResult, out: str | Path) -> list[Path]:
     out = Path(out)
     blobs = {"adversarial.png": png_bytes(result.x_adv), "perturbation.png": png_bytes(perturbation_image(result)),
              "figure.png": figure_png(result)}  # fmt: skip
-    try:
-        for name, data in blobs.items():
-            atomic_write_bytes(out / name, data)
-    except OSError as exc:
-        raise RobustError(f"cannot write into {out}: {exc.strerror or exc}") from None
+    atomic_write_files(out, blobs)
     return [out / name for name in FILES]

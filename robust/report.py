@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from robust.attacks import check_budget, fgsm, pgd, random_other_class
-from robust.checkpointing import atomic_write_bytes
+from robust.checkpointing import atomic_write_files
 from robust.data import CIFAR10, CIFAR10_NAMES, DIGIT_NAMES, Digits, folder_transform, image_folder
 from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
@@ -350,11 +350,7 @@ def write_report(report: dict, out: str | Path) -> list[Path]:
     out = Path(out)
     blobs = {"robustness_curve.png": curve_png(report), "report.md": markdown_table(report).encode(),
              "report.json": (json.dumps(report, indent=2) + "\n").encode()}  # fmt: skip
-    try:
-        for name, data in blobs.items():
-            atomic_write_bytes(out / name, data)
-    except OSError as exc:
-        raise RobustError(f"cannot write the report into {out}: {exc.strerror or exc}") from None
+    atomic_write_files(out, blobs)
     return [out / name for name in FILES]
 
 
