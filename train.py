@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
 from robust.callbacks import AdversarialImages, CatastrophicOverfittingGuard
-from robust.checkpointing import AtomicCheckpointIO
+from robust.checkpointing import AtomicCheckpointIO, RobustCheckpoint
 from robust.errors import RobustError
 from robust.module import AdversarialClassifier
 
@@ -20,7 +20,7 @@ class RobustCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RobustCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/pgd", "checkpoint.mode": "max", "checkpoint.save_last": True,
             "checkpoint.filename": "best-epoch{epoch:03d}-pgd{val/pgd:.4f}",

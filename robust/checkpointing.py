@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from robust.errors import RobustError
@@ -73,3 +74,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None):
         return load_checkpoint(path, map_location=map_location or "cpu")
+
+
+class RobustCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` (with ``save_last``) is rewritten at every train-epoch end.
+
+    Lightning 2.6 writes ``last.ckpt`` only when a top-k checkpoint was written at the same step, so with a
+    monitored metric that stops improving, or validation every n > 1 epochs, ``last.ckpt`` lags behind and
+    ``--ckpt_path last`` would redo epochs. Top-k choices are unchanged: they still follow validation.
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -20,7 +20,8 @@ from robust.data import Digits
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "1",
          "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "32", "--image_grid.n", "2",
-         "--model.val_steps", "2", "--trainer.check_val_every_n_epoch", "1"]  # fmt: skip
+         "--model.val_steps", "2", "--trainer.check_val_every_n_epoch", "2"]  # fmt: skip
+STEPS = 4 * 8  # max_epochs x limit_train_batches
 
 
 def command(save_dir: Path, *extra: str) -> list[str]:
@@ -47,6 +48,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 def assert_same_run(a: Path, b: Path) -> None:
     state_a, pgd_a = final_state(a)
     state_b, pgd_b = final_state(b)
+    assert load_checkpoint(a / "digits" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == STEPS
     assert state_a.keys() == state_b.keys()
     different = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
@@ -70,7 +72,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert load_checkpoint(last)["epoch"] < 3  # really interrupted before the end
+    assert load_checkpoint(last)["global_step"] < STEPS  # really interrupted before the end
     resumed = subprocess.run(command(tmp_path, "--ckpt_path", "last"), cwd=ROOT, capture_output=True, text=True,
                              timeout=900)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -80,7 +82,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_
 def test_ddp_on_two_cpu_processes_syncs_validation(tmp_path):
     """DDP (gloo) validates half of the 360 images per process; the logged val/clean is the whole set's."""
     args = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-            "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1.0"]  # fmt: skip
+            "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1.0",
+            "--trainer.check_val_every_n_epoch", "1"]  # fmt: skip
     proc = subprocess.run(command(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "digits" / "version_0"
