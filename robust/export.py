@@ -120,8 +120,8 @@ def _robustness(ckpt: dict) -> dict:
     hp = dict(ckpt.get("hyper_parameters") or {})
     metrics = {k.removeprefix("val/"): float(v) for k, v in (ckpt.get("robust_metrics") or {}).items()}
     best = None
-    for key, state in (ckpt.get("callbacks") or {}).items():
-        if key.startswith("ModelCheckpoint") and state.get("monitor") and state.get("best_model_score") is not None:
+    for state in (ckpt.get("callbacks") or {}).values():  # ModelCheckpoint or a subclass: keyed by its class name
+        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_score") is not None:
             best = {"monitor": state["monitor"], "score": float(state["best_model_score"])}
             break
     return {
