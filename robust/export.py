@@ -85,15 +85,19 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None
     model.load_state_dict(state)
 
 
+def _model_from_card(card: dict, state: dict[str, Tensor], source: str) -> nn.Module:
+    """The network ``card`` describes, holding ``state``, eval mode, with ``card`` attached."""
+    model = build_model(card["arch"], card["num_classes"], None, card["mean"], card["std"], card["cifar_stem"])
+    _load_state(model, state, source)
+    model.card = card
+    return model.eval()
+
+
 def _model_from_ckpt(ckpt: dict, path: str | Path) -> nn.Module:
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if not state:
         raise RobustError(f"{path} is not a checkpoint of robust.module.AdversarialClassifier (no 'model.' weights)")
-    card = card_from_checkpoint(ckpt)
-    model = build_model(card["arch"], card["num_classes"], None, card["mean"], card["std"], card["cifar_stem"])
-    _load_state(model, state, str(path))
-    model.card = card
-    return model.eval()
+    return _model_from_card(card_from_checkpoint(ckpt), state, str(path))
 
 
 def model_from_checkpoint(path: str | Path) -> nn.Module:
@@ -277,13 +281,11 @@ def model_from_export(folder: str | Path) -> nn.Module:
         state = safetensors.torch.load(weights)
     except Exception as exc:
         raise RobustError(f"{weights_path} is not a readable safetensors file ({exc})") from None
-    model = build_model(card["arch"], card["num_classes"], None, card["mean"], card["std"], card["cifar_stem"])
-    _load_state(model, state, str(weights_path))
+    model = _model_from_card(card, state, str(weights_path))
     for key in ("mean", "std") if isinstance(getattr(model, "normalize", None), Normalize) else ():
         if model.normalize.get_buffer(key).flatten().tolist() != torch.tensor(card[key]).tolist():
             raise RobustError(f"{weights_path} normalizes with a different {key} than {CARD_FILE} states")
-    model.card = card
-    return model.eval()
+    return model
 
 
 def load_model(spec: str | Path) -> nn.Module:
