@@ -13,7 +13,8 @@ left as they were (callers pick the BatchNorm mode). Results are detached, in [0
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,16 @@ def check_budget(eps: float, alpha: float | None = None, steps: int | None = Non
         raise RobustError(f"alpha (step size) must be in (0, 1] pixel units, got {alpha}")
     if steps is not None and int(steps) < 1:
         raise RobustError(f"steps must be at least 1, got {steps}")
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block with torch's RNG (CPU, and ``device``'s when it is a GPU) forked and seeded with ``seed``:
+    its random starts and targets are reproducible, and the caller's random stream is left where it was."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _check_batch(x: Tensor, y: Tensor) -> None:

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from robust.attacks import fgsm, pgd
+from robust.attacks import fgsm, pgd, seeded_rng
 from robust.defenses import jpeg
 from robust.errors import RobustError
 from robust.module import bn_mode
@@ -46,8 +46,7 @@ class AdversarialImages(L.Callback):
         import matplotlib.pyplot as plt
 
         eps, names = pl_module.val_eps, pl_module.class_names
-        with torch.enable_grad(), torch.random.fork_rng():
-            torch.manual_seed(0)
+        with torch.enable_grad(), seeded_rng(0, pl_module.device):
             x_adv = pgd(pl_module, x, y, eps, pl_module.val_alpha, pl_module.hparams.val_steps)
         x_jpeg = jpeg(x_adv, pl_module.hparams.jpeg_quality)
         perturbation = ((x_adv - x) / (2 * eps) + 0.5).clamp(0, 1) if eps > 0 else torch.full_like(x, 0.5)
@@ -184,8 +183,7 @@ class CatastrophicOverfittingGuard(L.Callback):
         if dataset is None:
             dataset = trainer.train_dataloader.dataset
         n = min(n, len(dataset))
-        with torch.random.fork_rng():  # augmenting transforms draw from torch's RNG
-            torch.manual_seed(seed)
+        with seeded_rng(seed):  # augmenting transforms draw from torch's (CPU) RNG
             items = [dataset[i] for i in torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()]
         return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
 
@@ -193,10 +191,8 @@ class CatastrophicOverfittingGuard(L.Callback):
         """(PGD accuracy, FGSM accuracy) of ``pl_module`` on ``x``, ``y`` at its training eps; eval mode, seeded."""
         eps = float(pl_module.hparams.eps)
         device = pl_module.device
-        devices = [device.index or 0] if device.type == "cuda" else []
         correct_pgd = correct_fgsm = 0
-        with bn_mode(pl_module, "eval"), torch.enable_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
+        with bn_mode(pl_module, "eval"), torch.enable_grad(), seeded_rng(self.seed, device):
             for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True):
                 xb, yb = xb.to(device), yb.to(device)
                 x_pgd = pgd(pl_module, xb, yb, eps, eps / 4, self.pgd_steps)

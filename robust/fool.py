@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from robust.attacks import check_budget, fgsm, pgd, resolve_class
+from robust.attacks import check_budget, fgsm, pgd, resolve_class, seeded_rng
 from robust.checkpointing import atomic_write_files
 from robust.defenses import check_quality, jpeg
 from robust.errors import RobustError
@@ -101,9 +101,7 @@ def fool(
     pred, top = {}, {}
     pred["original"], top["original"] = _top(model, x, names)
     y = torch.tensor([pred["original"] if target_id is None else target_id], device=x.device)
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, x.device):
         if attack == "fgsm":
             x_adv = fgsm(model, x, y, eps, targeted=target_id is not None)
         else:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from robust.attacks import check_budget, fgsm, least_likely_class, pgd, random_other_class
+from robust.attacks import check_budget, fgsm, least_likely_class, pgd, random_other_class, seeded_rng
 from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
 from robust.models import IMAGENET_MEAN, IMAGENET_STD, build_model
@@ -168,9 +168,8 @@ class AdversarialClassifier(L.LightningModule):
         x, y = batch
         with torch.no_grad():
             self.log("val/loss", F.cross_entropy(self(x), y), sync_dist=True)
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.enable_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.hparams.val_seed + batch_idx)  # same threats every epoch; training RNG untouched
+        # The same threats every epoch; the training RNG is untouched.
+        with torch.enable_grad(), seeded_rng(self.hparams.val_seed + batch_idx, self.device):
             preds = self.robust_predictions(x, y)
         for key in VAL_KEYS:
             self.val_acc[key](preds[key], preds["target"] if key == "targeted_success" else y)

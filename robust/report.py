@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
-from robust.attacks import check_budget, fgsm, pgd, random_other_class
+from robust.attacks import check_budget, fgsm, pgd, random_other_class, seeded_rng
 from robust.checkpointing import atomic_write_files
 from robust.data import CIFAR10, CIFAR10_NAMES, DIGIT_NAMES, Digits, folder_transform, image_folder
 from robust.defenses import JpegDefended, check_quality, jpeg
@@ -177,13 +177,11 @@ def evaluate(
     attackers: dict[int, object] = {}
     n = 0
     total = len(loader) * len(eps_list) if hasattr(loader, "__len__") else None
-    devices = [device.index or 0] if device.type == "cuda" else []
     with (
         bn_mode(model, "eval"),
-        torch.random.fork_rng(devices=devices),
+        seeded_rng(seed, device),
         tqdm(total=total, desc="robustness", unit="batch", disable=not progress) as bar,
     ):
-        torch.manual_seed(seed)
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             check_images(x)
