@@ -75,6 +75,8 @@ class _Base(L.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         ds = self.train_set if shuffle else self.val_set
+        # Every DataLoader iterator draws a worker seed from its generator; the validation loader gets its own so
+        # that how often one validates does not shift the global RNG that shuffles, augments and attacks.
         return DataLoader(
             ds,
             batch_size=self.batch_size,
@@ -82,6 +84,7 @@ class _Base(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
+            generator=None if shuffle else torch.Generator().manual_seed(0),
         )
 
     def train_dataloader(self) -> DataLoader:
