@@ -2,8 +2,9 @@
 
 Images are ``N×C×H×W`` floats in [0, 1] (C = 1 or 3). On CUDA tensors the codec is nvjpeg (one batched
 call); elsewhere the CPU codec, split across ``torch.get_num_threads()`` threads (torchvision's codec releases
-the GIL; how much a second thread gains depends on the machine, see the README's benchmarks). ``jpeg`` is not differentiable; ``bpda_jpeg`` is the straight-through version (forward = JPEG,
-backward = identity) that lets an adaptive attacker run PGD *through* the defense (BPDA, Athalye et al. 2018).
+the GIL; how much a second thread gains depends on the machine, see the README's benchmarks). ``jpeg`` is not
+differentiable; ``bpda_jpeg`` is the straight-through version (forward = JPEG, backward = identity) that lets an
+adaptive attacker run PGD *through* the defense (BPDA, Athalye et al. 2018).
 """
 
 from __future__ import annotations
