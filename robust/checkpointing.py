@@ -30,7 +30,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_files(out: str | Path, blobs: dict[str, bytes]) -> list[Path]:
+def atomic_write_files(out: str | Path, blobs: dict[str, bytes]) -> None:
     """Write each ``name -> bytes`` of ``blobs`` into folder ``out`` with :func:`atomic_write_bytes`.
 
     Render everything before calling, so a failure never leaves a half-written set; OSError -> RobustError.
@@ -41,7 +41,6 @@ def atomic_write_files(out: str | Path, blobs: dict[str, bytes]) -> list[Path]:
             atomic_write_bytes(out / name, data)
     except OSError as exc:
         raise RobustError(f"cannot write into {out}: {exc.strerror or exc}") from None
-    return [out / name for name in blobs]
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:

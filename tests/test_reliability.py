@@ -45,13 +45,17 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+def assert_same_weights(state_a: dict, state_b: dict) -> None:
+    assert state_a.keys() == state_b.keys()
+    different = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     state_a, pgd_a = final_state(a)
     state_b, pgd_b = final_state(b)
     assert load_checkpoint(a / "digits" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == STEPS
-    assert state_a.keys() == state_b.keys()
-    different = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert_same_weights(state_a, state_b)
     assert pgd_a == pgd_b
 
 
@@ -69,8 +73,7 @@ def test_validation_frequency_does_not_change_training(uninterrupted, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (state_a, _), (state_b, pgd_b) = final_state(uninterrupted), final_state(tmp_path)
     assert len(pgd_b) == 4
-    different = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert_same_weights(state_a, state_b)
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
