@@ -88,22 +88,28 @@ class CatastrophicOverfittingGuard(L.Callback):
     while FGSM accuracy stayed within ``fgsm_tolerance`` of its value at that best, or rose. A general
     blow-up, where FGSM accuracy falls too, is not called a collapse. On collapse ``action`` is:
 
-    - ``rollback`` (default): restore the weights and optimizer state kept (in memory) at the last healthy
-      check, multiply the attack step ``pl_module.alpha`` by ``alpha_factor`` and go on (the LR schedule goes
-      on too); after ``max_rollbacks`` rollbacks, or with no healthy weights kept, stop instead.
-    - ``stop``: ``trainer.should_stop = True`` (the best ``val/pgd`` checkpoint holds the pre-collapse model).
+    - ``stop`` (default): restore the weights kept (in memory) at the most robust check so far (the best
+      probe PGD accuracy; a later check that ties it replaces it) and stop (``trainer.should_stop``), so the
+      final model and ``last.ckpt`` are the pre-collapse model whatever the validation frequency.
+    - ``rollback``: restore those weights and the optimizer state kept with them, multiply the attack step
+      ``pl_module.alpha`` by ``alpha_factor`` and go on (the LR schedule goes on too); after ``max_rollbacks``
+      rollbacks, or with no weights kept, stop instead. Meant for ``fgsm_rs``, where a smaller step is the
+      known cure (Wong et al. 2020); for plain ``fgsm`` a smaller step trains for a smaller eps.
     - ``warn``: only warn and log.
+
+    The most robust weights, not the last healthy ones: a collapse is measured against the best, and the slide
+    towards it can take several checks that are each still "healthy" but already far less robust.
 
     Active only when ``pl_module.hparams.attack`` is ``fgsm`` or ``fgsm_rs``, unless ``force``. The scalar
     state (best accuracies, rollbacks, current ``alpha``) is saved in checkpoints and restored on resume;
-    the kept weights are not (the check at train start keeps them again).
+    the kept weights are not (after a resume, the first healthy check keeps the weights then in force).
     """
 
     FGSM_ATTACKS = ("fgsm", "fgsm_rs")
 
     def __init__(
         self,
-        action: Literal["rollback", "stop", "warn"] = "rollback",
+        action: Literal["rollback", "stop", "warn"] = "stop",
         n: int = 128,
         every_n_steps: int | None = None,
         pgd_steps: int = 10,
@@ -134,7 +140,7 @@ class CatastrophicOverfittingGuard(L.Callback):
         self.alpha: float | None = None  # the attack step in force after rollbacks (restored on resume)
         self.history: list[dict[str, float]] = []
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._good: dict | None = None
+        self._best: dict | None = None  # weights + optimizer state at best_pgd (not checkpointed)
         self._last_step = -1
 
     # ---- state -----------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ class CatastrophicOverfittingGuard(L.Callback):
         if self.alpha is not None:  # resumed after a rollback: keep the reduced step
             pl_module.alpha = self.alpha
         self._probe = self.take_probe(trainer, self.n, self.seed)
-        if self.check_at_start:  # a baseline, and healthy weights to roll back to
+        if self.check_at_start:  # a baseline, and weights to roll back to
             self.check(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -218,10 +224,11 @@ class CatastrophicOverfittingGuard(L.Callback):
         if collapsed:
             self._act(trainer, pl_module, pgd_acc, fgsm_acc)
         else:
-            if pgd_acc > self.best_pgd:
+            best = pgd_acc >= self.best_pgd
+            if best:
                 self.best_pgd, self.fgsm_at_best = pgd_acc, fgsm_acc
-            if self.action == "rollback":
-                self._good = self._snapshot(trainer, pl_module)
+            if self.action != "warn" and (best or self._best is None):  # None: just resumed, nothing kept yet
+                self._best = self._snapshot(trainer, pl_module)
         metrics = {"guard/pgd": pgd_acc, "guard/fgsm": fgsm_acc, "guard/collapsed": float(collapsed),
                    "guard/alpha": float(pl_module.alpha), "guard/rollbacks": float(self.rollbacks)}  # fmt: skip
         self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **metrics})
@@ -240,21 +247,23 @@ class CatastrophicOverfittingGuard(L.Callback):
                 f"{pgd_acc:.3f} (best {self.best_pgd:.3f}), FGSM accuracy {fgsm_acc:.3f} on {len(self._probe[1])} "
                 "training examples")  # fmt: skip
         action = self.action
-        if action == "rollback" and (self._good is None or self.rollbacks >= self.max_rollbacks):
-            reason = "no healthy weights kept yet" if self._good is None else f"{self.rollbacks} rollbacks done"
+        if action == "rollback" and (self._best is None or self.rollbacks >= self.max_rollbacks):
+            reason = "no weights kept yet" if self._best is None else f"{self.rollbacks} rollbacks done"
             what += f"; cannot roll back ({reason})"
             action = "stop"
-        if action == "rollback":
-            pl_module.load_state_dict(self._good["model"])
-            for opt, state in zip(trainer.optimizers, self._good["optimizers"], strict=True):
+        if action != "warn" and self._best is not None:
+            pl_module.load_state_dict(self._best["model"])
+            for opt, state in zip(trainer.optimizers, self._best["optimizers"], strict=True):
                 opt.load_state_dict(copy.deepcopy(state))
+            what += f"; restored the most robust weights (probe PGD accuracy {self.best_pgd:.3f})"
+        if action == "rollback":
             hp = pl_module.hparams
             # Steps past eps (fgsm) or 2·eps (fgsm_rs) are clipped away by the projection: shrink what is effective.
             effective = min(float(pl_module.alpha), float(hp.eps) * (1 if hp.attack == "fgsm" else 2))
             pl_module.alpha = self.alpha = effective * self.alpha_factor
             self.rollbacks += 1
-            what += f"; rolled back to the last healthy weights, attack step now {pl_module.alpha:.5f}"
+            what += f", attack step now {pl_module.alpha:.5f}"
         elif action == "stop":
             trainer.should_stop = True
-            what += "; stopping (the best val/pgd checkpoint holds the model from before the collapse)"
+            what += "; stopping"
         rank_zero_warn(what)
