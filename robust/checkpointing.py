@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from robust.errors import RobustError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``: all or nothing."""
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``: all or nothing.
+    The file gets the mode any other tool would create (``0o666`` less the umask), not the temp file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -24,6 +31,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -61,29 +69,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O whose writes are atomic (a kill never leaves a truncated ``last.ckpt``)
-    and whose loads use ``weights_only=True``."""
+    """Lightning's checkpoint I/O with what it lacks for a SIGKILL-safe ``last.ckpt``: Lightning stages the file
+    in the system temp folder (fsspec), so when that is another filesystem the final move is a copy a kill can
+    truncate, and nothing is fsynced; here the temp file sits beside the target. Loads use ``weights_only=True``
+    with one clear sentence for a bad or untrusted file. Passed to the Trainer as ``plugins=``."""
 
     def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: Any | None = None) -> None:
-        import io
-
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
         atomic_write_bytes(path, buf.getvalue())
 
     def load_checkpoint(self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None):
         return load_checkpoint(path, map_location=map_location or "cpu")
-
-
-class RobustCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` (with ``save_last``) is rewritten at every train-epoch end.
-
-    Lightning 2.6 writes ``last.ckpt`` only when a top-k checkpoint was written at the same step, so with a
-    monitored metric that stops improving, or validation every n > 1 epochs, ``last.ckpt`` lags behind and
-    ``--ckpt_path last`` would redo epochs. Top-k choices are unchanged: they still follow validation.
-    """
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

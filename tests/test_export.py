@@ -15,9 +15,9 @@ import pytest
 import safetensors.torch
 import torch
 import torchvision
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import robust
-from robust.checkpointing import RobustCheckpoint
 from robust.data import DIGIT_NAMES, Digits
 from robust.errors import RobustError
 from robust.export import CARD_FIELDS, export_model, load_model, model_from_checkpoint
@@ -25,12 +25,12 @@ from robust.module import VAL_KEYS, AdversarialClassifier
 
 
 def train_checkpoint(folder: Path, cifar_stem: bool, val_batches: int) -> tuple[Path, AdversarialClassifier]:
-    """A few FGSM-RS steps on digits; with validation, the checkpoint train.py's RobustCheckpoint keeps as best by
+    """A few FGSM-RS steps on digits; with validation, the checkpoint train.py's ModelCheckpoint keeps as best by
     ``val/pgd``, else ``trainer.save_checkpoint``."""
     L.seed_everything(0)
     module = AdversarialClassifier(num_classes=10, class_names=list(DIGIT_NAMES), mean=(0.5,) * 3, std=(0.5,) * 3,
                                    cifar_stem=cifar_stem, eps=0.1, val_steps=1)  # fmt: skip
-    best = RobustCheckpoint(dirpath=folder, monitor="val/pgd", mode="max")
+    best = ModelCheckpoint(dirpath=folder, monitor="val/pgd", mode="max")
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1 if cifar_stem else 3, limit_val_batches=val_batches,
                         num_sanity_val_steps=0, logger=False, callbacks=[best] if val_batches else [],
                         enable_checkpointing=bool(val_batches), enable_progress_bar=False,

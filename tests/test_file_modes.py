@@ -1,0 +1,51 @@
+"""Every file the project writes honours the user's umask: checkpoints (best and last), reports, fool, exports."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from test_fool import PHOTO, cli_main
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=[(0o022, 0o644), (0o077, 0o600)], ids=["umask022", "umask077"])
+def umask(request):
+    mask, expected = request.param
+    before = os.umask(mask)
+    yield expected
+    os.umask(before)
+
+
+def modes(folder: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.is_file()}
+
+
+def test_training_checkpoints_follow_the_umask(umask, tmp_path):
+    train.main(["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "1",
+                "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+                "--model.val_steps", "1", "--data.init_args.batch_size", "8", "--data.init_args.image_size", "8",
+                "--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1", "--image_grid.n", "2",
+                "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
+    written = modes(tmp_path / "digits" / "version_0" / "checkpoints")
+    assert "last.ckpt" in written and any(name.startswith("best-") for name in written), written
+    assert set(written.values()) == {umask}, written
+
+
+def test_report_fool_and_export_files_follow_the_umask(umask, digits_ckpt, shared_data, tmp_path):
+    commands = {
+        "report": ["report", "--checkpoint", str(digits_ckpt), "--data", "digits", "--limit", "4", "--steps", "1"],
+        "fool": ["fool", "--checkpoint", str(digits_ckpt), "--image", str(shared_data / PHOTO), "--steps", "1"],
+        "export": ["export", "--checkpoint", str(digits_ckpt)],
+    }
+    for name, argv in commands.items():
+        code, _, err = cli_main([*argv, "--out", str(tmp_path / name)])
+        assert code == 0, err
+        written = modes(tmp_path / name)
+        assert written and set(written.values()) == {umask}, (name, written)
