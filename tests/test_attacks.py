@@ -9,6 +9,7 @@ from torch import nn
 
 from robust.attacks import fgsm, fixed_class, least_likely_class, nfgsm, pgd, random_other_class, resolve_class
 from robust.errors import RobustError
+from robust.objectives import mart_pgd, trades_pgd
 
 EPS = 0.1  # digits: about 25 grey levels
 
@@ -71,8 +72,10 @@ def test_attacks_lower_accuracy_by_a_large_margin(digits_model, digits_val):
         lambda m, x, y: pgd(m, x, y, EPS, EPS / 4, 3),
         lambda m, x, y: pgd(m, x, y, EPS, EPS / 4, 3, restarts=2),
         lambda m, x, y: nfgsm(m, x, y, EPS / 3),  # its bound noise·eps + alpha is EPS here
+        lambda m, x, y: trades_pgd(m, x, EPS, EPS / 4, 1),
+        lambda m, x, y: mart_pgd(m, x, y, EPS, EPS / 4, 1),
     ],
-    ids=["fgsm", "fgsm_rs", "fgsm_targeted", "pgd", "pgd_restarts", "nfgsm"],
+    ids=["fgsm", "fgsm_rs", "fgsm_targeted", "pgd", "pgd_restarts", "nfgsm", "trades_pgd", "mart_pgd"],
 )
 def test_bounds_dtype_device_and_no_side_effects(digits_model, batch, attack, dtype):
     model = digits_model.to(dtype)
