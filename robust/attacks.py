@@ -4,7 +4,8 @@ Every image is a float tensor ``N×C×H×W`` in [0, 1]; normalization lives insi
 ``alpha`` are in pixel units (``8/255`` = eight grey levels). Attacks take gradients with respect to the
 input only: the model's parameters get no ``.grad``, and its train/eval mode and ``requires_grad`` flags are
 left as they were (callers pick the BatchNorm mode). Results are detached, in [0, 1], and within
-``eps`` of ``x`` in the L-infinity norm.
+``eps`` of ``x`` in the L-infinity norm; :func:`nfgsm` alone, by design, may leave that ball (its bound is in
+its docstring).
 
 ``y`` is the true label for untargeted attacks (the loss is ascended) and the *target* label when
 ``targeted=True`` (the loss toward ``y`` is descended).
@@ -147,6 +148,43 @@ def pgd(
             best = torch.where(take[:, None, None, None], x_adv, best)
             done = done | success
     return best
+
+
+def nfgsm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    noise: float = 2.0,
+    alpha: float | None = None,
+    targeted: bool = False,
+) -> Tensor:
+    """N-FGSM (de Jorge et al. 2022, ``pdejorge/N-FGSM`` train.py): one signed-gradient step from strong noise.
+
+    Start from ``x + U(-noise·eps, noise·eps)`` clamped to [0, 1], step ``alpha`` (default ``eps``) along the
+    sign of the input gradient there (one forward, one backward), clamp to [0, 1] again. There is **no projection
+    back to the eps ball**: the official code clips only when ``--clip`` is set, and its default is off. So by
+    construction ``|x_adv - x|_inf <= noise·eps + alpha`` (``3·eps`` with the defaults); the clamps only move
+    points toward ``x``, which is in [0, 1]. It is a *training* perturbation: never report accuracy under it as
+    robustness at ``eps``. ``targeted`` (descend toward ``y``) is this project's addition.
+
+    Args:
+        x: ``N×C×H×W`` float images in [0, 1]. y: ``N`` int64 labels (targets if ``targeted``).
+        eps: L-inf budget in [0, 1] pixel units. noise: ``k >= 0``, the noise half-width in units of ``eps``.
+        alpha: step size in pixel units (default ``eps``, as in the paper's runs: ``--alpha`` = ``--epsilon``).
+    Returns: detached ``N×C×H×W`` images in [0, 1] with ``|x_adv - x|_inf <= noise·eps + alpha``.
+    """
+    check_budget(eps, alpha)
+    _check_batch(x, y)
+    if alpha is None:
+        alpha = eps
+    if not float(noise) >= 0.0:
+        raise RobustError(f"N-FGSM noise must be >= 0 (a multiple of eps), got {noise}")
+    x = x.detach()
+    start = torch.clamp(x + torch.empty_like(x).uniform_(-noise * eps, noise * eps), min=0, max=1)
+    grad = _input_grad(model, start, y, targeted)
+    return torch.clamp(start + alpha * grad.sign(), min=0, max=1).detach()
 
 
 # ---- target choice -------------------------------------------------------------------------------

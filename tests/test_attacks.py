@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torchattacks
+from torch import nn
 
-from robust.attacks import fgsm, fixed_class, least_likely_class, pgd, random_other_class, resolve_class
+from robust.attacks import fgsm, fixed_class, least_likely_class, nfgsm, pgd, random_other_class, resolve_class
 from robust.errors import RobustError
+from robust.objectives import mart_pgd, trades_pgd
 
 EPS = 0.1  # digits: about 25 grey levels
 
@@ -69,8 +71,11 @@ def test_attacks_lower_accuracy_by_a_large_margin(digits_model, digits_val):
         lambda m, x, y: fgsm(m, x, y, EPS, targeted=True),
         lambda m, x, y: pgd(m, x, y, EPS, EPS / 4, 3),
         lambda m, x, y: pgd(m, x, y, EPS, EPS / 4, 3, restarts=2),
+        lambda m, x, y: nfgsm(m, x, y, EPS / 3),  # its bound noise·eps + alpha is EPS here
+        lambda m, x, y: trades_pgd(m, x, EPS, EPS / 4, 1),
+        lambda m, x, y: mart_pgd(m, x, y, EPS, EPS / 4, 1),
     ],
-    ids=["fgsm", "fgsm_rs", "fgsm_targeted", "pgd", "pgd_restarts"],
+    ids=["fgsm", "fgsm_rs", "fgsm_targeted", "pgd", "pgd_restarts", "nfgsm", "trades_pgd", "mart_pgd"],
 )
 def test_bounds_dtype_device_and_no_side_effects(digits_model, batch, attack, dtype):
     model = digits_model.to(dtype)
@@ -110,8 +115,10 @@ def test_bounds_dtype_device_and_no_side_effects(digits_model, batch, attack, dt
         lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 5, restarts=0),
         lambda m, x, y: fgsm(m, x[0], y, 0.1),
         lambda m, x, y: fgsm(m, x, y[:3], 0.1),
+        lambda m, x, y: nfgsm(m, x, y, 0.1, noise=-1.0),
+        lambda m, x, y: nfgsm(m, x, y, 0.1, alpha=0.0),
     ],
-    ids=["eps<0", "eps>1", "steps0", "alpha0", "restarts0", "not4d", "label_shape"],
+    ids=["eps<0", "eps>1", "steps0", "alpha0", "restarts0", "not4d", "label_shape", "nfgsm_noise<0", "nfgsm_alpha0"],
 )
 def test_bad_budget_or_shape_is_a_clear_error(digits_model, batch, call):
     with pytest.raises(RobustError):
@@ -140,3 +147,68 @@ def test_resolve_class_names_ids_and_suggestions():
         resolve_class(3, names)
     with pytest.raises(RobustError, match="did you mean 'great white shark'"):
         resolve_class("great white shak", names)
+
+
+# ---- N-FGSM: the official semantics, computed by hand on a linear model ------------------------------
+
+
+def linear_model(shape=(2, 4, 4), classes=3, seed=0) -> nn.Module:
+    """Flatten + Linear in float64 with fixed random weights: its CE input gradient is known in closed form."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0] * shape[1] * shape[2]
+    lin = nn.Linear(n, classes).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(classes, n, generator=g, dtype=torch.float64))
+        lin.bias.copy_(torch.randn(classes, generator=g, dtype=torch.float64))
+    return nn.Sequential(nn.Flatten(), lin)
+
+
+def hand_batch(n=6, shape=(2, 4, 4), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *shape, generator=g, dtype=torch.float64)
+    x[0], x[1] = 0.0, 1.0  # all-black and all-white images: the [0, 1] clamps must bite
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_nfgsm_matches_the_official_update_by_hand(targeted):
+    model, (x, y) = linear_model(), hand_batch()
+    eps, k, alpha = 0.1, 2.0, 0.07
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    torch.manual_seed(7)
+    x_adv = nfgsm(model, x, y, eps, noise=k, alpha=alpha, targeted=targeted)
+    assert len(calls) == 1  # one forward, hence one input gradient
+
+    # pdejorge/N-FGSM train.py: eta ~ U(-k·eps, k·eps) kept inside [0, 1]; delta = eta + alpha·sign(grad) kept
+    # inside [0, 1]; no clip to the eps ball (--clip -1 by default).
+    torch.manual_seed(7)
+    eta = torch.empty_like(x).uniform_(-k * eps, k * eps)
+    start = (x + eta).clamp(0, 1)
+    lin = model[1]
+    p = torch.softmax(start.flatten(1) @ lin.weight.T + lin.bias, dim=1)
+    grad = ((p - nn.functional.one_hot(y, 3).double()) @ lin.weight).view_as(x)  # d CE / d input, up to 1/N
+    direction = -grad.sign() if targeted else grad.sign()
+    expected = (start + alpha * direction).clamp(0, 1)
+    assert ((x + eta) < 0).any() and ((x + eta) > 1).any()  # the clamps really did something
+    assert (x_adv - expected).abs().max().item() <= 1e-12
+    assert not x_adv.requires_grad and x_adv.grad_fn is None
+
+
+def test_nfgsm_noise_range_leaves_the_eps_ball_by_design():
+    model = linear_model()
+    x = torch.full((256, 2, 4, 4), 0.5, dtype=torch.float64)  # far from 0 and 1: no clamp
+    y = torch.zeros(256, dtype=torch.long)
+    eps, k, alpha = 0.1, 2.0, 0.01
+    torch.manual_seed(0)
+    dist = (nfgsm(model, x, y, eps, noise=k, alpha=alpha) - x).abs()
+    assert dist.max().item() <= k * eps + alpha + 1e-12
+    assert dist.max().item() >= k * eps + alpha - 0.02  # the whole noise range is used
+    # U(-2eps, 2eps) lands outside the eps ball half of the time, and nothing projects it back
+    outside = (dist > eps + alpha).double().mean().item()
+    assert 0.4 <= outside <= 0.55, outside
+
+
+def test_nfgsm_without_noise_is_plain_fgsm():
+    model, (x, y) = linear_model(), hand_batch()
+    assert (nfgsm(model, x, y, 0.1, noise=0.0) - fgsm(model, x, y, 0.1)).abs().max().item() <= 1e-12
