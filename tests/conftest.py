@@ -74,3 +74,14 @@ def digits_ckpt(digits_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("digits_ckpt") / "digits.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+def tiny_fit_args(save_dir, *extra: str) -> list[str]:
+    """``train.py fit`` arguments for a run that only has to go through the motions: digits at 8×8, one batch of 8,
+    one validation batch with one PGD step, a 4-image guard probe. Logs and checkpoints go under ``save_dir``."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    return ["fit", "--config", str(config), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+            "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1",
+            "--trainer.enable_progress_bar", "false", "--model.val_steps", "1", "--data.init_args.batch_size", "8",
+            "--data.init_args.image_size", "8", "--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1",
+            "--image_grid.n", "2", "--trainer.logger.init_args.save_dir", str(save_dir), *extra]  # fmt: skip

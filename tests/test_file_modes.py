@@ -7,11 +7,10 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import tiny_fit_args
 from test_fool import PHOTO, cli_main
 
 import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=[(0o022, 0o644), (0o077, 0o600)], ids=["umask022", "umask077"])
@@ -27,12 +26,7 @@ def modes(folder: Path) -> dict[str, int]:
 
 
 def test_training_checkpoints_follow_the_umask(umask, tmp_path):
-    train.main(["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "1",
-                "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-                "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
-                "--model.val_steps", "1", "--data.init_args.batch_size", "8", "--data.init_args.image_size", "8",
-                "--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1", "--image_grid.n", "2",
-                "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
+    train.main(tiny_fit_args(tmp_path))
     written = modes(tmp_path / "digits" / "version_0" / "checkpoints")
     assert "last.ckpt" in written and any(name.startswith("best-") for name in written), written
     assert set(written.values()) == {umask}, written

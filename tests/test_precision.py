@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import tiny_fit_args
 
+import train
 from robust import precision
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -48,16 +44,9 @@ def test_native_bf16_needs_avx512_dispatch(monkeypatch):
     assert precision.cpu_has_native_bf16()
 
 
-def test_train_cli_prints_the_fallback_and_trains_in_float32(tmp_path):
+def test_train_cli_prints_the_fallback_and_trains_in_float32(tmp_path, capsys):
     """A ``bf16-mixed`` run on this machine's CPU: on a CPU without native bf16 the CLI says so and trains 32-true."""
-    code = "import sys, train; cli = train.main(sys.argv[1:]); print('PRECISION', cli.trainer.precision)"
-    args = ["fit", "--config", "configs/digits.yaml", "--trainer.precision", "bf16-mixed", "--trainer.accelerator",
-            "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches",
-            "0", "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "8",
-            "--data.init_args.image_size", "8", "--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1",
-            "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = train.main(tiny_fit_args(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.accelerator", "cpu"))
     native = precision.cpu_has_native_bf16()
-    assert ("no native bf16" in proc.stdout) is not native
-    assert f"PRECISION {'bf16-mixed' if native else '32-true'}" in proc.stdout
+    assert ("no native bf16" in capsys.readouterr().out) is not native
+    assert cli.trainer.precision == ("bf16-mixed" if native else "32-true")

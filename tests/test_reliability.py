@@ -18,6 +18,7 @@ from robust.checkpointing import load_checkpoint
 from robust.data import Digits
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # whole training runs in fresh processes: `make test-all`
 SMALL = ["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "1",
          "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "32", "--image_grid.n", "2",
          "--model.val_steps", "2", "--trainer.check_val_every_n_epoch", "2"]  # fmt: skip

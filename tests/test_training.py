@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_cli
+from robust.checkpointing import load_checkpoint
 from robust.module import VAL_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,18 +25,27 @@ TINY = ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1"
         "--trainer.log_every_n_steps", "1", "--trainer.check_val_every_n_epoch", "1"]  # fmt: skip
 
 
-def train(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/digits.yaml", *TINY,
-           "--trainer.logger.init_args.save_dir", str(tmp), *extra]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def train(tmp: Path, *extra: str) -> tuple[int, str, str, train_cli.RobustCLI | None]:
+    """``train.py fit`` on the digits config, in this process (a user's run, without a new interpreter's start-up);
+    returns (exit code, stdout, stderr, the CLI object when it ran)."""
+    out, err = io.StringIO(), io.StringIO()
+    args = ["fit", "--config", str(ROOT / "configs" / "digits.yaml"), *TINY, "--trainer.logger.init_args.save_dir",
+            str(tmp), *extra]  # fmt: skip
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli, code = train_cli.main(args), 0
+        except SystemExit as exc:
+            cli, code = None, exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue(), cli
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("logs")
-    proc = train(tmp, "--trainer.max_epochs", "2", "--model.adv_ratio", "0.5", "--model.schedule", "constant")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Best checkpoint" in proc.stdout and "tensorboard --logdir" in proc.stdout
+    code, stdout, stderr, _ = train(tmp, "--trainer.max_epochs", "2", "--model.adv_ratio", "0.5", "--model.schedule",
+                                 "constant")  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    assert "Best checkpoint" in stdout and "tensorboard --logdir" in stdout
     return tmp / "digits" / "version_0"
 
 
@@ -90,10 +102,11 @@ def test_resume_from_last(run, tmp_path):
 
     shutil.copytree(run.parent, tmp_path / "digits")
     # Train one epoch longer than the first run (a one-cycle schedule could not be extended; constant can).
-    proc = train(tmp_path, "--trainer.max_epochs", "3", "--model.adv_ratio", "0.5", "--model.schedule", "constant",
-                 "--ckpt_path", "last")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Restoring states from the checkpoint" in proc.stderr + proc.stdout
+    code, _, stderr, cli = train(tmp_path, "--trainer.max_epochs", "3", "--model.adv_ratio", "0.5",
+                                 "--model.schedule", "constant", "--ckpt_path", "last")  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    last = tmp_path / "digits" / "version_0" / "checkpoints" / "last.ckpt"
+    assert cli.trainer.ckpt_path == str(last) and load_checkpoint(last)["epoch"] == 2
     events = EventAccumulator(str(tmp_path / "digits" / "version_0"))
     events.Reload()
     # epochs 0 and 1 from the first run, epoch 2 resumed (Lightning may repeat the restored epoch's validation)
@@ -101,12 +114,12 @@ def test_resume_from_last(run, tmp_path):
 
 
 def test_bad_override_is_one_clear_error(tmp_path):
-    proc = train(tmp_path, "--model.not_a_key", "1")
-    assert proc.returncode == 2 and "not_a_key" in proc.stderr
-    proc = train(tmp_path, "--model.eps", "2")
-    assert proc.returncode == 2 and "eps must be in [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
-    proc = train(tmp_path, "--ckpt_path", "last")
-    assert proc.returncode == 2 and "no last.ckpt" in proc.stderr
+    code, _, stderr, _ = train(tmp_path, "--model.not_a_key", "1")
+    assert code == 2 and "not_a_key" in stderr
+    code, _, stderr, _ = train(tmp_path, "--model.eps", "2")
+    assert code == 2 and "eps must be in [0, 1]" in stderr and "Traceback" not in stderr
+    code, _, stderr, _ = train(tmp_path, "--ckpt_path", "last")
+    assert code == 2 and "no last.ckpt" in stderr
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -119,6 +132,7 @@ def test_every_config_parses(config, capsys):
     assert "class_path: robust.data." in out and "overfit_guard:" in out
 
 
+@pytest.mark.slow
 def test_fast_cifar10_recipe_trains_on_the_shared_subset(shared_data, tmp_path):
     """configs/cifar10_fast.yaml as shipped (bf16 autocast, channels-last, FGSM-RS, guard with rollback), its data
     swapped for the shared CIFAR-10 subset, two batches: the recipe's fast paths run through the product."""
