@@ -18,13 +18,14 @@ from robust.errors import RobustError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_run_module():
-    """``benchmarks/run.py`` as a module (benchmarks/ is a script folder, not a package)."""
-    if "bench_run" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
-        sys.modules["bench_run"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["bench_run"])
-    return sys.modules["bench_run"]
+def load_script(name: str):
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is a script folder, not a package)."""
+    module = f"bench_{name}"
+    if module not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module, ROOT / "benchmarks" / f"{name}.py")
+        sys.modules[module] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module])
+    return sys.modules[module]
 
 
 def test_quick_run_prints_table_and_json_with_every_ratio(tmp_path):
@@ -51,7 +52,7 @@ def test_quick_run_prints_table_and_json_with_every_ratio(tmp_path):
 
 
 def test_time_interleaved_takes_medians_after_warmup():
-    run = load_run_module()
+    run = load_script("run")
     calls = {"fast": 0, "slow": 0}
 
     def call(name: str, seconds: float):
@@ -68,7 +69,7 @@ def test_time_interleaved_takes_medians_after_warmup():
 
 
 def test_sample_images_are_real_photos_in_range():
-    run = load_run_module()
+    run = load_script("run")
     x, source = run.sample_images(3, 64, seed=0)
     assert x.shape == (3, 3, 64, 64) and 0 <= x.min() and x.max() <= 1 and "photos" in source
     assert x.std() > 0.05  # real picture content, not a constant
@@ -83,4 +84,4 @@ def test_bad_options_are_clear_errors(argv, match):
     if argv[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(RobustError, match=match):
-        load_run_module().main(argv)
+        load_script("run").main(argv)
