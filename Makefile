@@ -3,7 +3,7 @@
 UV := python3 -m uv
 RUN := $(UV) run --frozen
 
-.PHONY: setup train test test-all lint bench tensorboard
+.PHONY: setup train test test-all lint bench gpu-check tensorboard
 
 setup: .venv/.synced
 
@@ -28,6 +28,9 @@ lint: setup
 
 bench: setup
 	$(RUN) python benchmarks/run.py
+
+gpu-check: setup
+	$(RUN) python benchmarks/gpu_check.py
 
 tensorboard: setup
 	$(RUN) tensorboard --logdir lightning_logs --host 127.0.0.1
