@@ -8,9 +8,10 @@ from pathlib import Path
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
-from robust.callbacks import AdversarialImages, CatastrophicOverfittingGuard
+from robust.callbacks import AdversarialImages
 from robust.checkpointing import AtomicCheckpointIO, RobustCheckpoint
 from robust.errors import RobustError
+from robust.guard import CatastrophicOverfittingGuard
 from robust.module import AdversarialClassifier
 
 
@@ -22,8 +23,8 @@ class RobustCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.add_lightning_class_args(RobustCheckpoint, "checkpoint")
         parser.set_defaults({
-            "checkpoint.monitor": "val/pgd", "checkpoint.mode": "max", "checkpoint.save_last": True,
-            "checkpoint.filename": "best-epoch{epoch:03d}-pgd{val/pgd:.4f}",
+            "checkpoint.monitor": "val/pgd_worst", "checkpoint.mode": "max", "checkpoint.save_last": True,
+            "checkpoint.filename": "best-epoch{epoch:03d}-pgd_worst{val/pgd_worst:.4f}",
             "checkpoint.auto_insert_metric_name": False,
         })  # fmt: skip
         parser.add_lightning_class_args(AdversarialImages, "image_grid")
