@@ -23,14 +23,6 @@ from robust.threats import (
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def batch(digits_val):
     x, y = digits_val
