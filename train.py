@@ -8,9 +8,10 @@ from pathlib import Path
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from robust.callbacks import AdversarialImages, CatastrophicOverfittingGuard
+from robust.callbacks import AdversarialImages
 from robust.checkpointing import AtomicCheckpointIO
 from robust.errors import RobustError
+from robust.guard import CatastrophicOverfittingGuard
 from robust.module import AdversarialClassifier
 from robust.precision import resolve_precision
 
@@ -27,8 +28,8 @@ class RobustCLI(LightningCLI):
         # last.ckpt only when it also writes a best checkpoint, so it would lag behind when validation is rare.
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults({
-            "checkpoint.monitor": "val/pgd", "checkpoint.mode": "max",
-            "checkpoint.filename": "best-epoch{epoch:03d}-pgd{val/pgd:.4f}",
+            "checkpoint.monitor": "val/pgd_worst", "checkpoint.mode": "max",
+            "checkpoint.filename": "best-epoch{epoch:03d}-pgd_worst{val/pgd_worst:.4f}",
             "checkpoint.auto_insert_metric_name": False,
             "last_checkpoint.filename": ModelCheckpoint.CHECKPOINT_NAME_LAST, "last_checkpoint.monitor": None,
             "last_checkpoint.save_top_k": 1, "last_checkpoint.every_n_epochs": 1,

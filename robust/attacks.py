@@ -44,6 +44,10 @@ def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
         yield
 
 
+# Wong et al. 2020's fast adversarial training step, as a multiple of eps, from a random start.
+FGSM_RS_STEP = 1.25
+
+
 def _check_batch(x: Tensor, y: Tensor) -> None:
     if x.dim() != 4:
         raise RobustError(f"images must be a batch N×C×H×W, got shape {tuple(x.shape)}")
@@ -84,8 +88,8 @@ def fgsm(
 ) -> Tensor:
     """Fast Gradient Sign Method (Goodfellow et al. 2015): one signed-gradient step.
 
-    With ``random_start=True`` it starts from a uniform point in the eps-ball and steps ``alpha``
-    (default ``1.25 * eps``), then projects back: Wong et al. 2020's fast adversarial training step.
+    With ``random_start=True`` it starts from a uniform point in the eps-ball and steps ``alpha`` (default
+    ``FGSM_RS_STEP·eps`` = 1.25·eps), then projects back: Wong et al. 2020's fast adversarial training step.
     Without it, the step is ``alpha`` (default ``eps``) from ``x`` itself.
 
     Args:
@@ -94,7 +98,7 @@ def fgsm(
     Returns: detached ``N×C×H×W`` adversarial images in [0, 1] with ``|x_adv - x|_inf <= eps``.
     """
     if alpha is None:
-        alpha = 1.25 * eps if random_start else eps
+        alpha = FGSM_RS_STEP * eps if random_start else eps
     check_budget(eps)
     _check_batch(x, y)
     x = x.detach()

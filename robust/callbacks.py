@@ -1,18 +1,12 @@
-"""Callbacks: what the model sees, as an image grid in TensorBoard; the catastrophic-overfitting guard."""
+"""Callbacks: what the model sees, as an image grid in TensorBoard (the overfitting guard is in robust.guard)."""
 
 from __future__ import annotations
 
-import copy
-from typing import Literal
-
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
-from robust.attacks import fgsm, pgd, seeded_rng
+from robust.attacks import pgd, seeded_rng
 from robust.defenses import jpeg
-from robust.errors import RobustError
-from robust.module import bn_mode
 
 
 class AdversarialImages(L.Callback):
@@ -45,10 +39,11 @@ class AdversarialImages(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        eps, names = pl_module.val_eps, pl_module.class_names
+        spec, names = pl_module.val_spec, pl_module.class_names
+        eps = spec.eps
         with torch.enable_grad(), seeded_rng(0, pl_module.device):
-            x_adv = pgd(pl_module, x, y, eps, pl_module.val_alpha, pl_module.hparams.val_steps)
-        x_jpeg = jpeg(x_adv, pl_module.hparams.jpeg_quality)
+            x_adv = pgd(pl_module, x, y, eps, spec.step, spec.steps)
+        x_jpeg = jpeg(x_adv, spec.quality)
         perturbation = ((x_adv - x) / (2 * eps) + 0.5).clamp(0, 1) if eps > 0 else torch.full_like(x, 0.5)
         rows = [("original", x), ("perturbation ×1/2eps", perturbation), ("adversarial", x_adv), ("JPEG(adv)", x_jpeg)]
         with torch.no_grad():
@@ -67,203 +62,6 @@ class AdversarialImages(L.Callback):
                     ax.set_title(f"{names[int(y[c])]}→{names[p]}", fontsize=7, color="green" if ok else "red")
                 if c == 0:
                     ax.set_ylabel(label, fontsize=8)
-        fig.suptitle(f"PGD-{pl_module.hparams.val_steps}, eps={eps:.4f}; titles: true→predicted", fontsize=9)
+        fig.suptitle(f"PGD-{spec.steps}, eps={eps:.4f}; titles: true→predicted", fontsize=9)
         fig.tight_layout()
         return fig
-
-
-class CatastrophicOverfittingGuard(L.Callback):
-    """Watch FGSM-family training for catastrophic overfitting (Wong et al. 2020) and act on it.
-
-    When training starts it takes a fixed probe of ``n`` training examples (evenly spaced over the training set, so
-    every class of a class-sorted folder is in it; drawn once, under a fixed seed). It checks once when
-    training starts (``check_at_start``: a baseline, also right after a resume), then at the last training
-    batch of every epoch (before validation, so ``val/*`` and checkpoints see any rollback), or every
-    ``every_n_steps`` optimizer steps instead. A check measures, on the probe, with the model in eval mode and
-    the RNG forked (training randomness is untouched), the accuracy under PGD-``pgd_steps`` (step eps/4,
-    random start) and under FGSM, both at the module's training ``eps``, and logs ``guard/pgd``,
-    ``guard/fgsm``, ``guard/collapsed`` (0 or 1), ``guard/alpha`` and ``guard/rollbacks``.
-
-    Collapse: PGD accuracy fell more than ``min_drop`` below the best seen *and* below ``drop_ratio`` × best,
-    while FGSM accuracy stayed within ``fgsm_tolerance`` of its value at that best, or rose. A general
-    blow-up, where FGSM accuracy falls too, is not called a collapse. On collapse ``action`` is:
-
-    - ``stop`` (default): restore the weights kept (in memory) at the most robust check so far (the best
-      probe PGD accuracy; a later check that ties it replaces it) and stop (``trainer.should_stop``), so the
-      final model and ``last.ckpt`` are the pre-collapse model whatever the validation frequency.
-    - ``rollback``: restore those weights and the optimizer state kept with them, multiply the attack step
-      ``pl_module.alpha`` by ``alpha_factor`` and go on (the LR schedule goes on too); after ``max_rollbacks``
-      rollbacks, or with no weights kept, stop instead. Meant for ``fgsm_rs``, where a smaller step is the
-      known cure (Wong et al. 2020); for plain ``fgsm`` a smaller step trains for a smaller eps.
-    - ``warn``: only warn and log.
-
-    The most robust weights, not the last healthy ones: a collapse is measured against the best, and the slide
-    towards it can take several checks that are each still "healthy" but already far less robust.
-
-    Active only when ``pl_module.hparams.attack`` is ``fgsm`` or ``fgsm_rs``, unless ``force``. The scalar
-    state (best accuracies, rollbacks, current ``alpha``) is saved in checkpoints and restored on resume;
-    the kept weights are not (after a resume, the first healthy check keeps the weights then in force).
-    """
-
-    FGSM_ATTACKS = ("fgsm", "fgsm_rs")
-
-    def __init__(
-        self,
-        action: Literal["rollback", "stop", "warn"] = "stop",
-        n: int = 128,
-        every_n_steps: int | None = None,
-        pgd_steps: int = 10,
-        min_drop: float = 0.2,
-        drop_ratio: float = 0.5,
-        fgsm_tolerance: float = 0.05,
-        alpha_factor: float = 0.5,
-        max_rollbacks: int = 3,
-        batch_size: int = 256,
-        seed: int = 0,
-        check_at_start: bool = True,
-        force: bool = False,
-    ) -> None:
-        if action not in ("rollback", "stop", "warn"):
-            raise RobustError(f"overfit guard action must be rollback, stop or warn, got {action!r}")
-        if n < 1 or batch_size < 1 or pgd_steps < 1 or (every_n_steps is not None and every_n_steps < 1):
-            raise RobustError("overfit guard n, batch_size, pgd_steps and every_n_steps must be at least 1")
-        if not (0 < min_drop <= 1 and 0 < drop_ratio <= 1 and 0 < alpha_factor < 1 and max_rollbacks >= 0):
-            raise RobustError("overfit guard needs 0 < min_drop <= 1, 0 < drop_ratio <= 1, 0 < alpha_factor < 1 "
-                              "and max_rollbacks >= 0")  # fmt: skip
-        self.action, self.n, self.every_n_steps, self.pgd_steps = action, n, every_n_steps, pgd_steps
-        self.min_drop, self.drop_ratio, self.fgsm_tolerance = min_drop, drop_ratio, fgsm_tolerance
-        self.alpha_factor, self.max_rollbacks, self.batch_size = alpha_factor, max_rollbacks, batch_size
-        self.seed, self.check_at_start, self.force = seed, check_at_start, force
-        self.best_pgd = -1.0
-        self.fgsm_at_best = 0.0
-        self.rollbacks = 0
-        self.alpha: float | None = None  # the attack step in force after rollbacks (restored on resume)
-        self.history: list[dict[str, float]] = []
-        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._best: dict | None = None  # weights + optimizer state at best_pgd (not checkpointed)
-        self._last_step = -1
-
-    # ---- state -----------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        return {"best_pgd": self.best_pgd, "fgsm_at_best": self.fgsm_at_best, "rollbacks": self.rollbacks,
-                "alpha": self.alpha}  # fmt: skip
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.best_pgd = float(state_dict.get("best_pgd", -1.0))
-        self.fgsm_at_best = float(state_dict.get("fgsm_at_best", 0.0))
-        self.rollbacks = int(state_dict.get("rollbacks", 0))
-        self.alpha = state_dict.get("alpha")
-
-    # ---- hooks -----------------------------------------------------------------------------------
-
-    def active(self, pl_module) -> bool:
-        """Whether the guard watches this module (FGSM-family training attack, or ``force``)."""
-        return self.force or getattr(pl_module.hparams, "attack", None) in self.FGSM_ATTACKS
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # After any checkpoint restore and once the data is set up.
-        if not self.active(pl_module):
-            return
-        if self.alpha is not None:  # resumed after a rollback: keep the reduced step
-            pl_module.alpha = self.alpha
-        self._probe = self.take_probe(trainer, self.n, self.seed)
-        if self.check_at_start:  # a baseline, and weights to roll back to
-            self.check(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Epoch checks run on the last batch, before validation, so val/* and checkpoints see any rollback.
-        step = trainer.global_step
-        due = step % self.every_n_steps == 0 if self.every_n_steps else trainer.is_last_batch
-        if due and step != self._last_step:
-            self._last_step = step
-            self.check(trainer, pl_module)
-
-    # ---- the check -------------------------------------------------------------------------------
-
-    @staticmethod
-    def take_probe(trainer, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` evenly spaced training examples as (``n×3×H×W`` in [0, 1], ``n`` labels), drawn under ``seed``."""
-        datamodule = getattr(trainer, "datamodule", None)
-        dataset = getattr(datamodule, "train_set", None)
-        if dataset is None:
-            dataset = trainer.train_dataloader.dataset
-        n = min(n, len(dataset))
-        with seeded_rng(seed):  # augmenting transforms draw from torch's (CPU) RNG
-            items = [dataset[i] for i in torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()]
-        return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
-
-    def measure(self, pl_module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """(PGD accuracy, FGSM accuracy) of ``pl_module`` on ``x``, ``y`` at its training eps; eval mode, seeded."""
-        eps = float(pl_module.hparams.eps)
-        device = pl_module.device
-        correct_pgd = correct_fgsm = 0
-        with bn_mode(pl_module, "eval"), torch.enable_grad(), seeded_rng(self.seed, device):
-            for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True):
-                xb, yb = xb.to(device), yb.to(device)
-                x_pgd = pgd(pl_module, xb, yb, eps, eps / 4, self.pgd_steps)
-                x_fgsm = fgsm(pl_module, xb, yb, eps)
-                with torch.no_grad():
-                    correct_pgd += int((pl_module(x_pgd).argmax(1) == yb).sum())
-                    correct_fgsm += int((pl_module(x_fgsm).argmax(1) == yb).sum())
-        return correct_pgd / len(y), correct_fgsm / len(y)
-
-    def collapsed(self, pgd_acc: float, fgsm_acc: float) -> bool:
-        """Whether ``pgd_acc`` fell sharply from the best seen while FGSM accuracy held or rose."""
-        if self.best_pgd < 0:
-            return False
-        sharp = pgd_acc < self.best_pgd - self.min_drop and pgd_acc < self.drop_ratio * self.best_pgd
-        return sharp and fgsm_acc >= self.fgsm_at_best - self.fgsm_tolerance
-
-    def check(self, trainer, pl_module) -> bool:
-        """Measure, log and act; returns whether a collapse was detected."""
-        if self._probe is None:
-            return False
-        pgd_acc, fgsm_acc = self.measure(pl_module, *self._probe)
-        collapsed = self.collapsed(pgd_acc, fgsm_acc)
-        if collapsed:
-            self._act(trainer, pl_module, pgd_acc, fgsm_acc)
-        else:
-            best = pgd_acc >= self.best_pgd
-            if best:
-                self.best_pgd, self.fgsm_at_best = pgd_acc, fgsm_acc
-            if self.action != "warn" and (best or self._best is None):  # None: just resumed, nothing kept yet
-                self._best = self._snapshot(trainer, pl_module)
-        metrics = {"guard/pgd": pgd_acc, "guard/fgsm": fgsm_acc, "guard/collapsed": float(collapsed),
-                   "guard/alpha": float(pl_module.alpha), "guard/rollbacks": float(self.rollbacks)}  # fmt: skip
-        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **metrics})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        return collapsed
-
-    @staticmethod
-    def _snapshot(trainer, pl_module) -> dict:
-        return {"model": {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()},
-                "optimizers": [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers]}  # fmt: skip
-
-    def _act(self, trainer, pl_module, pgd_acc: float, fgsm_acc: float) -> None:
-        what = (f"catastrophic overfitting at epoch {trainer.current_epoch}, step {trainer.global_step}: PGD accuracy "
-                f"{pgd_acc:.3f} (best {self.best_pgd:.3f}), FGSM accuracy {fgsm_acc:.3f} on {len(self._probe[1])} "
-                "training examples")  # fmt: skip
-        action = self.action
-        if action == "rollback" and (self._best is None or self.rollbacks >= self.max_rollbacks):
-            reason = "no weights kept yet" if self._best is None else f"{self.rollbacks} rollbacks done"
-            what += f"; cannot roll back ({reason})"
-            action = "stop"
-        if action != "warn" and self._best is not None:
-            pl_module.load_state_dict(self._best["model"])
-            for opt, state in zip(trainer.optimizers, self._best["optimizers"], strict=True):
-                opt.load_state_dict(copy.deepcopy(state))
-            what += f"; restored the most robust weights (probe PGD accuracy {self.best_pgd:.3f})"
-        if action == "rollback":
-            hp = pl_module.hparams
-            # Steps past eps (fgsm) or 2·eps (fgsm_rs) are clipped away by the projection: shrink what is effective.
-            effective = min(float(pl_module.alpha), float(hp.eps) * (1 if hp.attack == "fgsm" else 2))
-            pl_module.alpha = self.alpha = effective * self.alpha_factor
-            self.rollbacks += 1
-            what += f", attack step now {pl_module.alpha:.5f}"
-        elif action == "stop":
-            trainer.should_stop = True
-            what += "; stopping"
-        rank_zero_warn(what)

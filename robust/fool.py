@@ -21,7 +21,8 @@ from robust.checkpointing import atomic_write_files
 from robust.defenses import check_quality, jpeg
 from robust.errors import RobustError
 from robust.images import check_images, png_bytes
-from robust.report import default_alpha, format_eps
+from robust.report import format_eps
+from robust.threats import default_alpha
 
 FILES = ("adversarial.png", "perturbation.png", "figure.png")
 

@@ -4,13 +4,12 @@ Training (per batch ``x`` ``N×3×H×W`` in [0, 1], ``y`` ``N``): the first ``ro
 (shuffled) batch are replaced by adversarial examples from the configured attack, made with input gradients
 only, with BatchNorm in ``attack_bn_mode``; then one cross-entropy step on the mixed batch, true labels.
 
-Validation runs under ``torch.enable_grad()`` and logs accuracies in [0, 1] under ``val/<key>`` (keys in
+Validation runs the threat suite of :mod:`robust.threats` and logs accuracies in [0, 1] under ``val/<key>`` (keys in
 :data:`VAL_KEYS`), computed with torchmetrics so they are synced across DDP processes.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
@@ -19,24 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from robust.attacks import check_budget, fgsm, least_likely_class, pgd, random_other_class, seeded_rng
-from robust.defenses import JpegDefended, check_quality, jpeg
+from robust.attacks import check_budget, fgsm, least_likely_class, pgd, random_other_class
 from robust.errors import RobustError
 from robust.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from robust.threats import DEFAULT_THREATS, ThreatSpec, bn_mode, labels_for, predictions, training_alpha
 
-VAL_KEYS = ("clean", "fgsm", "pgd", "jpeg", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "targeted_success")
+VAL_KEYS = DEFAULT_THREATS  # validation runs every threat but AutoAttack
 TrainAttack = Literal["none", "fgsm", "fgsm_rs", "pgd"]
-
-
-@contextmanager
-def bn_mode(model: nn.Module, mode: Literal["eval", "train"]):
-    """Put ``model`` in ``mode`` for the block, then restore its previous mode."""
-    was_training = model.training
-    model.train(mode == "train")
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class AdversarialClassifier(L.LightningModule):
@@ -48,13 +36,15 @@ class AdversarialClassifier(L.LightningModule):
         channels_last: keep activations in channels-last memory format (faster on GPUs with AMP).
         attack: training attack: ``none``, ``fgsm``, ``fgsm_rs`` (random start, Wong et al. 2020), ``pgd``.
         target: ``none`` (untargeted), ``random`` or ``least_likely`` target class; labels stay true.
-        eps: L-inf budget in [0, 1] pixel units. alpha: step (default: 1.25·eps for fgsm_rs, eps for fgsm,
-            eps/4 for pgd). attack_steps: PGD training steps.
+        eps: L-inf budget in [0, 1] pixel units. alpha: step (default :func:`robust.threats.training_alpha`:
+            1.25·eps for fgsm_rs, eps for fgsm, eps/4 for pgd); changed only by :meth:`set_attack_step`.
+            attack_steps: PGD training steps.
         adv_ratio: fraction of each batch replaced by adversarial examples, in [0, 1]; 0 = clean training.
         attack_bn_mode: BatchNorm mode while making training attacks (``eval`` uses running stats).
         optimizer: ``sgd`` (momentum, nesterov) or ``adamw``. schedule: ``onecycle`` (peak ``lr``),
             ``cosine`` or ``constant``.
-        val_eps, val_steps, val_alpha: validation threat (default eps; PGD-10 with step eps/4).
+        val_eps, val_steps, val_alpha: validation threat (default eps; PGD-10 with step eps/4), as
+            :attr:`val_spec`.
         jpeg_quality: JPEG defense quality, 1..100. val_seed: seed of validation random starts and targets.
     """
 
@@ -92,12 +82,10 @@ class AdversarialClassifier(L.LightningModule):
             raise RobustError(f"adv_ratio must be in [0, 1], got {adv_ratio}")
         if class_names is not None and len(class_names) != num_classes:
             raise RobustError(f"{len(class_names)} class names given for {num_classes} classes")
-        self.alpha = alpha if alpha is not None else {"fgsm_rs": 1.25 * eps, "pgd": eps / 4}.get(attack, eps)
-        self.val_eps = eps if val_eps is None else val_eps
-        self.val_alpha = val_alpha if val_alpha is not None else self.val_eps / 4
+        self.alpha = alpha if alpha is not None else training_alpha(attack, eps)  # the step in force
         check_budget(eps, self.alpha if attack != "none" else None, attack_steps)
-        check_budget(self.val_eps, self.val_alpha, val_steps)
-        check_quality(jpeg_quality)
+        self.val_spec = ThreatSpec(eps if val_eps is None else val_eps, val_alpha, val_steps, quality=jpeg_quality,
+                                   seed=val_seed, threats=VAL_KEYS)  # fmt: skip
         self.save_hyperparameters()
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.model = build_model(arch, num_classes, weights, mean, std, cifar_stem)
@@ -106,6 +94,14 @@ class AdversarialClassifier(L.LightningModule):
         self.train_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in ("clean", "adv")})
         self.val_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in VAL_KEYS})
 
+    @property
+    def val_eps(self) -> float:
+        return self.val_spec.eps
+
+    @property
+    def val_alpha(self) -> float:
+        return self.val_spec.step
+
     def forward(self, x: Tensor) -> Tensor:
         """``N×3×H×W`` images in [0, 1] -> ``N×num_classes`` logits."""
         if self.hparams.channels_last:
@@ -113,6 +109,12 @@ class AdversarialClassifier(L.LightningModule):
         return self.model(x)
 
     # ---- training ------------------------------------------------------------------------------
+
+    def set_attack_step(self, alpha: float) -> None:
+        """Change the training attack's step (pixel units) to ``alpha``: the one place it changes, kept in
+        checkpoints."""
+        check_budget(self.hparams.eps, alpha)
+        self.alpha = float(alpha)
 
     def make_training_attack(self, x: Tensor, y: Tensor) -> Tensor:
         """Adversarial versions of ``x`` (true labels ``y``) by the configured training attack."""
@@ -146,34 +148,16 @@ class AdversarialClassifier(L.LightningModule):
 
     # ---- validation ----------------------------------------------------------------------------
 
-    def robust_predictions(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Predictions (``N`` class ids) of every threat in :data:`VAL_KEYS`, plus ``target`` labels."""
-        hp = self.hparams
-        eps, alpha, steps, q = self.val_eps, self.val_alpha, hp.val_steps, hp.jpeg_quality
-        x_fgsm = fgsm(self, x, y, eps)
-        x_pgd = pgd(self, x, y, eps, alpha, steps)
-        x_bpda = pgd(JpegDefended(self, q, straight_through=True), x, y, eps, alpha, steps)
-        target = random_other_class(y, hp.num_classes)
-        x_tgt = pgd(self, x, target, eps, alpha, steps, targeted=True)
-        inputs = {
-            "clean": x, "fgsm": x_fgsm, "pgd": x_pgd, "jpeg": jpeg(x, q), "jpeg_fgsm": jpeg(x_fgsm, q),
-            "jpeg_pgd": jpeg(x_pgd, q), "bpda_pgd": jpeg(x_bpda, q), "targeted_success": x_tgt,
-        }  # fmt: skip
-        with torch.no_grad():
-            preds = {k: self(v).argmax(1) for k, v in inputs.items()}
-        preds["target"] = target
-        return preds
-
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         with torch.no_grad():
             self.log("val/loss", F.cross_entropy(self(x), y), sync_dist=True)
-        # The same threats every epoch; the training RNG is untouched.
-        with torch.enable_grad(), seeded_rng(self.hparams.val_seed + batch_idx, self.device):
-            preds = self.robust_predictions(x, y)
+        # The same threats every epoch (seeded by the batch index); the training RNG is untouched.
+        preds = predictions(self, x, y, self.val_spec.for_batch(batch_idx))
         for key in VAL_KEYS:
-            self.val_acc[key](preds[key], preds["target"] if key == "targeted_success" else y)
-            self.log(f"val/{key}", self.val_acc[key], on_step=False, on_epoch=True, prog_bar=key in ("clean", "pgd"))
+            self.val_acc[key](preds[key], labels_for(key, preds, y))
+            self.log(f"val/{key}", self.val_acc[key], on_step=False, on_epoch=True,
+                     prog_bar=key in ("clean", "pgd_worst"))  # fmt: skip
 
     # ---- optimization and checkpoints ---------------------------------------------------------
 
@@ -202,11 +186,14 @@ class AdversarialClassifier(L.LightningModule):
             checkpoint["robust_data"] = datamodule.describe()
         metrics = getattr(self.trainer, "callback_metrics", None) or {}
         checkpoint["robust_metrics"] = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+        checkpoint["attack_step"] = self.alpha
         checkpoint["rng_torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "attack_step" in checkpoint:
+            self.set_attack_step(checkpoint["attack_step"])
         if "rng_torch" in checkpoint:
             torch.set_rng_state(checkpoint["rng_torch"])
         if "rng_cuda" in checkpoint and torch.cuda.is_available():

@@ -17,7 +17,8 @@ from robust import load_model
 from robust.data import Digits
 from robust.errors import RobustError
 from robust.images import png_bytes
-from robust.report import THREATS, eval_data, evaluate, honesty_flags, markdown_table
+from robust.report import eval_data, evaluate, honesty_flags, markdown_table
+from robust.threats import THREATS, WORST_CASES
 
 EPS = (0.05, 0.1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,12 @@ def test_figures_are_those_of_a_clean_trained_model(report):
     assert report["flags"] == honesty_flags(report["rows"])
 
 
+def test_worst_cases_are_no_better_than_any_of_their_parts(report):
+    for row in report["rows"]:
+        for key, parts in WORST_CASES.items():
+            assert row[key] <= min(row[p] for p in parts)
+
+
 def test_report_records_setup_and_identity(report, digits_ckpt):
     assert (report["n"], report["steps"], report["restarts"], report["quality"], report["seed"]) == (64, 10, 1, 75, 0)
     assert report["eps"] == list(EPS) and report["alpha"] is None and report["autoattack"] is False
@@ -94,12 +101,15 @@ def test_report_files_are_valid_and_consistent(report_dir, report):
 
 
 def test_honesty_flags():
-    ok = {"eps": 0.1, "pgd": 0.2, "fgsm": 0.3, "jpeg_pgd": 0.5, "bpda_pgd": 0.4}
+    ok = {"eps": 0.1, "pgd": 0.2, "fgsm": 0.3, "pgd_worst": 0.15, "jpeg_pgd": 0.5, "bpda_pgd": 0.4, "jpeg_worst": 0.35}
     assert honesty_flags([ok]) == []
     masked = honesty_flags([{**ok, "pgd": 0.35}])
-    assert len(masked) == 1 and "gradient masking" in masked[0]
+    assert len(masked) == 1 and "gradient masking" in masked[0] and "pgd_worst 15.00%" in masked[0]
     weak = honesty_flags([{**ok, "bpda_pgd": 0.6}])
-    assert len(weak) == 1 and "bpda_pgd" in weak[0] and "50.00%" in weak[0]
+    assert len(weak) == 1 and "bpda_pgd" in weak[0] and "jpeg_worst 35.00%" in weak[0]
+    assert honesty_flags([{**ok, "autoattack": 0.15}]) == []
+    above = honesty_flags([{**ok, "autoattack": 0.1}])
+    assert len(above) == 1 and "5.0 points above AutoAttack" in above[0]
     table = markdown_table({"rows": [{**ok, "clean": 0.9, "jpeg": 0.8, "jpeg_fgsm": 0.5, "bpda_pgd": 0.6,
                                       "targeted_success": 0.1, "alpha": 0.025}],
                             "flags": weak, "n": 1, "steps": 10, "restarts": 1, "quality": 75, "seed": 0})  # fmt: skip
@@ -164,6 +174,7 @@ def test_autoattack_is_no_weaker_than_pgd(digits_model, digits_val):
     results = evaluate(digits_model, [(x[:8], y[:8])], [0.1], steps=10, autoattack=True, progress=False)
     row = results["rows"][0]
     assert 0.0 <= row["autoattack"] <= row["pgd"] + 1 / 8
+    assert any("above AutoAttack" in flag for flag in results["flags"]) is (row["pgd_worst"] > row["autoattack"])
 
 
 def test_exported_model_reports_the_same_figures(digits_ckpt, tmp_path):

@@ -1,0 +1,205 @@
+"""The catastrophic-overfitting guard: a policy callback over the threat suite's probe measurement."""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from robust.attacks import seeded_rng
+from robust.errors import RobustError
+from robust.threats import ThreatSpec, accuracy
+
+
+class CatastrophicOverfittingGuard(L.Callback):
+    """Watch FGSM-family training for catastrophic overfitting (Wong et al. 2020) and act on it.
+
+    When training starts it takes a fixed probe of ``n`` training examples (evenly spaced over the training set, so
+    every class of a class-sorted folder is in it; drawn once, under a fixed seed). It checks once when
+    training starts (``check_at_start``: a baseline, also right after a resume), then at the last training
+    batch of every epoch (before validation, so ``val/*`` and checkpoints see any rollback), or every
+    ``every_n_steps`` optimizer steps instead. A check (:meth:`measure`) runs the threat suite's ``pgd``
+    (PGD-``pgd_steps``, default step, random start) and ``fgsm`` on the probe at the module's training ``eps``
+    (:func:`robust.threats.accuracy`: eval mode, seeded, training randomness untouched), and logs ``guard/pgd``,
+    ``guard/fgsm``, ``guard/collapsed`` (0 or 1), ``guard/alpha`` and ``guard/rollbacks``.
+
+    Collapse: PGD accuracy fell more than ``min_drop`` below the best seen *and* below ``drop_ratio`` × best,
+    while FGSM accuracy stayed within ``fgsm_tolerance`` of its value at that best, or rose. A general
+    blow-up, where FGSM accuracy falls too, is not called a collapse. On collapse ``action`` is:
+
+    - ``stop`` (default): restore the weights kept (in memory) at the most robust check so far (the best
+      probe PGD accuracy; a later check that ties it replaces it) and stop (``trainer.should_stop``), so the
+      final model and ``last.ckpt`` are the pre-collapse model whatever the validation frequency.
+    - ``rollback``: restore those weights and the optimizer state kept with them, multiply the attack step by
+      ``alpha_factor`` (``pl_module.set_attack_step``) and go on (the LR schedule goes on too); after ``max_rollbacks``
+      rollbacks, or with no weights kept, stop instead. Meant for ``fgsm_rs``, where a smaller step is the
+      known cure (Wong et al. 2020); for plain ``fgsm`` a smaller step trains for a smaller eps.
+    - ``warn``: only warn and log.
+
+    The most robust weights, not the last healthy ones: a collapse is measured against the best, and the slide
+    towards it can take several checks that are each still "healthy" but already far less robust.
+
+    Active only when ``pl_module.hparams.attack`` is ``fgsm`` or ``fgsm_rs``, unless ``force``. The scalar
+    state (best accuracies, rollbacks) is saved in checkpoints and restored on resume (the module keeps the
+    attack step in force); the kept weights are not (after a resume, the first healthy check keeps the weights
+    then in force).
+    """
+
+    FGSM_ATTACKS = ("fgsm", "fgsm_rs")
+
+    def __init__(
+        self,
+        action: Literal["rollback", "stop", "warn"] = "stop",
+        n: int = 128,
+        every_n_steps: int | None = None,
+        pgd_steps: int = 10,
+        min_drop: float = 0.2,
+        drop_ratio: float = 0.5,
+        fgsm_tolerance: float = 0.05,
+        alpha_factor: float = 0.5,
+        max_rollbacks: int = 3,
+        batch_size: int = 256,
+        seed: int = 0,
+        check_at_start: bool = True,
+        force: bool = False,
+    ) -> None:
+        if action not in ("rollback", "stop", "warn"):
+            raise RobustError(f"overfit guard action must be rollback, stop or warn, got {action!r}")
+        if n < 1 or batch_size < 1 or pgd_steps < 1 or (every_n_steps is not None and every_n_steps < 1):
+            raise RobustError("overfit guard n, batch_size, pgd_steps and every_n_steps must be at least 1")
+        if not (0 < min_drop <= 1 and 0 < drop_ratio <= 1 and 0 < alpha_factor < 1 and max_rollbacks >= 0):
+            raise RobustError("overfit guard needs 0 < min_drop <= 1, 0 < drop_ratio <= 1, 0 < alpha_factor < 1 "
+                              "and max_rollbacks >= 0")  # fmt: skip
+        self.action, self.n, self.every_n_steps, self.pgd_steps = action, n, every_n_steps, pgd_steps
+        self.min_drop, self.drop_ratio, self.fgsm_tolerance = min_drop, drop_ratio, fgsm_tolerance
+        self.alpha_factor, self.max_rollbacks, self.batch_size = alpha_factor, max_rollbacks, batch_size
+        self.seed, self.check_at_start, self.force = seed, check_at_start, force
+        self.best_pgd = -1.0
+        self.fgsm_at_best = 0.0
+        self.rollbacks = 0
+        self.history: list[dict[str, float]] = []
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._best: dict | None = None  # weights + optimizer state at best_pgd (not checkpointed)
+        self._last_step = -1
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"best_pgd": self.best_pgd, "fgsm_at_best": self.fgsm_at_best, "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_pgd = float(state_dict.get("best_pgd", -1.0))
+        self.fgsm_at_best = float(state_dict.get("fgsm_at_best", 0.0))
+        self.rollbacks = int(state_dict.get("rollbacks", 0))
+
+    # ---- hooks -----------------------------------------------------------------------------------
+
+    def active(self, pl_module) -> bool:
+        """Whether the guard watches this module (FGSM-family training attack, or ``force``)."""
+        return self.force or getattr(pl_module.hparams, "attack", None) in self.FGSM_ATTACKS
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After any checkpoint restore and once the data is set up.
+        if not self.active(pl_module):
+            return
+        self._probe = self.take_probe(trainer, self.n, self.seed)
+        if self.check_at_start:  # a baseline, and weights to roll back to
+            self.check(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Epoch checks run on the last batch, before validation, so val/* and checkpoints see any rollback.
+        step = trainer.global_step
+        due = step % self.every_n_steps == 0 if self.every_n_steps else trainer.is_last_batch
+        if due and step != self._last_step:
+            self._last_step = step
+            self.check(trainer, pl_module)
+
+    # ---- the check -------------------------------------------------------------------------------
+
+    @staticmethod
+    def take_probe(trainer, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` evenly spaced training examples as (``n×3×H×W`` in [0, 1], ``n`` labels), drawn under ``seed``."""
+        datamodule = getattr(trainer, "datamodule", None)
+        dataset = getattr(datamodule, "train_set", None)
+        if dataset is None:
+            dataset = trainer.train_dataloader.dataset
+        n = min(n, len(dataset))
+        with seeded_rng(seed):  # augmenting transforms draw from torch's (CPU) RNG
+            items = [dataset[i] for i in torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()]
+        return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
+
+    def measure(self, pl_module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """(PGD accuracy, FGSM accuracy) of ``pl_module`` on ``x``, ``y`` at its training eps; eval mode, seeded."""
+        spec = ThreatSpec(float(pl_module.hparams.eps), steps=self.pgd_steps, seed=self.seed, threats=("pgd", "fgsm"))
+        acc = accuracy(pl_module, x, y, spec, self.batch_size)
+        return acc["pgd"], acc["fgsm"]
+
+    def collapsed(self, pgd_acc: float, fgsm_acc: float) -> bool:
+        """Whether ``pgd_acc`` fell sharply from the best seen while FGSM accuracy held or rose."""
+        if self.best_pgd < 0:
+            return False
+        sharp = pgd_acc < self.best_pgd - self.min_drop and pgd_acc < self.drop_ratio * self.best_pgd
+        return sharp and fgsm_acc >= self.fgsm_at_best - self.fgsm_tolerance
+
+    def check(self, trainer, pl_module) -> bool:
+        """Measure, act or keep the weights, log; returns whether a collapse was detected."""
+        if self._probe is None:
+            return False
+        pgd_acc, fgsm_acc = self.measure(pl_module, *self._probe)
+        collapsed = self.collapsed(pgd_acc, fgsm_acc)
+        if collapsed:
+            self._act(trainer, pl_module, pgd_acc, fgsm_acc)
+        else:
+            self._keep(trainer, pl_module, pgd_acc, fgsm_acc)
+        self._log(trainer, pl_module, {"guard/pgd": pgd_acc, "guard/fgsm": fgsm_acc, "guard/collapsed": collapsed})
+        return collapsed
+
+    def _keep(self, trainer, pl_module, pgd_acc: float, fgsm_acc: float) -> None:
+        """A healthy check: remember it if it is the most robust so far, with its weights and optimizer state."""
+        best = pgd_acc >= self.best_pgd
+        if best:
+            self.best_pgd, self.fgsm_at_best = pgd_acc, fgsm_acc
+        if self.action != "warn" and (best or self._best is None):  # None: just resumed, nothing kept yet
+            self._best = {"model": {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()},
+                          "optimizers": [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers]}  # fmt: skip
+
+    def _restore(self, trainer, pl_module) -> None:
+        pl_module.load_state_dict(self._best["model"])
+        for opt, state in zip(trainer.optimizers, self._best["optimizers"], strict=True):
+            opt.load_state_dict(copy.deepcopy(state))
+
+    def _log(self, trainer, pl_module, measured: dict[str, float]) -> None:
+        metrics = {k: float(v) for k, v in measured.items()}
+        metrics.update({"guard/alpha": float(pl_module.alpha), "guard/rollbacks": float(self.rollbacks)})
+        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **metrics})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    def _act(self, trainer, pl_module, pgd_acc: float, fgsm_acc: float) -> None:
+        """A collapse: warn, and restore the kept weights and stop, or roll back with a smaller attack step."""
+        what = (f"catastrophic overfitting at epoch {trainer.current_epoch}, step {trainer.global_step}: PGD accuracy "
+                f"{pgd_acc:.3f} (best {self.best_pgd:.3f}), FGSM accuracy {fgsm_acc:.3f} on {len(self._probe[1])} "
+                "training examples")  # fmt: skip
+        action = self.action
+        if action == "rollback" and (self._best is None or self.rollbacks >= self.max_rollbacks):
+            reason = "no weights kept yet" if self._best is None else f"{self.rollbacks} rollbacks done"
+            what += f"; cannot roll back ({reason})"
+            action = "stop"
+        if action != "warn" and self._best is not None:
+            self._restore(trainer, pl_module)
+            what += f"; restored the most robust weights (probe PGD accuracy {self.best_pgd:.3f})"
+        if action == "rollback":
+            hp = pl_module.hparams
+            # Steps past eps (fgsm) or 2·eps (fgsm_rs) are clipped away by the projection: shrink what is effective.
+            effective = min(float(pl_module.alpha), float(hp.eps) * (1 if hp.attack == "fgsm" else 2))
+            pl_module.set_attack_step(effective * self.alpha_factor)
+            self.rollbacks += 1
+            what += f", attack step now {pl_module.alpha:.5f}"
+        elif action == "stop":
+            trainer.should_stop = True
+            what += "; stopping"
+        rank_zero_warn(what)
