@@ -9,7 +9,6 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from robust.callbacks import AdversarialImages
-from robust.checkpointing import AtomicCheckpointIO
 from robust.errors import RobustError
 from robust.guard import CatastrophicOverfittingGuard
 from robust.module import AdversarialClassifier
@@ -86,7 +85,7 @@ def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
                     "init_args": {"save_dir": "lightning_logs"},
                 },
                 "callbacks": [LearningRateMonitor(logging_interval="epoch")],
-                "plugins": [AtomicCheckpointIO()],
+                "plugins": [{"class_path": "robust.checkpointing.AtomicCheckpointIO"}],
             },  # fmt: skip
             save_config_kwargs={"overwrite": True},
             args=args,
