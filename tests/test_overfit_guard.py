@@ -19,7 +19,7 @@ from robust.attacks import fgsm, pgd, seeded_rng
 from robust.callbacks import CatastrophicOverfittingGuard
 from robust.data import Digits, ImageFolder
 from robust.errors import RobustError
-from robust.export import model_from_checkpoint
+from robust.loading import model_from_checkpoint
 from robust.module import AdversarialClassifier
 
 EPS = 0.1

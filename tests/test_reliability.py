@@ -106,7 +106,7 @@ def test_ddp_on_two_cpu_processes_syncs_validation(tmp_path):
     events.Reload()
     logged = events.Scalars("val/clean")[-1].value
     model = load_model(run / "checkpoints" / "last.ckpt")
-    dm = Digits(image_size=load_checkpoint(run / "checkpoints" / "last.ckpt")["robust_data"]["image_size"])
+    dm = Digits(image_size=model.card.image_size)
     dm.setup()
     x, y = dm.val_set.tensors
     with torch.no_grad():
