@@ -45,7 +45,7 @@ class CardedModel(nn.Sequential):
     def __init__(self, model: nn.Sequential, card: ModelCard) -> None:
         super().__init__(OrderedDict(model.named_children()))
         self.card = card
-        self.train(model.training)
+        self.training = model.training  # the layers keep their own modes
 
 
 def card_of(model: nn.Module) -> ModelCard | None:

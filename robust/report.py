@@ -31,6 +31,7 @@ from robust.data import CIFAR10, CIFAR10_NAMES, DIGIT_NAMES, Digits, folder_tran
 from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
 from robust.files import atomic_write_files
+from robust.hf import HF_PREFIX
 from robust.images import check_images
 from robust.models import card_of
 from robust.module import bn_mode
@@ -269,7 +270,7 @@ def model_identity(spec: str | Path, model: nn.Module) -> dict:
     card = card_of(model)
     text = str(spec)
     info = {"spec": text, "arch": None if card is None else card.arch, "card": None if card is None else card.to_dict()}
-    path = None if text == "imagenet" else Path(text.removeprefix("hf:"))
+    path = None if text == "imagenet" else Path(text.removeprefix(HF_PREFIX))
     if path is not None and path.exists():
         info.update(path=str(path.resolve()), sha256=_sha256(path))
     return info
@@ -366,7 +367,7 @@ def default_eps(card: ModelCard) -> float:
 
 def default_out(spec: str, data: str) -> Path:
     """``reports/<model>-<data>``, from the model spec and data names (file-name safe)."""
-    name = f"{Path(str(spec).removeprefix('hf:')).stem}-{Path(data).name or data}"
+    name = f"{Path(str(spec).removeprefix(HF_PREFIX)).stem}-{Path(data).name or data}"
     return Path("reports") / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 

@@ -187,7 +187,7 @@ def test_png_round_trip_at_model_size_is_exact(tmp_path):
     path = tmp_path / "x.png"
     path.write_bytes(png_bytes(x))
     assert torch.equal(load_image(path, *SIZE_32), x)
-    assert torch.equal(load_image(path, {"image_size": 32, "resize": 36}), x)  # already model size: used as is
+    assert torch.equal(load_image(path, 32, 36), x)  # already model size: used as is
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5, 1.5])
