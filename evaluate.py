@@ -11,8 +11,15 @@ Heavy libraries are imported after the arguments are checked, so argument errors
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+
+from robust.checks import check_at_least_one, check_budget, check_quality, parse_fraction, parse_int
+from robust.errors import RobustError
+
+UNITS = (
+    "eps and alpha are L-inf distances in [0, 1] pixel units (images are floats in [0, 1]): 8/255, written "
+    "as a fraction or as 0.0314, is eight grey levels of an 8-bit image."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,58 +29,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def _number(text: str) -> float:
-    """``0.1`` or a fraction such as ``8/255``."""
-    try:
-        num, _, den = text.partition("/")
-        value = float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.03 or 8/255)") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
+def _checked(parse, check):
+    """An argparse type from the library's own parse and check functions (RobustError -> usage error)."""
 
-
-def _eps(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"eps must be in [0, 1] pixel units (e.g. 8/255), got {text}")
-    return value
-
-
-def _alpha(text: str) -> float:
-    value = _number(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"alpha (PGD step) must be in (0, 1] pixel units, got {text}")
-    return value
-
-
-def _at_least_one(what: str):
-    def parse(text: str) -> int:
+    def convert(text: str):
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{what} must be at least 1, got {value}")
+            value = parse(text)
+            check(value)
+        except RobustError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
         return value
 
-    return parse
+    return convert
 
 
-def _quality(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"JPEG quality must be an integer in 1..100, got {text!r}") from None
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"JPEG quality must be an integer in 1..100, got {value}")
-    return value
+def _count(what: str):
+    return _checked(lambda text: parse_int(text, what), lambda value: check_at_least_one(value, what))
+
+
+_eps = _checked(parse_fraction, check_budget)
+_alpha = _checked(parse_fraction, lambda alpha: check_budget(0.0, alpha))
+_quality = _checked(lambda text: parse_int(text, "JPEG quality"), check_quality)
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--steps", type=_at_least_one("steps"), default=10, help="PGD steps (default 10)")
-    sub.add_argument("--alpha", type=_alpha, help="PGD step size in pixel units (default eps/4)")
+    sub.add_argument("--steps", type=_count("steps"), default=10, help="PGD steps (default 10)")
+    sub.add_argument("--alpha", type=_alpha, help="PGD step size, e.g. 2/255 (default eps/4)")
     sub.add_argument("--quality", type=_quality, default=75, help="JPEG defense quality 1..100 (default 75)")
     sub.add_argument("--seed", type=int, default=0, help="seed of random starts and targets (default 0)")
     sub.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default auto)")
@@ -86,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(debug=False)
     subs = parser.add_subparsers(dest="command", required=True, metavar="{report,fool,export}")
 
-    report = subs.add_parser("report", parents=[debug], help="robustness report of a model on a data set")
+    report = subs.add_parser("report", parents=[debug], help="robustness report of a model on a data set", epilog=UNITS)
     report.add_argument("--checkpoint", "--model", dest="model", required=True,
                         help="a .ckpt, an exported model folder, 'imagenet' or 'hf:<id>'")  # fmt: skip
     report.add_argument("--data", required=True, help="digits, cifar10 or an image folder (one sub-folder per class)")
     report.add_argument("--eps", type=_eps, nargs="+", help="L-inf budgets, e.g. 0.05 8/255 (default: training eps)")
-    report.add_argument("--restarts", type=_at_least_one("restarts"), default=1, help="PGD random restarts")
-    report.add_argument("--limit", type=_at_least_one("limit"), help="evaluate N images spread evenly over the data")
-    report.add_argument("--batch-size", type=_at_least_one("batch size"), default=128)
+    report.add_argument("--restarts", type=_count("restarts"), default=1, help="PGD random restarts")
+    report.add_argument("--limit", type=_count("limit"), help="evaluate N images spread evenly over the data")
+    report.add_argument("--batch-size", type=_count("batch size"), default=128)
     report.add_argument("--num-workers", type=int, default=0, help="data loading processes (default 0)")
     report.add_argument("--cifar10-root", default="data/cifar10", help="where CIFAR-10 is (or is downloaded to)")
     report.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard; slow)")
@@ -101,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(report)
     report.set_defaults(func=run_report)
 
-    fool = subs.add_parser("fool", parents=[debug], help="fool a model on one image, then defend with JPEG")
+    fool = subs.add_parser("fool", parents=[debug], help="fool one image, then defend it with JPEG", epilog=UNITS)
     fool.add_argument("--image", required=True, help="any common image file (JPEG, PNG, GIF, ...)")
     fool.add_argument("--out", required=True, help="output folder")
     source = fool.add_mutually_exclusive_group(required=True)
@@ -109,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", choices=["imagenet"], help="torchvision's ImageNet ResNet18")
     fool.add_argument("--target", help="target class name or id (default: untargeted)")
     fool.add_argument("--attack", choices=["fgsm", "pgd"], default="pgd")
-    fool.add_argument("--eps", type=_eps, default=8 / 255, help="L-inf budget, e.g. 8/255 (default 8/255)")
+    fool.add_argument("--eps", type=_eps, default=8 / 255, help="L-inf budget, e.g. 0.03 or 8/255 (default 8/255)")
     _common(fool)
     fool.set_defaults(func=run_fool)
 
@@ -146,7 +127,7 @@ def run_fool(args: argparse.Namespace) -> None:
     from robust.report import pick_device
 
     model = load_model(args.model or args.weights).to(pick_device(args.device))
-    x = load_image(args.image, model.card)
+    x = load_image(args.image, model.card.image_size, model.card.resize)
     result = fool(model, x, args.target, args.attack, args.eps, args.steps, args.alpha, args.quality, args.seed)
     paths = write_fool(result, args.out)
     print(summary(result))
@@ -163,8 +144,6 @@ def run_export(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input)."""
     args = build_parser().parse_args(argv)
-    from robust.errors import RobustError
-
     try:
         args.func(args)
     except RobustError as exc:

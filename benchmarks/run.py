@@ -35,10 +35,10 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from robust.attacks import pgd
-from robust.checkpointing import atomic_write_bytes
 from robust.data import shared_data_dir
 from robust.defenses import jpeg, to_uint8
 from robust.errors import RobustError
+from robust.files import atomic_write_bytes
 from robust.models import CIFAR10_MEAN, CIFAR10_STD
 from robust.module import AdversarialClassifier
 

@@ -21,17 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robust.checks import check_budget
 from robust.errors import RobustError
-
-
-def check_budget(eps: float, alpha: float | None = None, steps: int | None = None) -> None:
-    """Raise :class:`RobustError` unless ``0 <= eps <= 1``, ``alpha > 0`` and ``steps >= 1``."""
-    if not 0.0 <= float(eps) <= 1.0:
-        raise RobustError(f"eps must be in [0, 1] (pixel units, e.g. 8/255 = 0.0314), got {eps}")
-    if alpha is not None and not 0.0 < float(alpha) <= 1.0:
-        raise RobustError(f"alpha (step size) must be in (0, 1] pixel units, got {alpha}")
-    if steps is not None and int(steps) < 1:
-        raise RobustError(f"steps must be at least 1, got {steps}")
 
 
 @contextmanager

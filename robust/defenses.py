@@ -15,13 +15,8 @@ import torch
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
+from robust.checks import check_quality
 from robust.errors import RobustError
-
-
-def check_quality(quality: int) -> None:
-    """Raise :class:`RobustError` unless ``quality`` is an integer in 1..100."""
-    if isinstance(quality, bool) or int(quality) != quality or not 1 <= int(quality) <= 100:
-        raise RobustError(f"JPEG quality must be an integer in 1..100, got {quality}")
 
 
 def to_uint8(x: Tensor) -> Tensor:

@@ -17,10 +17,11 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from robust.attacks import check_budget, fgsm, pgd, resolve_class, seeded_rng
-from robust.checkpointing import atomic_write_files
 from robust.defenses import check_quality, jpeg
 from robust.errors import RobustError
+from robust.files import atomic_write_files
 from robust.images import check_images, png_bytes
+from robust.models import card_of
 from robust.report import format_eps
 from robust.threats import default_alpha
 
@@ -81,8 +82,9 @@ def fool(
     """Attack ``model``'s prediction of one image ``x`` (``1×3×S×S`` in [0, 1]) and JPEG the result.
 
     Untargeted (``target=None``) pushes away from the model's own prediction; otherwise ``target`` is a class
-    name or id of ``model.card["class_names"]``. ``attack`` is ``fgsm`` or ``pgd`` (``steps`` of ``alpha``,
-    default eps/4, random start seeded by ``seed``); ``eps`` in [0, 1] pixel units.
+    name or id of the model card's ``class_names`` (ids only, for a model without a card). ``attack`` is ``fgsm``
+    or ``pgd`` (``steps`` of ``alpha``, default eps/4, random start seeded by ``seed``); ``eps`` in [0, 1] pixel
+    units.
     """
     if attack not in ("fgsm", "pgd"):
         raise RobustError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
@@ -92,12 +94,12 @@ def fool(
     if x.dim() != 4 or x.shape[0] != 1:
         raise RobustError(f"fool takes one image 1×3×H×W, got shape {tuple(x.shape)}")
     check_images(x)
-    card = getattr(model, "card", {}) or {}
+    card = card_of(model)
     model.eval()
     x = x.to(next(model.parameters()).device)
     with torch.no_grad():
         num_classes = model(x).shape[1]
-    names = list(card.get("class_names") or [str(i) for i in range(num_classes)])
+    names = list(card.class_names) if card is not None else [str(i) for i in range(num_classes)]
     target_id = None if target is None else resolve_class(target, names)
     pred, top = {}, {}
     pred["original"], top["original"] = _top(model, x, names)

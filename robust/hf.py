@@ -1,7 +1,7 @@
 """Hugging Face image classifiers in the project's convention: [0, 1] images in, logits out.
 
 ``load_hf_model("deepmind/vision-perceiver-learned")`` (a hub id, or a local ``save_pretrained`` directory)
-returns ``nn.Sequential(geometry, normalize, backbone)``:
+returns a :class:`robust.models.CardedModel` with the layers ``(geometry, normalize, backbone)``:
 
 - ``geometry`` (:class:`ProcessorGeometry`): the image processor's crop and resize as differentiable torch
   ops, so gradients reach the input pixels. Perceiver processors crop the centre ``size/crop_size`` of the
@@ -31,8 +31,11 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from robust.card import ModelCard
 from robust.errors import RobustError
-from robust.models import Normalize
+from robust.models import CardedModel, Normalize
+
+HF_PREFIX = "hf:"  # model specs and archs "hf:<hub id or save_pretrained dir>" name Hugging Face classifiers
 
 # PIL resample codes (what processors store) -> torchvision modes that resize float tensors differentiably.
 _INTERPOLATION = {
@@ -189,14 +192,14 @@ def processor_normalization(processor: Any) -> tuple[list[float], list[float]]:
     return [m / scale for m in mean], [s / scale for s in std]
 
 
-def load_hf_model(name_or_dir: str, num_classes: int | None = None) -> nn.Sequential:
+def load_hf_model(name_or_dir: str, num_classes: int | None = None) -> CardedModel:
     """A ``transformers`` image classifier as ``Sequential(geometry, normalize, backbone)``, eval mode, CPU.
 
     Input ``N×3×H×W`` float images in [0, 1]; output ``N×num_classes`` logits. Images of any size go through the
     processor's crop and resize; images of the card's ``image_size`` are taken as already cropped (what the
-    project's loaders make from ``resize``/``image_size``) and only normalized. The returned module has a
-    ``card`` dict: arch ``"hf:<name_or_dir>"``, num_classes, class_names (``id2label`` by id), image_size,
-    resize, mean, std (the processor's, in [0, 1] pixel units), cifar_stem, data, training.
+    project's loaders make from ``resize``/``image_size``) and only normalized. The model's
+    :class:`~robust.card.ModelCard` has arch ``"hf:<name_or_dir>"``, class_names (``id2label`` by id),
+    image_size, resize, and mean, std (the processor's, in [0, 1] pixel units).
 
     Args:
         name_or_dir: a Hugging Face hub id (downloaded by ``transformers`` to its cache) or a local directory
@@ -236,9 +239,9 @@ def load_hf_model(name_or_dir: str, num_classes: int | None = None) -> nn.Sequen
     fallback = fallback if isinstance(fallback, int) else 224
     size, resize = geometry.loader_sizes() or (fallback, fallback)
     labels = net.config.id2label
-    model.card = {
-        "arch": f"hf:{name_or_dir}", "num_classes": int(net.config.num_labels),
-        "class_names": [str(labels[i]) for i in sorted(labels)], "cifar_stem": False, "mean": mean, "std": std,
-        "image_size": size, "resize": resize, "data": "huggingface", "training": {"attack": "none"},
-    }  # fmt: skip
-    return model.eval()
+    card = ModelCard(
+        arch=f"{HF_PREFIX}{name_or_dir}", num_classes=int(net.config.num_labels),
+        class_names=[str(labels[i]) for i in sorted(labels)], cifar_stem=False, mean=mean, std=std,
+        image_size=size, resize=resize, data="huggingface", training={"attack": "none"},
+    )  # fmt: skip
+    return CardedModel(model, card).eval()

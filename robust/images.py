@@ -3,8 +3,8 @@
 :func:`open_image` decodes any common file with PIL (JPEG, PNG, GIF, BMP, TIFF, WebP; greyscale, palette,
 RGBA, CMYK, 16-bit; animated files give their first frame; EXIF rotation applied) into an 8-bit RGB image,
 and turns every bad file (missing, empty, truncated, not an image, over PIL's decompression-bomb pixel limit)
-into a :class:`RobustError`. :func:`to_model_input` applies the model card's preprocessing and returns a
-``1×3×S×S`` float tensor in [0, 1] whose values lie exactly on the 1/255 grid of uint8 pixels.
+into a :class:`RobustError`. :func:`to_model_input` applies a model card's preprocessing (its ``image_size``
+and ``resize``) and returns a ``1×3×S×S`` float tensor in [0, 1] whose values lie exactly on the 1/255 grid.
 """
 
 from __future__ import annotations
@@ -90,15 +90,16 @@ def open_image(path: str | Path) -> Image.Image:
     return _to_rgb(img, path)
 
 
-def to_model_input(img: Image.Image, card: dict) -> Tensor:
-    """RGB PIL image -> ``1×3×S×S`` float [0, 1] with ``S = card["image_size"]`` (values on the 1/255 grid).
+def to_model_input(img: Image.Image, image_size: int, resize: int | None = None) -> Tensor:
+    """RGB PIL image -> ``1×3×S×S`` float [0, 1] with ``S = image_size`` (values on the 1/255 grid); a model
+    card's ``image_size`` and ``resize`` give the model's input.
 
-    An image already ``S×S`` is used as is. Otherwise, when the card's ``resize`` exceeds ``S`` (ImageNet-style
-    models: 256 then 224) the short side is resized to ``resize`` and the centre ``S×S`` cropped; else
-    (e.g. 32×32 models) the image is resized to ``S×S``.
+    An image already ``S×S`` is used as is. Otherwise, when ``resize`` exceeds ``S`` (ImageNet-style models:
+    256 then 224) the short side is resized to ``resize`` and the centre ``S×S`` cropped; else (e.g. 32×32
+    models) the image is resized to ``S×S``.
     """
-    size = int(card["image_size"])
-    resize = int(card.get("resize") or size)
+    size = int(image_size)
+    resize = int(resize or size)
     to_float = v2.functional.to_dtype
     img = img if img.mode == "RGB" else img.convert("RGB")
     if img.size == (size, size):
@@ -119,9 +120,9 @@ def check_images(x: Tensor) -> None:
         raise RobustError(f"input images must be in [0, 1], got values in [{x.min():.3g}, {x.max():.3g}]")
 
 
-def load_image(path: str | Path, card: dict) -> Tensor:
+def load_image(path: str | Path, image_size: int, resize: int | None = None) -> Tensor:
     """:func:`open_image` then :func:`to_model_input`: a ``1×3×S×S`` model input in [0, 1]."""
-    return to_model_input(open_image(path), card)
+    return to_model_input(open_image(path), image_size, resize)
 
 
 def png_bytes(x: Tensor) -> bytes:

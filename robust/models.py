@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from robust.card import ModelCard
 from robust.errors import RobustError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,6 +35,22 @@ class Normalize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
+
+
+class CardedModel(nn.Sequential):
+    """A loaded classifier: the layers of a model (``N×3×H×W`` images in [0, 1] -> logits) and its
+    :class:`~robust.card.ModelCard` in ``card``. The layers are shared with the model it wraps, so state dict
+    keys, weights and outputs are that model's."""
+
+    def __init__(self, model: nn.Sequential, card: ModelCard) -> None:
+        super().__init__(OrderedDict(model.named_children()))
+        self.card = card
+        self.training = model.training  # the layers keep their own modes
+
+
+def card_of(model: nn.Module) -> ModelCard | None:
+    """The card a :class:`CardedModel` carries; ``None`` for any other network."""
+    return model.card if isinstance(model, CardedModel) else None
 
 
 def _load_torchvision_file(arch: str, path: Path) -> nn.Module:
@@ -99,14 +116,9 @@ def build_model(
     """``Sequential(normalize=Normalize(mean, std), backbone=ResNet)``: input ``N×3×H×W`` in [0, 1] -> logits.
 
     See :func:`build_backbone` for ``weights`` and ``cifar_stem``. The backbone's state dict keys are
-    torchvision's, under the ``backbone.`` prefix. ``arch="hf:<model id or dir>"`` gives a Hugging Face
-    classifier with its own preprocessing (:func:`robust.hf.load_hf_model`; head replaced when ``num_classes``
-    differs; ``weights``, ``mean``, ``std``, ``cifar_stem`` unused). Like any new module, it is in train mode.
+    torchvision's, under the ``backbone.`` prefix. Like any new module, it is in train mode. Hugging Face
+    classifiers (``hf:<id>``) come from :func:`robust.loading.build_classifier`.
     """
-    if arch.startswith("hf:"):
-        from robust.hf import load_hf_model
-
-        return load_hf_model(arch[3:], num_classes).train()
     return nn.Sequential(
         OrderedDict(normalize=Normalize(mean, std), backbone=build_backbone(arch, num_classes, weights, cifar_stem))
     )

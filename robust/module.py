@@ -20,7 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from robust.attacks import check_budget, fgsm, least_likely_class, pgd, random_other_class
 from robust.errors import RobustError
-from robust.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from robust.loading import CARD_KEY, build_classifier, training_card
+from robust.models import IMAGENET_MEAN, IMAGENET_STD
 from robust.threats import DEFAULT_THREATS, ThreatSpec, bn_mode, labels_for, predictions, training_alpha
 
 VAL_KEYS = DEFAULT_THREATS  # validation runs every threat but AutoAttack
@@ -31,7 +32,7 @@ class AdversarialClassifier(L.LightningModule):
     """ResNet classifier trained on a mix of clean and adversarial examples.
 
     Args:
-        arch, num_classes, weights, mean, std, cifar_stem: passed to :func:`robust.models.build_model`.
+        arch, num_classes, weights, mean, std, cifar_stem: passed to :func:`robust.loading.build_classifier`.
         class_names: names for the ``num_classes`` outputs (image grids, exports); linked from the data.
         channels_last: keep activations in channels-last memory format (faster on GPUs with AMP).
         attack: training attack: ``none``, ``fgsm``, ``fgsm_rs`` (random start, Wong et al. 2020), ``pgd``.
@@ -88,7 +89,7 @@ class AdversarialClassifier(L.LightningModule):
                                    seed=val_seed, threats=VAL_KEYS)  # fmt: skip
         self.save_hyperparameters()
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.model = build_model(arch, num_classes, weights, mean, std, cifar_stem)
+        self.model = build_classifier(arch, num_classes, weights, mean, std, cifar_stem)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in ("clean", "adv")})
@@ -179,21 +180,27 @@ class AdversarialClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the data description (input size, classes), the latest ``val/*`` figures (for the exported
-        model card) and the RNG states, so a resumed run draws the same shuffles and random starts."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "describe"):
-            checkpoint["robust_data"] = datamodule.describe()
-        metrics = getattr(self.trainer, "callback_metrics", None) or {}
-        checkpoint["robust_metrics"] = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
-        checkpoint["attack_step"] = self.alpha
+        """Keep the model card (data description, the attack step in force, the latest ``val/*`` figures and the
+        monitored best score) and the RNG states, so a resumed run draws the same shuffles and random starts."""
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        monitored = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
+        score = None if monitored is None else monitored.best_model_score
+        card = training_card(
+            self.hparams, datamodule.describe() if hasattr(datamodule, "describe") else None, trainer.callback_metrics,
+            alpha=None if self.hparams.attack == "none" else self.alpha, epoch=trainer.current_epoch,
+            global_step=trainer.global_step,
+            best=None if score is None else {"monitor": monitored.monitor, "score": float(score)},
+        )  # fmt: skip
+        checkpoint[CARD_KEY] = card.to_dict()
         checkpoint["rng_torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "attack_step" in checkpoint:
-            self.set_attack_step(checkpoint["attack_step"])
+        alpha = (checkpoint.get(CARD_KEY) or {}).get("training", {}).get("alpha")
+        if alpha is not None:  # the step in force when saved (a guard rollback may have reduced it)
+            self.set_attack_step(alpha)
         if "rng_torch" in checkpoint:
             torch.set_rng_state(checkpoint["rng_torch"])
         if "rng_cuda" in checkpoint and torch.cuda.is_available():

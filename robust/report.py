@@ -24,10 +24,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from robust.checkpointing import atomic_write_files
+from robust.card import ModelCard
+from robust.checks import check_at_least_one
 from robust.data import CIFAR10, CIFAR10_NAMES, DIGIT_NAMES, Digits, folder_transform, image_folder
 from robust.errors import RobustError
+from robust.files import atomic_write_files
+from robust.hf import HF_PREFIX
 from robust.images import check_images
+from robust.models import card_of
 from robust.threats import DEFAULT_THREATS, THREATS, WORST_CASES, ThreatAccuracy, ThreatSpec, predictions
 
 FILES = ("report.json", "report.md", "robustness_curve.png")
@@ -44,11 +48,11 @@ def _spread(ds: Dataset, limit: int | None) -> Dataset:
     return Subset(ds, [int(i * step) for i in range(limit)])
 
 
-def _align_labels(ds, data_names: Sequence[str], card: dict) -> str:
+def _align_labels(ds, data_names: Sequence[str], card: ModelCard) -> str:
     """Make the dataset's labels the model's class ids (``ds.target_transform``); say how they were matched.
 
     The data's classes must be the model's, by name (in any order); anything else is a clear error."""
-    model_names = list(card["class_names"])
+    model_names = list(card.class_names)
     data_names = list(data_names)
     if data_names == model_names:
         return "by name"
@@ -75,7 +79,7 @@ def _folder_fingerprint(root: Path, samples: Iterable[tuple[str, int]]) -> str:
 
 def eval_data(
     data: str,
-    card: dict,
+    card: ModelCard,
     limit: int | None = None,
     batch_size: int = 128,
     num_workers: int = 0,
@@ -86,13 +90,12 @@ def eval_data(
     Images come at the model card's ``image_size`` (folders and CIFAR-10 via :func:`robust.data.folder_transform`
     with the card's ``resize``); labels are the model's class ids. ``limit`` keeps that many evenly spaced images.
     """
-    if limit is not None and limit < 1:
-        raise RobustError(f"limit must be at least 1, got {limit}")
-    if batch_size < 1:
-        raise RobustError(f"batch size must be at least 1, got {batch_size}")
+    if limit is not None:
+        check_at_least_one(limit, "limit")
+    check_at_least_one(batch_size, "batch size")
     if num_workers < 0:
         raise RobustError(f"num_workers must be 0 or more, got {num_workers}")
-    size, resize = int(card["image_size"]), int(card.get("resize") or card["image_size"])
+    size, resize = card.image_size, card.resize
     if data == "digits":
         dm = Digits(image_size=size, limit=limit)
         dm.setup()
@@ -221,10 +224,10 @@ def _sha256(path: Path) -> str:
 def model_identity(spec: str | Path, model: nn.Module) -> dict:
     """Which model was evaluated: the spec, and for a file or folder (a checkpoint, an export, a local Hugging Face
     model) its absolute path and sha256; arch and card. ``imagenet`` is torchvision's fixed published weights."""
-    card = dict(getattr(model, "card", {}) or {})
+    card = card_of(model)
     text = str(spec)
-    info = {"spec": text, "arch": card.get("arch"), "card": card}
-    path = None if text == "imagenet" else Path(text.removeprefix("hf:"))
+    info = {"spec": text, "arch": None if card is None else card.arch, "card": None if card is None else card.to_dict()}
+    path = None if text == "imagenet" else Path(text.removeprefix(HF_PREFIX))
     if path is not None and path.exists():
         info.update(path=str(path.resolve()), sha256=_sha256(path))
     return info
@@ -322,17 +325,16 @@ def write_report(report: dict, out: str | Path) -> list[Path]:
 # ---- command-line defaults -----------------------------------------------------------------------
 
 
-def default_eps(card: dict) -> float:
+def default_eps(card: ModelCard) -> float:
     """The eps a model was adversarially trained at (from its card), else 8/255."""
-    training = card.get("training") or {}
-    eps = training.get("eps")
-    trained = training.get("attack") not in (None, "none") and isinstance(eps, (int, float))
+    eps = card.training.get("eps")
+    trained = card.training.get("attack") not in (None, "none") and isinstance(eps, (int, float))
     return float(eps) if trained and 0 < eps <= 1 else 8 / 255
 
 
 def default_out(spec: str, data: str) -> Path:
     """``reports/<model>-<data>``, from the model spec and data names (file-name safe)."""
-    name = f"{Path(str(spec).removeprefix('hf:')).stem}-{Path(data).name or data}"
+    name = f"{Path(str(spec).removeprefix(HF_PREFIX)).stem}-{Path(data).name or data}"
     return Path("reports") / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 

@@ -18,9 +18,11 @@ import torchvision
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import robust
+from robust.card import ModelCard
 from robust.data import DIGIT_NAMES, Digits
 from robust.errors import RobustError
-from robust.export import CARD_FIELDS, export_model, load_model, model_from_checkpoint
+from robust.export import export_model
+from robust.loading import load_model, model_from_checkpoint
 from robust.module import VAL_KEYS, AdversarialClassifier
 
 
@@ -107,13 +109,14 @@ def test_export_and_reload_give_bit_identical_logits(trained, exported, batch):
 
 def test_model_card_has_every_documented_field(trained, exported):
     card = json.loads((exported / "model.json").read_text())
-    assert set(card) == set(CARD_FIELDS)
+    assert list(card) == list(ModelCard.schema())
     assert (card["format"], card["format_version"]) == ("robust-export", 1)
     assert (card["arch"], card["num_classes"], card["class_names"]) == ("resnet18", 10, list(DIGIT_NAMES))
     assert (card["image_size"], card["resize"], card["cifar_stem"], card["data"]) == (32, 32, False, "Digits")
     assert card["mean"] == [0.5] * 3 and card["std"] == [0.5] * 3
-    assert card["training"] == {"attack": "fgsm_rs", "target": "none", "eps": 0.1, "alpha": None,
+    assert card["training"] == {"attack": "fgsm_rs", "target": "none", "eps": 0.1, "alpha": trained[1].alpha,
                                 "adv_ratio": 1.0, "attack_steps": 7}  # fmt: skip
+    assert trained[1].alpha == pytest.approx(0.125)  # the step in force: FGSM-RS's default 1.25·eps
     rob = card["robustness"]
     assert set(VAL_KEYS) <= set(rob["metrics"])
     assert all(0.0 <= rob["metrics"][k] <= 1.0 for k in VAL_KEYS)
@@ -125,7 +128,7 @@ def test_model_card_has_every_documented_field(trained, exported):
     assert datetime.fromisoformat(card["created"]).utcoffset() is not None
     digest = hashlib.sha256((exported / "model.safetensors").read_bytes()).hexdigest()
     assert card["files"] == {"model.safetensors": digest}
-    assert load_model(exported).card == card
+    assert load_model(exported).card.to_dict() == card
 
 
 def test_torch_export_program_gives_same_logits(trained, batch, tmp_path):
@@ -203,6 +206,7 @@ def test_bad_checkpoints_raise_robust_error(tmp_path):
         ({"cifar_stem": 1}, "'cifar_stem' must be bool"),
         ({"mean": ["0.5", "0.5", "0.5"]}, "'mean' must be list"),
         ({"format_version": 2}, "version 2"),
+        ({"notes": "hi"}, r"unknown fields \['notes'\]"),
         ({"class_names": ["a", "b"]}, "2 class names for 10 classes"),
         ({"mean": [0.4, 0.5, 0.5]}, "different mean"),
         ({"num_classes": 5, "class_names": list("abcde")}, r"backbone\.fc\.weight has shape \(10, 512\)"),
@@ -246,7 +250,7 @@ def test_export_replaces_exports_only_and_is_all_or_nothing(trained, exported, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # and no temp folder is left
     monkeypatch.undo()
     export_model(trained[0], out)
-    assert load_model(out).card["files"] == json.loads(before)["files"]
+    assert load_model(out).card.files == json.loads(before)["files"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     other = tmp_path / "other"
     other.mkdir()

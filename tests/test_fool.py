@@ -53,8 +53,9 @@ def targeted(digits_ckpt, shared_data, tmp_path_factory):
 
 def test_targeted_fool_reaches_its_target_within_eps(targeted, model, shared_data):
     out, stdout = targeted
-    x = load_image(shared_data / PHOTO, model.card)  # the photo resized to the model's 32×32 input
-    x_adv = load_image(out / "adversarial.png", model.card)  # the written PNG, re-loaded
+    size = model.card.image_size, model.card.resize
+    x = load_image(shared_data / PHOTO, *size)  # the photo resized to the model's 32×32 input
+    x_adv = load_image(out / "adversarial.png", *size)  # the written PNG, re-loaded
     assert x_adv.shape == x.shape == (1, 3, 32, 32)
     assert 0 < (x_adv - x).abs().max() <= EPS + 1e-6
     with torch.no_grad():

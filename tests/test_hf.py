@@ -1,6 +1,6 @@
 """Hugging Face classifiers through ``hf:<dir>``, offline: tiny models built from ``transformers`` configs.
 
-Two tiny models, saved with ``save_pretrained`` and loaded back through ``robust.export.load_model("hf:" + dir)``:
+Two tiny models, saved with ``save_pretrained`` and loaded back through ``robust.load_model("hf:" + dir)``:
 a randomly initialised Perceiver (``PerceiverForImageClassificationLearned``; it does not fit reliably in the few
 seconds a test may take) and a ResNet fitted, with Hugging Face's own preprocessing, to tell which third (left /
 middle / right) of the shared cat photo a crop comes from.
@@ -19,11 +19,11 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from robust.attacks import fgsm
+from robust.card import ModelCard
 from robust.defenses import jpeg
 from robust.errors import RobustError
-from robust.export import load_model
 from robust.images import open_image, to_model_input
-from robust.models import build_model
+from robust.loading import build_classifier, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = "photos/cats-coco-000000039769.png"
@@ -105,13 +105,14 @@ def hf_reference(directory: Path, images: list[Image.Image]) -> torch.Tensor:
 def test_card_eval_mode_and_cpu(hf_dirs: dict[str, Path], kind: str) -> None:
     model = load_model(f"hf:{hf_dirs[kind]}")
     card = model.card
-    assert card["arch"] == f"hf:{hf_dirs[kind]}" and card["num_classes"] == 3
-    assert card["class_names"] == list(NAMES)
+    assert card.arch == f"hf:{hf_dirs[kind]}" and card.num_classes == 3
+    assert card.class_names == list(NAMES)
     # Perceiver: centre 32/36 of the short side, then 32×32; ResNet (ConvNeXT processor): short side 36, crop 32.
-    assert (card["image_size"], card["resize"]) == (32, 36)
+    assert (card.image_size, card.resize) == (32, 36)
     expected_mean = [0.485, 0.456, 0.406] if kind == "perceiver" else [0.5, 0.5, 0.5]
-    assert card["mean"] == pytest.approx(expected_mean) and card["data"] == "huggingface"
-    assert card["training"] == {"attack": "none"}
+    assert card.mean == pytest.approx(expected_mean) and card.data == "huggingface"
+    assert card.training == {"attack": "none"}
+    assert ModelCard.from_json(card.to_json(), "the card") == card  # a valid card, JSON round trip
     assert not any(m.training for m in model.modules())
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 
@@ -158,8 +159,8 @@ def test_preprocessing_matches_the_processor(photo: Image.Image, name: str, kwar
         size, resize = geometry.loader_sizes()
         if resize != size:
             shown = expected * std + torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-            card_error = (to_model_input(img, {"image_size": size, "resize": resize}) - shown).abs().mean()
-            square_error = (to_model_input(img, {"image_size": size, "resize": size}) - shown).abs().mean()
+            card_error = (to_model_input(img, size, resize) - shown).abs().mean()
+            square_error = (to_model_input(img, size, size) - shown).abs().mean()
             assert card_error < 0.5 * square_error
 
 
@@ -178,7 +179,7 @@ def test_fgsm_changes_predictions(hf_dirs: dict[str, Path], photo: Image.Image, 
     """Untargeted FGSM at 8/255 against the model's own predictions on the nine crops, as ``fool`` does."""
     model = load_model(f"hf:{hf_dirs[kind]}")
     crops, truth = third_crops(photo)
-    x = torch.cat([to_model_input(img, model.card) for img in crops])
+    x = torch.cat([to_model_input(img, model.card.image_size, model.card.resize) for img in crops])
     with torch.no_grad():
         y = model(x).argmax(1)
     if kind == "resnet":
@@ -212,12 +213,12 @@ def test_fool_cli_writes_its_outputs(hf_dirs: dict[str, Path], shared_data: Path
 
 def test_num_classes_replaces_the_head(hf_dirs: dict[str, Path], photo: Image.Image) -> None:
     spec = f"hf:{hf_dirs['resnet']}"
-    same, new = build_model(spec, num_classes=3), build_model(spec, num_classes=5)
-    assert same.training and new.training  # fresh from build_model, ready for fine-tuning
+    same, new = build_classifier(spec, num_classes=3), build_classifier(spec, num_classes=5)
+    assert same.training and new.training  # fresh, ready for fine-tuning
     x = pixels(photo)
     with torch.no_grad():
         assert torch.equal(same.eval()(x), load_model(spec)(x))
-        assert new(x).shape == (1, 5) and new.card["num_classes"] == 5
+        assert new(x).shape == (1, 5) and new.card.num_classes == 5
 
 
 def test_missing_transformers_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,8 +20,8 @@ def to_float(pixels: torch.Tensor) -> torch.Tensor:
     return v2.functional.to_dtype(pixels, torch.float32, scale=True)
 
 
-CARD_32 = {"image_size": 32, "resize": 32}
-CARD_224 = {"image_size": 224, "resize": 256}
+SIZE_32 = (32, 32)  # (image_size, resize) of a 32×32 model card
+SIZE_224 = (224, 256)  # an ImageNet-style card
 
 
 def _save(img: Image.Image, path: Path, **kwargs) -> Path:
@@ -102,7 +102,7 @@ def test_common_image_kinds_become_rgb(case, tmp_path):
     img = open_image(maker(tmp_path))
     assert img.mode == "RGB" and img.size == size
     assert np.abs(np.array(img.getpixel(where), dtype=int) - colour).max() <= tol
-    x = to_model_input(img, CARD_32)
+    x = to_model_input(img, *SIZE_32)
     assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
     assert 0 <= x.min() and x.max() <= 1
 
@@ -168,13 +168,13 @@ def test_decompression_bomb_is_refused(pixels, tmp_path, monkeypatch):
 def test_imagenet_style_preprocessing_is_resize_then_center_crop(shared_data):
     photo = open_image(shared_data / "photos" / "cats-coco-000000039769.png")
     assert photo.size == (640, 480)
-    x = to_model_input(photo, CARD_224)
+    x = to_model_input(photo, *SIZE_224)
     assert x.shape == (1, 3, 224, 224)
     assert torch.equal(x[0], folder_transform(224, 256)(photo).as_subclass(torch.Tensor))
 
 
 def test_small_model_preprocessing_is_plain_resize_on_the_uint8_grid(shared_data):
-    x = load_image(shared_data / "photos" / "cats-coco-000000039769.png", CARD_32)
+    x = load_image(shared_data / "photos" / "cats-coco-000000039769.png", *SIZE_32)
     assert x.shape == (1, 3, 32, 32)
     assert torch.equal(x, to_float(to_uint8(x)))  # exactly uint8 grey levels
     # A plain resize squashes the 4:3 photo whole; a center crop would have cut its sides off.
@@ -186,8 +186,8 @@ def test_png_round_trip_at_model_size_is_exact(tmp_path):
     x = to_float(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8))
     path = tmp_path / "x.png"
     path.write_bytes(png_bytes(x))
-    assert torch.equal(load_image(path, CARD_32), x)
-    assert torch.equal(load_image(path, {"image_size": 32, "resize": 36}), x)  # already model size: used as is
+    assert torch.equal(load_image(path, *SIZE_32), x)
+    assert torch.equal(load_image(path, 32, 36), x)  # already model size: used as is
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5, 1.5])

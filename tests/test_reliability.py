@@ -14,8 +14,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from robust import load_model
-from robust.checkpointing import load_checkpoint
 from robust.data import Digits
+from robust.files import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # whole training runs in fresh processes: `make test-all`
@@ -107,7 +107,7 @@ def test_ddp_on_two_cpu_processes_syncs_validation(tmp_path):
     events.Reload()
     logged = events.Scalars("val/clean")[-1].value
     model = load_model(run / "checkpoints" / "last.ckpt")
-    dm = Digits(image_size=load_checkpoint(run / "checkpoints" / "last.ckpt")["robust_data"]["image_size"])
+    dm = Digits(image_size=model.card.image_size)
     dm.setup()
     x, y = dm.val_set.tensors
     with torch.no_grad():

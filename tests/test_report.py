@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -14,7 +15,8 @@ import torch
 from PIL import Image
 
 from robust import load_model
-from robust.data import Digits
+from robust.card import ModelCard
+from robust.data import CIFAR10_NAMES, Digits
 from robust.errors import RobustError
 from robust.images import png_bytes
 from robust.report import eval_data, evaluate, honesty_flags, markdown_table
@@ -138,7 +140,7 @@ def test_image_folder_data(digits_folder, digits_ckpt):
     results = evaluate(model, loader, [0.1], steps=2, progress=False)
     assert results["n"] == 30 and results["rows"][0]["clean"] >= 0.8
     # The same classes in another order are matched by name.
-    card = {**model.card, "class_names": [str(i) for i in reversed(range(10))]}
+    card = dataclasses.replace(model.card, class_names=[str(i) for i in reversed(range(10))])
     loader, identity = eval_data(str(digits_folder), card, batch_size=30)
     assert identity["labels"] == "by name (reordered)"
     _, y = next(iter(loader))
@@ -154,11 +156,11 @@ def test_data_with_other_classes_is_a_clear_error(digits_ckpt, shared_data):
 
 
 def test_cifar10_subset_folder_with_a_cifar_card(shared_data):
-    card = {"class_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-            "image_size": 32, "resize": 32}  # fmt: skip
+    card = ModelCard(arch="resnet18", num_classes=10, class_names=list(CIFAR10_NAMES), image_size=32, resize=32,
+                     mean=[0.5] * 3, std=[0.5] * 3, cifar_stem=True, data="CIFAR10", training={})  # fmt: skip
     loader, identity = eval_data(str(shared_data / "cifar10-subset" / "test"), card, limit=20, batch_size=20)
     x, y = next(iter(loader))
-    assert x.shape == (20, 3, 32, 32) and identity["n"] == 20 and identity["classes"] == card["class_names"]
+    assert x.shape == (20, 3, 32, 32) and identity["n"] == 20 and identity["classes"] == card.class_names
     assert sorted(set(y.tolist())) == list(range(10))  # evenly spaced: every class represented
 
 

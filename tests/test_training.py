@@ -16,7 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_cli
-from robust.checkpointing import load_checkpoint
+from robust.files import load_checkpoint
 from robust.module import VAL_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]

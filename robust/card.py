@@ -1,0 +1,124 @@
+"""The model card: what a trained model is and how to feed it, in one schema.
+
+:class:`ModelCard` is stored in checkpoints (``AdversarialClassifier.on_save_checkpoint``), written as an export's
+``model.json``, built for ImageNet and Hugging Face models, and carried by every model :func:`robust.load_model`
+returns. Its fields, their types and their meanings are the dataclass below; :meth:`ModelCard.from_dict` checks
+a parsed card against those same annotations, so there is no second schema to keep in step.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from robust.errors import RobustError
+
+FORMAT = "robust-export"
+FORMAT_VERSION = 1
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass(kw_only=True)
+class ModelCard:
+    """A model's description; JSON-native values only (lists, not tuples), so ``to_dict`` is what is written."""
+
+    format: str = _doc(f"always {FORMAT!r}", default=FORMAT)
+    format_version: int = _doc(f"{FORMAT_VERSION}; readers refuse other versions", default=FORMAT_VERSION)
+    arch: str = _doc("backbone: torchvision resnet18, resnet34 or resnet50, or hf:<model id or dir>")
+    num_classes: int = _doc("number of output logits")
+    class_names: list[str] = _doc("name of each output, num_classes entries")
+    image_size: int = _doc("input height and width in pixels (center crop)")
+    resize: int = _doc("short side to resize images to before the center crop")
+    mean: list[float] = _doc("per-channel mean of the built-in normalization (RGB, [0, 1] pixel units)")
+    std: list[float] = _doc("per-channel std of the built-in normalization (RGB, [0, 1] pixel units)")
+    cifar_stem: bool = _doc("3×3 stride-1 conv1 and no max-pool (32×32 inputs) instead of torchvision's stem")
+    data: str | None = _doc("training data module name, e.g. Digits, CIFAR10, ImageFolder")
+    training: dict = _doc(
+        "attack, target, eps, alpha (the step in force when saved, after any guard rollback; null: the attack's "
+        "default), adv_ratio, attack_steps"
+    )
+    robustness: dict = _doc(
+        "val metrics (accuracies, loss), eps, steps, jpeg_quality; best ({monitor, score} of the checkpoint "
+        "callback, or null), epoch, global_step; empty when not trained here",
+        default_factory=dict,
+    )
+    versions: dict = _doc(
+        "library versions at export: python, torch, torchvision, lightning, safetensors, robust", default_factory=dict
+    )
+    created: str | None = _doc("export time, ISO 8601 UTC (null until exported)", default=None)
+    files: dict = _doc("sha256 (hex) of each file of an export (model.safetensors always)", default_factory=dict)
+
+    @classmethod
+    def schema(cls) -> dict[str, tuple[str, str]]:
+        """``{field: (type, meaning)}`` in file order, for documentation."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: (_type_name(hints[f.name]), f.metadata["doc"]) for f in fields(cls)}
+
+    def to_dict(self) -> dict:
+        """The card as JSON-native values (a deep copy), fields in file order."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """``model.json`` text: indented JSON and a final newline."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: object, source: str) -> ModelCard:
+        """Check ``data`` (a parsed card from ``source``, named in errors) against the fields' types and the card's
+        own consistency; RobustError with one sentence for the first problem."""
+        if not isinstance(data, dict):
+            raise RobustError(f"{source} must hold a JSON object")
+        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+            raise RobustError(f"{source} is format {data.get('format')!r} version {data.get('format_version')}; "
+                              f"this library reads {FORMAT!r} version {FORMAT_VERSION}")  # fmt: skip
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name not in data:
+                raise RobustError(f"{source} has no {f.name!r} field ({f.metadata['doc']})")
+            if not _has_type(data[f.name], hints[f.name]):
+                raise RobustError(
+                    f"{source}: field {f.name!r} must be {_type_name(hints[f.name])}, got {data[f.name]!r:.80}"
+                )
+        unknown = sorted(data.keys() - hints.keys())
+        if unknown:
+            raise RobustError(f"{source} has unknown fields {unknown[:3]} for version {FORMAT_VERSION}")
+        card = cls(**json.loads(json.dumps(data)))  # a deep copy: the card owns its lists
+        if len(card.class_names) != card.num_classes:
+            raise RobustError(f"{source} has {len(card.class_names)} class names for {card.num_classes} classes")
+        if len(card.mean) != 3 or len(card.std) != 3:
+            raise RobustError(f"{source}: mean and std need 3 values (RGB)")
+        return card
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> ModelCard:
+        """Parse and check ``model.json`` text (see :meth:`from_dict`)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RobustError(f"{source} is not valid JSON ({exc})") from None
+        return cls.from_dict(data, source)
+
+
+def _has_type(value: object, hint: Any) -> bool:
+    """Whether a JSON value fits a field annotation (``float`` takes JSON integers; ``bool`` is not a number)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return not isinstance(value, bool) and isinstance(value, int if hint is int else (int, float))
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)

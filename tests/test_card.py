@@ -1,0 +1,92 @@
+"""The model card: one dataclass for checkpoints, exports and loaded models; the step in force; old checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from robust.card import ModelCard
+from robust.data import DIGIT_NAMES, Digits
+from robust.errors import RobustError
+from robust.files import load_checkpoint
+from robust.loading import CARD_KEY, load_model
+from robust.module import AdversarialClassifier
+
+CARD = ModelCard(arch="resnet18", num_classes=3, class_names=["a", "b", "c"], image_size=16, resize=18,
+                 mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], cifar_stem=True, data="Digits",
+                 training={"attack": "none"})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[Path, AdversarialClassifier]:
+    """An FGSM-RS module fitted for one batch of 16×16 digits, its step then changed as a guard rollback does,
+    saved by its trainer (no checkpoint callback: no monitored best score)."""
+    L.seed_everything(0)
+    module = AdversarialClassifier(num_classes=10, class_names=list(DIGIT_NAMES), eps=0.1, schedule="constant")
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, accelerator="cpu",
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=Digits(batch_size=16, image_size=16))
+    module.alpha = 0.5 * module.alpha
+    path = tmp_path_factory.mktemp("card") / "fitted.ckpt"
+    trainer.save_checkpoint(path)
+    return path, module
+
+
+def test_json_round_trip_and_schema():
+    assert ModelCard.from_json(CARD.to_json(), "card") == CARD
+    assert list(ModelCard.schema()) == [f.name for f in dataclasses.fields(ModelCard)]
+    assert ModelCard.schema()["num_classes"][0] == "int" and ModelCard.schema()["data"][0] == "str | None"
+    as_ints = {**CARD.to_dict(), "mean": [0, 0, 0], "data": None}  # JSON integers are floats; data may be null
+    assert ModelCard.from_dict(as_ints, "card").mean == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_classes": True}, "'num_classes' must be int"),  # a bool is not a number
+        ({"image_size": 16.0}, "'image_size' must be int"),
+        ({"class_names": ["a", "b", 3]}, r"'class_names' must be list\[str\]"),
+        ({"data": 7}, "'data' must be str | None"),
+        ({"format": "other"}, "format 'other' version 1"),
+        ({"std": [0.2, 0.2]}, "mean and std need 3 values"),
+    ],
+)
+def test_from_dict_checks_the_annotated_types(changes, message):
+    with pytest.raises(RobustError, match=message):
+        ModelCard.from_dict({**CARD.to_dict(), **changes}, "card")
+
+
+def test_checkpoint_stores_the_card_with_the_step_in_force(fitted):
+    path, module = fitted
+    stored = load_checkpoint(path)[CARD_KEY]
+    card = load_model(path).card
+    assert card.to_dict() == stored
+    assert card.training["alpha"] == module.alpha == pytest.approx(0.5 * 1.25 * 0.1)  # not the configured default
+    assert (card.image_size, card.resize, card.data, card.class_names) == (16, 16, "Digits", list(DIGIT_NAMES))
+    assert card.robustness["best"] is None and card.robustness["global_step"] == 1
+
+
+def test_checkpoint_without_a_card_is_described_by_its_hyper_parameters(fitted, tmp_path):
+    path, module = fitted
+    ckpt = torch.load(path, weights_only=True)
+    stored = ckpt.pop(CARD_KEY)
+    ckpt["robust_data"] = {"name": "Digits", "class_names": list(DIGIT_NAMES), "image_size": 16, "resize": 16}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    model = load_model(tmp_path / "old.ckpt")
+    assert model.card.training == {**stored["training"], "alpha": None}  # configured: the attack's default
+    assert dataclasses.replace(model.card, training=stored["training"]).to_dict() == stored
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), load_model(path)(x))
+
+
+def test_a_card_of_another_version_in_a_checkpoint_is_refused(fitted, tmp_path):
+    ckpt = torch.load(fitted[0], weights_only=True)
+    ckpt[CARD_KEY]["format_version"] = 2
+    torch.save(ckpt, tmp_path / "future.ckpt")
+    with pytest.raises(RobustError, match="future.ckpt is format 'robust-export' version 2"):
+        load_model(tmp_path / "future.ckpt")
