@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from robust.attacks import check_budget, fgsm, least_likely_class, pgd, random_other_class
+from robust.attacks import check_budget, least_likely_class, random_other_class
 from robust.errors import RobustError
 from robust.loading import CARD_KEY, build_classifier, training_card
 from robust.models import IMAGENET_MEAN, IMAGENET_STD
+from robust.objectives import check_objective, objective_loss, training_attack
 from robust.threats import DEFAULT_THREATS, ThreatSpec, bn_mode, labels_for, predictions, training_alpha
 
 VAL_KEYS = DEFAULT_THREATS  # validation runs every threat but AutoAttack
-TrainAttack = Literal["none", "fgsm", "fgsm_rs", "pgd"]
+TrainAttack = Literal["none", "fgsm", "fgsm_rs", "nfgsm", "pgd"]  # robust.objectives.TRAIN_ATTACKS
 
 
 class AdversarialClassifier(L.LightningModule):
@@ -35,11 +36,16 @@ class AdversarialClassifier(L.LightningModule):
         arch, num_classes, weights, mean, std, cifar_stem: passed to :func:`robust.loading.build_classifier`.
         class_names: names for the ``num_classes`` outputs (image grids, exports); linked from the data.
         channels_last: keep activations in channels-last memory format (faster on GPUs with AMP).
-        attack: training attack: ``none``, ``fgsm``, ``fgsm_rs`` (random start, Wong et al. 2020), ``pgd``.
+        attack: training attack: ``none``, ``fgsm``, ``fgsm_rs`` (random start, Wong et al. 2020), ``nfgsm``
+            (noise ``nfgsm_noise``·eps, no projection, de Jorge et al. 2022), ``pgd``.
+        objective: training loss: ``ce`` (cross-entropy on the clean/adversarial mix), ``trades`` (Zhang et al.
+            2019) or ``mart`` (Wang et al. 2020), each with its own adversarial examples (:mod:`robust.objectives`);
+            ``beta``: their trade-off weight (default: the official script's, 6 and 5).
         target: ``none`` (untargeted), ``random`` or ``least_likely`` target class; labels stay true.
         eps: L-inf budget in [0, 1] pixel units. alpha: step (default :func:`robust.threats.training_alpha`:
-            1.25·eps for fgsm_rs, eps for fgsm, eps/4 for pgd); changed only by :meth:`set_attack_step`.
-            attack_steps: PGD training steps.
+            1.25·eps for fgsm_rs, eps for fgsm and nfgsm, eps/4 for pgd; trades/mart: 0.007/0.031·eps);
+            changed only by :meth:`set_attack_step`. attack_steps: PGD training steps (default 7; 10 for
+            trades/mart, as their official scripts).
         adv_ratio: fraction of each batch replaced by adversarial examples, in [0, 1]; 0 = clean training.
         attack_bn_mode: BatchNorm mode while making training attacks (``eval`` uses running stats).
         optimizer: ``sgd`` (momentum, nesterov) or ``adamw``. schedule: ``onecycle`` (peak ``lr``),
@@ -63,7 +69,10 @@ class AdversarialClassifier(L.LightningModule):
         target: Literal["none", "random", "least_likely"] = "none",
         eps: float = 8 / 255,
         alpha: float | None = None,
-        attack_steps: int = 7,
+        attack_steps: int | None = None,
+        nfgsm_noise: float = 2.0,
+        objective: Literal["ce", "trades", "mart"] = "ce",
+        beta: float | None = None,
         adv_ratio: float = 1.0,
         attack_bn_mode: Literal["eval", "train"] = "eval",
         optimizer: Literal["sgd", "adamw"] = "sgd",
@@ -83,8 +92,16 @@ class AdversarialClassifier(L.LightningModule):
             raise RobustError(f"adv_ratio must be in [0, 1], got {adv_ratio}")
         if class_names is not None and len(class_names) != num_classes:
             raise RobustError(f"{len(class_names)} class names given for {num_classes} classes")
-        self.alpha = alpha if alpha is not None else training_alpha(attack, eps)  # the step in force
-        check_budget(eps, self.alpha if attack != "none" else None, attack_steps)
+        obj = check_objective(objective, attack, target != "none")
+        if objective != "ce" and adv_ratio != 1.0:
+            raise RobustError(f"objective {objective!r} trains on the whole batch (clean and adversarial terms): "
+                              f"adv_ratio must be 1, got {adv_ratio}")  # fmt: skip
+        if nfgsm_noise < 0:
+            raise RobustError(f"nfgsm_noise must be 0 or more (times eps), got {nfgsm_noise}")
+        self.attack_steps = attack_steps if attack_steps is not None else obj.steps or 7
+        default = obj.default_alpha(eps) or training_alpha(attack, eps)
+        self.alpha = alpha if alpha is not None else default  # the step in force
+        check_budget(eps, self.alpha if attack != "none" else None, self.attack_steps)
         self.val_spec = ThreatSpec(eps if val_eps is None else val_eps, val_alpha, val_steps, quality=jpeg_quality,
                                    seed=val_seed, threats=VAL_KEYS)  # fmt: skip
         self.save_hyperparameters()
@@ -126,12 +143,13 @@ class AdversarialClassifier(L.LightningModule):
                 y = random_other_class(y, hp.num_classes)
             elif hp.target == "least_likely":
                 y = least_likely_class(self, x)
-            if hp.attack == "pgd":
-                return pgd(self, x, y, hp.eps, self.alpha, hp.attack_steps, targeted=targeted)
-            return fgsm(self, x, y, hp.eps, targeted=targeted, random_start=hp.attack == "fgsm_rs", alpha=self.alpha)
+            return training_attack(self, x, y, hp.objective, hp.attack, eps=hp.eps, alpha=self.alpha,
+                                   steps=self.attack_steps, noise=hp.nfgsm_noise, targeted=targeted)  # fmt: skip
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        if self.hparams.objective != "ce":
+            return self.paired_objective_step(x, y)
         n_adv = round(self.hparams.adv_ratio * len(x)) if self.hparams.attack != "none" else 0
         if n_adv:
             x = torch.cat([self.make_training_attack(x[:n_adv], y[:n_adv]), x[n_adv:]])
@@ -145,6 +163,18 @@ class AdversarialClassifier(L.LightningModule):
         if n_adv < len(x):
             self.train_acc["clean"](preds[n_adv:], y[n_adv:])
             self.log("train/clean", self.train_acc["clean"], on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def paired_objective_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """TRADES / MART: adversarial examples for the whole batch, then the objective's loss on the clean and the
+        adversarial logits (two forward passes, as the official code)."""
+        x_adv = self.make_training_attack(x, y)
+        logits_clean, logits_adv = self(x), self(x_adv)
+        loss = objective_loss(self.hparams.objective, logits_adv, y, logits_clean=logits_clean, beta=self.hparams.beta)
+        self.log("train/loss", loss, prog_bar=True)
+        for key, logits in (("clean", logits_clean), ("adv", logits_adv)):
+            self.train_acc[key](logits.detach().argmax(1), y)
+            self.log(f"train/{key}", self.train_acc[key], on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     # ---- validation ----------------------------------------------------------------------------

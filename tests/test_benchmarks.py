@@ -28,6 +28,7 @@ def load_script(name: str):
     return sys.modules[module]
 
 
+@pytest.mark.slow  # every benchmark in a fresh process
 def test_quick_run_prints_table_and_json_with_every_ratio(tmp_path):
     """All benchmarks, with the bf16 / channels_last variants (the GPU fast paths, here on CPU autocast)."""
     out = tmp_path / "bench.json"

@@ -89,15 +89,15 @@ def test_jpeg_restores_accuracy_on_clean_images(digits_model, digits_val):
 def test_jpeg_defends_transferred_pgd_but_not_adaptive_bpda(digits_model, digits_val):
     """PGD made on the bare model largely fails after JPEG; PGD through the straight-through JPEG does better.
 
-    (Measured on this model, 128 images: bare 0%, JPEG of transferred PGD ~39%, JPEG of BPDA PGD ~17%.)
+    (Measured on this model, 64 images, PGD-10: bare 0%, JPEG of transferred PGD ~47%, JPEG of BPDA PGD ~33%.)
     """
-    x, y = digits_val[0][:128], digits_val[1][:128]
+    x, y = digits_val[0][:64], digits_val[1][:64]
     eps = 0.1
     torch.manual_seed(0)
-    x_adv = pgd(digits_model, x, y, eps, eps / 4, 20)
-    adaptive = pgd(JpegDefended(digits_model, straight_through=True), x, y, eps, eps / 4, 20)
+    x_adv = pgd(digits_model, x, y, eps, eps / 4, 10)
+    adaptive = pgd(JpegDefended(digits_model, straight_through=True), x, y, eps, eps / 4, 10)
     with torch.no_grad():
         acc = lambda z: (digits_model(z).argmax(1) == y).float().mean().item()  # noqa: E731
         bare, transferred, bpda = acc(x_adv), acc(jpeg(x_adv)), acc(jpeg(adaptive))
     assert transferred >= bare + 0.2  # JPEG really defends against the transferred attack
-    assert bpda <= transferred - 0.1  # and the adaptive attacker gets through much more often
+    assert bpda <= transferred - 0.05  # and the adaptive attacker gets through much more often

@@ -45,7 +45,10 @@ def test_nvjpeg_matches_the_cpu_codec_within_one_grey_level(cifar_uint8, channel
 
 @pytest.mark.parametrize(
     ("accelerator", "precision"),
-    [pytest.param("gpu", "bf16-mixed", marks=[pytest.mark.cuda, SKIP_WITHOUT_CUDA]), ("cpu", "32-true")],
+    [
+        pytest.param("gpu", "bf16-mixed", marks=[pytest.mark.cuda, SKIP_WITHOUT_CUDA]),
+        pytest.param("cpu", "32-true", marks=pytest.mark.slow),
+    ],  # the CPU twin: make test-all
 )
 def test_channels_last_training_steps_through_lightning(tmp_path, accelerator, precision, record_property):
     """A few FGSM-RS training steps and one validation batch of the product's module, as ``train.py`` runs them;

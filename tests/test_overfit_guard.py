@@ -225,6 +225,7 @@ def test_resume_restores_guard_state_and_reduced_step(tmp_path):
     assert len(guard2.history) == 2  # train start (after the restore) + the one remaining epoch
 
 
+@pytest.mark.slow  # a real training trajectory
 def test_real_healthy_fgsm_rs_run_is_measured_and_not_flagged(tmp_path):
     """Real FGSM-RS training on digits with the real guard: robustness on the probe grows, no false alarm."""
     torch.manual_seed(0)
