@@ -122,7 +122,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/collapse")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [run(seed, args) for seed in args.seeds]
+    rows = []
+    for seed in args.seeds:  # each row as soon as it is measured: a long run can be read (or stopped) midway
+        rows.append(run(seed, args))
+        print("ROW " + json.dumps(rows[-1]), flush=True)
     print(f"\n{machine()}; plain FGSM eps {args.eps}, guard stop, min_drop {args.min_drop}, up to {args.epochs} epochs")
     print(
         "| seed | flagged at epoch | probe PGD best → at flag | probe FGSM at flag | held-out PGD / FGSM collapsed "
