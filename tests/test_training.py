@@ -21,7 +21,8 @@ from robust.module import VAL_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
-        "false", "--data.init_args.batch_size", "32", "--image_grid.n", "4",
+        "false", "--data.init_args.batch_size", "32", "--data.init_args.image_size", "8", "--model.val_steps", "2",
+        "--image_grid.n", "4",
         "--trainer.log_every_n_steps", "1", "--trainer.check_val_every_n_epoch", "1"]  # fmt: skip
 
 
