@@ -101,6 +101,7 @@ class AdversarialClassifier(L.LightningModule):
         self.attack_steps = attack_steps if attack_steps is not None else obj.steps or 7
         default = obj.default_alpha(eps) or training_alpha(attack, eps)
         self.alpha = alpha if alpha is not None else default  # the step in force
+        self.beta = beta if beta is not None else obj.beta
         check_budget(eps, self.alpha if attack != "none" else None, self.attack_steps)
         self.val_spec = ThreatSpec(eps if val_eps is None else val_eps, val_alpha, val_steps, quality=jpeg_quality,
                                    seed=val_seed, threats=VAL_KEYS)  # fmt: skip
@@ -170,7 +171,7 @@ class AdversarialClassifier(L.LightningModule):
         adversarial logits (two forward passes, as the official code)."""
         x_adv = self.make_training_attack(x, y)
         logits_clean, logits_adv = self(x), self(x_adv)
-        loss = objective_loss(self.hparams.objective, logits_adv, y, logits_clean=logits_clean, beta=self.hparams.beta)
+        loss = objective_loss(self.hparams.objective, logits_adv, y, logits_clean=logits_clean, beta=self.beta)
         self.log("train/loss", loss, prog_bar=True)
         for key, logits in (("clean", logits_clean), ("adv", logits_adv)):
             self.train_acc[key](logits.detach().argmax(1), y)
@@ -216,8 +217,9 @@ class AdversarialClassifier(L.LightningModule):
         datamodule = getattr(trainer, "datamodule", None)
         monitored = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
         score = None if monitored is None else monitored.best_model_score
+        in_force = {**self.hparams, "attack_steps": self.attack_steps, "beta": self.beta}  # defaults resolved
         card = training_card(
-            self.hparams, datamodule.describe() if hasattr(datamodule, "describe") else None, trainer.callback_metrics,
+            in_force, datamodule.describe() if hasattr(datamodule, "describe") else None, trainer.callback_metrics,
             alpha=None if self.hparams.attack == "none" else self.alpha, epoch=trainer.current_epoch,
             global_step=trainer.global_step,
             best=None if score is None else {"monitor": monitored.monitor, "score": float(score)},

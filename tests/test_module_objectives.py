@@ -11,6 +11,8 @@ from conftest import tiny_fit_args
 import train
 from robust.attacks import nfgsm, seeded_rng
 from robust.errors import RobustError
+from robust.loading import load_model
+from robust.models import card_of
 from robust.module import AdversarialClassifier
 from robust.objectives import objective_loss, trades_pgd
 
@@ -67,6 +69,10 @@ def test_refused_combinations_are_one_line_errors(kw, match):
 def test_train_cli_runs_each_recipe(tmp_path, extra):
     cli = train.main(tiny_fit_args(tmp_path, *extra))
     assert cli.trainer.global_step == 1 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    training = card_of(load_model(cli.trainer.checkpoint_callback.best_model_path)).training
+    m = cli.model  # the card records what was in force, defaults resolved
+    assert training["attack_steps"] == m.attack_steps and training["beta"] == m.beta and training["alpha"] == m.alpha
+    assert (training["attack"], training["objective"]) == (m.hparams.attack, m.hparams.objective)
 
 
 def test_train_cli_refuses_a_bad_combination_in_one_line(tmp_path, capsys):
