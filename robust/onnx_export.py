@@ -7,6 +7,8 @@ as in every model here) and returns ``logits``: ``N×num_classes`` float32. No L
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -14,6 +16,9 @@ from torch import Tensor
 from robust.card import ModelCard
 from robust.errors import RobustError
 from robust.models import CardedModel
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # torch.onnx's exporter needs the first two
@@ -50,14 +55,19 @@ def to_onnx(model: torch.nn.Module, image_size: int) -> tuple[bytes, int]:
     return proto.SerializeToString(), int(opset)
 
 
-def onnx_logits(onnx_model: bytes, x: Tensor) -> Tensor:
-    """Logits (``N×K``) that onnxruntime's CPU provider computes for images ``x`` (``N×3×S×S`` in [0, 1]), using as
-    many threads as torch does."""
+def onnx_session(onnx_model: bytes | str | Path) -> InferenceSession:
+    """An onnxruntime CPU session of a serialized ONNX model or ``.onnx`` file, as many threads as torch uses
+    (onnxruntime ignores ``OMP_NUM_THREADS``)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(onnx_model, options, providers=[PROVIDER])
+    return onnxruntime.InferenceSession(onnx_model if isinstance(onnx_model, bytes) else str(onnx_model), options,
+                                        providers=[PROVIDER])  # fmt: skip
+
+
+def onnx_logits(session: InferenceSession, x: Tensor) -> Tensor:
+    """Logits (``N×K``) an :func:`onnx_session` computes for images ``x`` (``N×3×S×S`` in [0, 1])."""
     (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().cpu().float().numpy()})
     return torch.from_numpy(logits)
 
@@ -86,7 +96,7 @@ def export_onnx(model: CardedModel, data: str | None = None) -> tuple[bytes, dic
     x, identity = check_batch(card, data)
     with torch.no_grad():
         expected = model(x)
-    diff = float((onnx_logits(onnx_model, x) - expected).abs().max())
+    diff = float((onnx_logits(onnx_session(onnx_model), x) - expected).abs().max())
     if not diff <= TOLERANCE:  # also refuses NaN
         raise RobustError(
             f"onnxruntime's logits differ from torch's by up to {diff:.3g} on {len(x)} "
