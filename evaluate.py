@@ -2,7 +2,7 @@
 
     python evaluate.py report --checkpoint CKPT --data digits|cifar10|FOLDER [--eps 0.05 0.1] [--out DIR]
     python evaluate.py fool --image IMG --out DIR (--checkpoint CKPT | --weights imagenet) [--target NAME]
-    python evaluate.py export --checkpoint CKPT --out DIR
+    python evaluate.py export --checkpoint CKPT --out DIR [--torch-export] [--onnx [--onnx-data digits|cifar10|FOLDER]]
 
 Bad input prints one line ``error: ...`` on stderr and exits with code 2 (a traceback only with ``--debug``).
 Heavy libraries are imported after the arguments are checked, so argument errors are instant.
@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="a Lightning .ckpt")
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--torch-export", action="store_true", help="also write a torch.export program (model.pt2)")
+    export.add_argument("--onnx", action="store_true",
+                        help="also write model.onnx, checked in onnxruntime (extra robust[onnx])")  # fmt: skip
+    export.add_argument("--onnx-data", help="images for the onnxruntime check: digits, cifar10 or an image folder "
+                        "(default: the digits for a digits model, else seeded random images)")  # fmt: skip
     export.set_defaults(func=run_export)
     return parser
 
@@ -135,10 +139,20 @@ def run_fool(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    if args.onnx_data and not args.onnx:
+        raise RobustError("--onnx-data only applies with --onnx")
     from robust.export import export_model
 
-    folder = export_model(args.checkpoint, args.out, torch_export=args.torch_export)
+    folder = export_model(args.checkpoint, args.out, args.torch_export, args.onnx, args.onnx_data)
     print(f"exported {args.checkpoint} to {folder}")
+    if args.onnx:
+        from robust.card import ModelCard
+        from robust.loading import CARD_FILE
+
+        onnx = ModelCard.from_json((folder / CARD_FILE).read_text(), CARD_FILE).onnx
+        print(f"model.onnx: opset {onnx['opset']}, max |logit difference| to torch "
+              f"{onnx['check']['max_abs_logit_diff']:.2g} on {onnx['check']['data']['n']} "
+              f"{onnx['check']['data']['name']} images in onnxruntime")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
 from robust.errors import RobustError
@@ -49,10 +49,18 @@ class ModelCard:
         default_factory=dict,
     )
     versions: dict = _doc(
-        "library versions at export: python, torch, torchvision, lightning, safetensors, robust", default_factory=dict
+        "library versions at export: python, torch, torchvision, lightning, safetensors, robust (+ onnx, onnxscript, "
+        "onnxruntime with an ONNX export)",
+        default_factory=dict,
     )
     created: str | None = _doc("export time, ISO 8601 UTC (null until exported)", default=None)
     files: dict = _doc("sha256 (hex) of each file of an export (model.safetensors always)", default_factory=dict)
+    onnx: dict | None = _doc(
+        "the export's model.onnx (null without one): opset, input and output (tensor names), input_shape "
+        "(['batch', 3, S, S], float32 in [0, 1], normalization inside), check (the onnxruntime run against torch at "
+        "export: provider, data, max_abs_logit_diff, tolerance)",
+        default=None,
+    )
 
     @classmethod
     def schema(cls) -> dict[str, tuple[str, str]]:
@@ -71,7 +79,8 @@ class ModelCard:
     @classmethod
     def from_dict(cls, data: object, source: str) -> ModelCard:
         """Check ``data`` (a parsed card from ``source``, named in errors) against the fields' types and the card's
-        own consistency; RobustError with one sentence for the first problem."""
+        own consistency; RobustError with one sentence for the first problem. A field with a default may be
+        absent (cards written before the field existed); it then takes the default."""
         if not isinstance(data, dict):
             raise RobustError(f"{source} must hold a JSON object")
         if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
@@ -79,9 +88,9 @@ class ModelCard:
                               f"this library reads {FORMAT!r} version {FORMAT_VERSION}")  # fmt: skip
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            if f.name not in data:
+            if f.name not in data and not _has_default(f):
                 raise RobustError(f"{source} has no {f.name!r} field ({f.metadata['doc']})")
-            if not _has_type(data[f.name], hints[f.name]):
+            if f.name in data and not _has_type(data[f.name], hints[f.name]):
                 raise RobustError(
                     f"{source}: field {f.name!r} must be {_type_name(hints[f.name])}, got {data[f.name]!r:.80}"
                 )
@@ -118,6 +127,10 @@ def _has_type(value: object, hint: Any) -> bool:
     if hint in (int, float):
         return not isinstance(value, bool) and isinstance(value, int if hint is int else (int, float))
     return isinstance(value, hint)
+
+
+def _has_default(f: Field) -> bool:
+    return f.default is not MISSING or f.default_factory is not MISSING
 
 
 def _type_name(hint: Any) -> str:

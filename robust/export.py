@@ -5,7 +5,9 @@
 - ``model.safetensors``: the state dict of the model (keys ``normalize.mean``, ``normalize.std``,
   ``backbone.<torchvision key>``), float32; no pickle, so loading it can never run code;
 - ``model.json``: the model card, :class:`robust.card.ModelCard` (fields and meanings: ``ModelCard.schema()``);
-- ``model.pt2`` (``torch_export=True``): a ``torch.export`` program, input ``N×3×image_size×image_size`` in [0, 1].
+- ``model.pt2`` (``torch_export=True``): a ``torch.export`` program, input ``N×3×image_size×image_size`` in [0, 1];
+- ``model.onnx`` (``onnx=True``, the ``onnx`` extra): the same model in ONNX (:mod:`robust.onnx_export`), checked in
+  onnxruntime against torch before anything is written; the card's ``onnx`` field records the check.
 """
 
 from __future__ import annotations
@@ -24,19 +26,22 @@ from torch import nn
 
 from robust.errors import RobustError
 from robust.files import atomic_write_bytes, current_umask, load_checkpoint, sha256_hex
-from robust.loading import CARD_FILE, PROGRAM_FILE, WEIGHTS_FILE, model_from_ckpt
+from robust.loading import CARD_FILE, ONNX_FILE, PROGRAM_FILE, WEIGHTS_FILE, model_from_ckpt
+from robust.onnx_export import PACKAGES as ONNX_PACKAGES
+from robust.onnx_export import export_onnx, require_onnx
 
 
-def _versions() -> dict[str, str]:
+def _versions(onnx: bool) -> dict[str, str]:
     """Versions of Python and the libraries that made the export (torch with its build tag, e.g. ``+cu132``)."""
     import platform
 
     import lightning
     import torchvision
 
-    return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "lightning": lightning.__version__,
-            "safetensors": safetensors.__version__, "robust": importlib.metadata.version("robust")}  # fmt: skip
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__),
+                "torchvision": str(torchvision.__version__), "lightning": lightning.__version__,
+                "safetensors": safetensors.__version__, "robust": importlib.metadata.version("robust")}  # fmt: skip
+    return versions | ({name: importlib.metadata.version(name) for name in ONNX_PACKAGES} if onnx else {})
 
 
 def _torch_export(model: nn.Module, image_size: int, path: Path) -> None:
@@ -75,20 +80,32 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def export_model(checkpoint: str | Path, out: str | Path, torch_export: bool = False) -> Path:
+def export_model(
+    checkpoint: str | Path,
+    out: str | Path,
+    torch_export: bool = False,
+    onnx: bool = False,
+    onnx_data: str | None = None,
+) -> Path:
     """Export a Lightning checkpoint of :class:`AdversarialClassifier` to the folder ``out`` and return it.
 
     Writes ``model.safetensors``, ``model.json`` (the checkpoint's :class:`~robust.card.ModelCard`, completed
-    with versions, time and sha256 sums) and, with ``torch_export``,
-    ``model.pt2``, into a temp folder beside ``out`` that is renamed to ``out`` when complete. A previous
+    with versions, time and sha256 sums), with ``torch_export`` ``model.pt2`` and with ``onnx`` ``model.onnx``
+    (checked in onnxruntime on ``onnx_data``, see :func:`robust.onnx_export.check_batch`; RobustError when it
+    disagrees with torch), into a temp folder beside ``out`` that is renamed to ``out`` when complete. A previous
     export in ``out`` is replaced; a non-empty folder that is not an export is refused (RobustError).
     """
+    if onnx:
+        require_onnx()
     model = model_from_ckpt(load_checkpoint(checkpoint), str(checkpoint))
     out = Path(out)
     _check_target(out)
     weights = safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, {"format": "pt"})
-    card = dataclasses.replace(model.card, versions=_versions(), files={WEIGHTS_FILE: sha256_hex(weights)},
+    card = dataclasses.replace(model.card, versions=_versions(onnx), files={WEIGHTS_FILE: sha256_hex(weights)},
                                created=datetime.now(timezone.utc).isoformat(timespec="seconds"))  # fmt: skip
+    if onnx:
+        onnx_model, card.onnx = export_onnx(model, onnx_data)
+        card.files[ONNX_FILE] = sha256_hex(onnx_model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -96,6 +113,8 @@ def export_model(checkpoint: str | Path, out: str | Path, torch_export: bool = F
         if torch_export:
             _torch_export(model, card.image_size, tmp / PROGRAM_FILE)
             card.files[PROGRAM_FILE] = sha256_hex((tmp / PROGRAM_FILE).read_bytes())
+        if onnx:
+            atomic_write_bytes(tmp / ONNX_FILE, onnx_model)
         atomic_write_bytes(tmp / CARD_FILE, card.to_json().encode())
         _install(tmp, out)
     finally:

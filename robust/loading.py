@@ -6,7 +6,7 @@ plain dicts with ``weights_only=True``.
 
 An export folder holds ``model.safetensors`` (the model's state dict, float32, keys ``normalize.mean``,
 ``normalize.std``, ``backbone.<torchvision key>``), ``model.json`` (the card) and optionally ``model.pt2`` (a
-``torch.export`` program); :mod:`robust.export` writes it.
+``torch.export`` program) and ``model.onnx``; :mod:`robust.export` writes it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from robust.files import load_checkpoint, sha256_hex
 from robust.hf import HF_PREFIX, load_hf_model
 from robust.models import IMAGENET_MEAN, IMAGENET_STD, CardedModel, Normalize, build_model, imagenet_class_names
 
-WEIGHTS_FILE, CARD_FILE, PROGRAM_FILE = "model.safetensors", "model.json", "model.pt2"
+WEIGHTS_FILE, CARD_FILE, PROGRAM_FILE, ONNX_FILE = "model.safetensors", "model.json", "model.pt2", "model.onnx"
 CARD_KEY = "robust_card"  # where a checkpoint keeps its card (a dict, ModelCard.to_dict())
 TRAINING_KEYS = ("attack", "target", "eps", "alpha", "adv_ratio", "attack_steps", "nfgsm_noise", "objective", "beta")
 
@@ -169,9 +169,9 @@ def model_from_export(folder: str | Path) -> CardedModel:
 def load_model(spec: str | Path) -> CardedModel:
     """Load a model for evaluation: eval mode, CPU, its :class:`~robust.card.ModelCard` in ``model.card``.
 
-    ``spec`` is an export folder (or its ``model.json`` / ``model.safetensors`` / ``model.pt2``), a Lightning
-    checkpoint (``.ckpt``, loaded with ``weights_only=True``), ``"imagenet"`` (torchvision's ImageNet ResNet18)
-    or ``"hf:<model id or local dir>"`` (a Hugging Face classifier).
+    ``spec`` is an export folder (or one of its files: ``model.json``, ``.safetensors``, ``.pt2``, ``.onnx``), a
+    Lightning checkpoint (``.ckpt``, loaded with ``weights_only=True``), ``"imagenet"`` (torchvision's ImageNet
+    ResNet18) or ``"hf:<model id or local dir>"`` (a Hugging Face classifier).
     """
     text = str(spec)
     if text == "imagenet":
@@ -181,7 +181,7 @@ def load_model(spec: str | Path) -> CardedModel:
     path = Path(spec)
     if path.is_dir():
         return model_from_export(path)
-    if path.is_file() and path.suffix in (".json", ".safetensors", ".pt2"):
+    if path.is_file() and path.suffix in (".json", ".safetensors", ".pt2", ".onnx"):
         return model_from_export(path.parent)
     if path.is_file():
         return model_from_checkpoint(path)
