@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--cifar10-root", default="data/cifar10", help="where CIFAR-10 is (or is downloaded to)")
     report.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard; slow)")
     report.add_argument("--out", help="output folder (default reports/<model>-<data>)")
+    report.add_argument("--devices", type=_count("devices"), default=1,
+                        help="processes per node, one device of --device's type each (default 1)")  # fmt: skip
+    report.add_argument("--num-nodes", type=_count("number of nodes"), default=1,
+                        help="nodes (under torchrun or SLURM; default 1)")  # fmt: skip
+    report.add_argument("--resume", action="store_true",
+                        help="reuse the counts of batches a killed run of the same report finished")  # fmt: skip
     _common(report)
     report.set_defaults(func=run_report)
 
@@ -109,19 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
 def run_report(args: argparse.Namespace) -> None:
     from robust import load_model
     from robust import report as rep
+    from robust.sharding import launch
 
-    model = load_model(args.model).to(rep.pick_device(args.device))
-    loader, data_info = rep.eval_data(
-        args.data, model.card, args.limit, args.batch_size, args.num_workers, args.cifar10_root
-    )
+    world = launch(rep.pick_device(args.device), args.devices, args.num_nodes)
+    with world.rank_zero_first():  # downloads happen once
+        model = load_model(args.model).to(world.device)
+        loader, data_info = rep.eval_data(
+            args.data, model.card, args.limit, args.batch_size, args.num_workers, args.cifar10_root
+        )
     eps = args.eps or [rep.default_eps(model.card)]
-    results = rep.evaluate(
-        model, loader, eps, args.steps, args.alpha, args.restarts, args.quality, args.autoattack, args.seed
-    )
-    report = rep.build_report(results, rep.model_identity(args.model, model), data_info)
-    paths = rep.write_report(report, args.out or rep.default_out(args.model, args.data))
-    print(rep.markdown_table(report))
-    print("wrote: " + ", ".join(str(p) for p in paths))
+    out = args.out or rep.default_out(args.model, args.data)
+    model_info = rep.model_identity(args.model, model)
+    journal = rep.report_journal(out, model_info, data_info, args.batch_size, world.device, args.resume)
+    results = rep.evaluate(model, loader, eps, args.steps, args.alpha, args.restarts, args.quality, args.autoattack,
+                           args.seed, world=world, journal=journal)  # fmt: skip
+    if world.rank == 0:
+        report = rep.build_report(results, model_info, data_info)
+        paths = rep.write_report(report, out)
+        journal.clear()
+        print(rep.markdown_table(report))
+        print("wrote: " + ", ".join(str(p) for p in paths))
 
 
 def run_fool(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +23,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from robust.card import ModelCard
 from robust.checks import check_at_least_one
@@ -32,7 +32,8 @@ from robust.files import atomic_write_files
 from robust.hf import HF_PREFIX
 from robust.images import check_images
 from robust.models import card_of
-from robust.threats import DEFAULT_THREATS, THREATS, WORST_CASES, ThreatAccuracy, ThreatSpec, predictions
+from robust.sharding import Journal, World, sharded_counts
+from robust.threats import DEFAULT_THREATS, THREATS, WORST_CASES, ThreatSpec, correct_counts, predictions
 
 FILES = ("report.json", "report.md", "robustness_curve.png")
 
@@ -127,7 +128,7 @@ def eval_data(
 
 def evaluate(
     model: nn.Module,
-    loader: Iterable[tuple[Tensor, Tensor]],
+    loader: DataLoader | Sequence[tuple[Tensor, Tensor]],
     eps_list: Sequence[float],
     steps: int = 10,
     alpha: float | None = None,
@@ -136,44 +137,55 @@ def evaluate(
     autoattack: bool = False,
     seed: int = 0,
     progress: bool = True,
+    world: World | None = None,
+    journal: Journal | None = None,
 ) -> dict:
     """Accuracy of ``model`` under every threat, on the same images, for each eps.
 
     Args:
         model: takes ``N×3×H×W`` images in [0, 1], returns logits; evaluated with BatchNorm in eval mode.
-        loader: batches ``(x, y)``: ``x`` float in [0, 1], ``y`` int64 class ids of ``model``.
+        loader: a DataLoader or a list of batches ``(x, y)``: ``x`` float in [0, 1], ``y`` int64 class ids of
+            ``model``.
         eps_list: L-inf budgets in [0, 1] pixel units. steps, restarts: PGD iterations and random restarts
             (for ``pgd``, ``apgd``, ``bpda_pgd`` and the targeted attack). alpha: PGD step (default
             :func:`robust.threats.default_alpha`).
         quality: JPEG quality of the defense. autoattack: also run torchattacks' standard AutoAttack (slow).
         seed: seeds random starts and the random targets (batch ``i`` with ``seed + i``; the global RNG is left
             untouched).
+        world: the processes sharing the batches (:func:`robust.sharding.launch`; default this process alone, on
+            the model's device); every process gets the same result. journal: where finished batches' counts are
+            kept and, when resuming, read back (:class:`robust.sharding.Journal`).
     Returns: ``{"rows": [{"eps", "alpha", <threat>: accuracy in [0, 1], ...}, ...], "flags": [...], "n",
-    "eps", "steps", "restarts", "alpha", "quality", "seed", "autoattack"}``; rows sorted by eps.
+    "eps", "steps", "restarts", "alpha", "quality", "seed", "autoattack"}``; rows sorted by eps. Accuracies are
+    counts of correct predictions over ``n``, whatever the number of processes.
     """
     eps_list = sorted({float(e) for e in eps_list})
     if not eps_list:
         raise RobustError("give at least one eps")
     keys = THREATS if autoattack else DEFAULT_THREATS
     specs = [ThreatSpec(e, alpha, steps, restarts, quality, seed, keys) for e in eps_list]
-    device = next(model.parameters()).device
-    tallies = [ThreatAccuracy(keys, device) for _ in specs]
-    n = 0
-    total = len(loader) * len(specs) if hasattr(loader, "__len__") else None
-    with tqdm(total=total, desc="robustness", unit="batch", disable=not progress) as bar:
-        for b, (x, y) in enumerate(loader):
-            x, y = x.to(device), y.to(device)
-            check_images(x)
-            n += len(y)
-            for spec, tally in zip(specs, tallies, strict=True):
-                tally.update(predictions(model, x, y, spec.for_batch(b)), y)
-                bar.update(1)
+    world = world or World(next(model.parameters()).device)
+    count = partial(batch_counts, model, keys, world.device)
+    totals = sharded_counts(loader, specs, count, 1 + len(keys), world, journal, progress).tolist()
+    n = totals[0][0]
     if n == 0:
         raise RobustError("the evaluation data holds no images")
-    rows = [{"eps": s.eps, "alpha": s.step, **t.compute()} for s, t in zip(specs, tallies, strict=True)]
+    rows = [{"eps": s.eps, "alpha": s.step, **{k: c / n for k, c in zip(keys, t[1:], strict=True)}}
+            for s, t in zip(specs, totals, strict=True)]  # fmt: skip
     return {"rows": rows, "flags": honesty_flags(rows), "n": n, "eps": eps_list, "steps": int(steps),
             "restarts": int(restarts), "alpha": alpha, "quality": int(quality), "seed": int(seed),
             "autoattack": bool(autoattack)}  # fmt: skip
+
+
+def batch_counts(
+    model: nn.Module, keys: tuple[str, ...], device: torch.device, b: int, x: Tensor, y: Tensor, specs: list[ThreatSpec]
+) -> Tensor:
+    """Batch number ``b`` of a pass (``x`` in [0, 1], ``y`` class ids) under each of ``specs`` (seeded for that batch):
+    ``len(specs)×(1 + len(keys))`` int64, the batch size then the correct predictions of each of ``keys``."""
+    x, y = x.to(device), y.to(device)
+    check_images(x)
+    rows = [[len(y), *correct_counts(predictions(model, x, y, spec.for_batch(b)), y, keys)] for spec in specs]
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 def honesty_flags(rows: Sequence[dict]) -> list[str]:
@@ -336,6 +348,16 @@ def default_out(spec: str, data: str) -> Path:
     """``reports/<model>-<data>``, from the model spec and data names (file-name safe)."""
     name = f"{Path(str(spec).removeprefix(HF_PREFIX)).stem}-{Path(data).name or data}"
     return Path("reports") / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def report_journal(out: str | Path, model_info: dict, data_info: dict, batch_size: int, device: torch.device,
+                   resume: bool) -> Journal:  # fmt: skip
+    """The journal of the report written to ``out`` (in ``out/.cache``), valid for this model and data identity
+    (:func:`model_identity`, :func:`eval_data`), batch size, device type and torch version; read back only when
+    ``resume``."""
+    identity = {"model": model_info, "data": data_info, "batch_size": batch_size, "device": device.type,
+                "torch": torch.__version__}  # fmt: skip
+    return Journal(Path(out) / ".cache", identity, resume)
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -192,6 +192,12 @@ def labels_for(key: str, preds: dict, y: Tensor) -> Tensor:
     return preds["target"] if key == "targeted_success" else y
 
 
+def correct_counts(preds: dict, y: Tensor, keys: tuple[str, ...]) -> list[int]:
+    """For each of ``keys``, how many of its predictions in ``preds`` (:func:`predictions`) hit what they are
+    scored against (:func:`labels_for`): exact integers, which add up across batches and processes."""
+    return [int((preds[key] == labels_for(key, preds, y)).sum()) for key in keys]
+
+
 class ThreatAccuracy:
     """Running accuracy in [0, 1] of each of ``keys`` over batches of :func:`predictions` (torchmetrics means)."""
 
