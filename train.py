@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from robust.averaging import WeightEMA
 from robust.callbacks import AdversarialImages
 from robust.errors import RobustError
 from robust.guard import CatastrophicOverfittingGuard
@@ -16,8 +18,8 @@ from robust.precision import resolve_precision
 
 
 class RobustCLI(LightningCLI):
-    """LightningCLI with the data's classes linked into the model, robust checkpointing, resume and a precision
-    that follows the hardware."""
+    """LightningCLI with the data's classes linked into the model, robust checkpointing, resume, weight averaging
+    (``--ema.decay``) and a precision that follows the hardware."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -36,6 +38,14 @@ class RobustCLI(LightningCLI):
         })  # fmt: skip
         parser.add_lightning_class_args(AdversarialImages, "image_grid")
         parser.add_lightning_class_args(CatastrophicOverfittingGuard, "overfit_guard")
+        # After image_grid: callbacks run in this order, and the grid must be drawn before the average is swapped out.
+        parser.add_lightning_class_args(WeightEMA, "ema")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # --ema.decay null or 0 (the default): no averaging, so no callback at all
+        trainer.callbacks = [cb for cb in trainer.callbacks if not (isinstance(cb, WeightEMA) and cb.decay is None)]
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         """Resolve the precision for this machine; with ``--ckpt_path last``, log into the latest run's version

@@ -41,7 +41,8 @@ class ModelCard:
     data: str | None = _doc("training data module name, e.g. Digits, CIFAR10, ImageFolder")
     training: dict = _doc(
         "attack, target, eps, alpha (the step in force when saved, after any guard rollback; null: the attack's "
-        "default), adv_ratio, attack_steps, nfgsm_noise, objective, beta"
+        "default), adv_ratio, attack_steps, nfgsm_noise, objective, beta, ema_decay (the weights are an exponential "
+        "moving average of the trained ones with this decay; null: the trained weights)"
     )
     robustness: dict = _doc(
         "val metrics (accuracies, loss), eps, steps, jpeg_quality; best ({monitor, score} of the checkpoint "

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from robust.attacks import seeded_rng
+from robust.averaging import weight_averages
 from robust.errors import RobustError
 from robust.threats import ThreatSpec, accuracy
 
@@ -41,6 +42,10 @@ class CatastrophicOverfittingGuard(L.Callback):
 
     The most robust weights, not the last healthy ones: a collapse is measured against the best, and the slide
     towards it can take several checks that are each still "healthy" but already far less robust.
+
+    With weight averaging (:class:`robust.averaging.WeightEMA`) the checks measure the trained weights (they
+    collapse first; the average follows them), and a restore puts back the average kept with those weights too,
+    so neither ``stop`` nor ``rollback`` leaves collapsed weights in it.
 
     Active only when ``pl_module.hparams.attack`` is ``fgsm`` or ``fgsm_rs``, unless ``force``. The scalar
     state (best accuracies, rollbacks) is saved in checkpoints and restored on resume (the module keeps the
@@ -164,12 +169,15 @@ class CatastrophicOverfittingGuard(L.Callback):
             self.best_pgd, self.fgsm_at_best = pgd_acc, fgsm_acc
         if self.action != "warn" and (best or self._best is None):  # None: just resumed, nothing kept yet
             self._best = {"model": {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()},
-                          "optimizers": [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers]}  # fmt: skip
+                          "optimizers": [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers],
+                          "averages": [ema.average_state() for ema in weight_averages(trainer)]}  # fmt: skip
 
     def _restore(self, trainer, pl_module) -> None:
         pl_module.load_state_dict(self._best["model"])
         for opt, state in zip(trainer.optimizers, self._best["optimizers"], strict=True):
             opt.load_state_dict(copy.deepcopy(state))
+        for ema, state in zip(weight_averages(trainer), self._best["averages"], strict=True):
+            ema.load_average_state(state)
 
     def _log(self, trainer, pl_module, measured: dict[str, float]) -> None:
         metrics = {k: float(v) for k, v in measured.items()}

@@ -26,7 +26,8 @@ from robust.models import IMAGENET_MEAN, IMAGENET_STD, CardedModel, Normalize, b
 
 WEIGHTS_FILE, CARD_FILE, PROGRAM_FILE, ONNX_FILE = "model.safetensors", "model.json", "model.pt2", "model.onnx"
 CARD_KEY = "robust_card"  # where a checkpoint keeps its card (a dict, ModelCard.to_dict())
-TRAINING_KEYS = ("attack", "target", "eps", "alpha", "adv_ratio", "attack_steps", "nfgsm_noise", "objective", "beta")
+TRAINING_KEYS = ("attack", "target", "eps", "alpha", "adv_ratio", "attack_steps", "nfgsm_noise", "objective", "beta",
+                 "ema_decay")  # fmt: skip
 
 
 def build_classifier(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from robust.attacks import check_budget, least_likely_class, random_other_class
+from robust.averaging import EMA_DECAY_KEY
 from robust.errors import RobustError
 from robust.loading import CARD_KEY, build_classifier, training_card
 from robust.models import IMAGENET_MEAN, IMAGENET_STD
@@ -217,7 +218,9 @@ class AdversarialClassifier(L.LightningModule):
         datamodule = getattr(trainer, "datamodule", None)
         monitored = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
         score = None if monitored is None else monitored.best_model_score
-        in_force = {**self.hparams, "attack_steps": self.attack_steps, "beta": self.beta}  # defaults resolved
+        # Defaults resolved; the decay is put in the checkpoint by robust.averaging.WeightEMA, whose hook runs first.
+        in_force = {**self.hparams, "attack_steps": self.attack_steps, "beta": self.beta,
+                    "ema_decay": checkpoint.get(EMA_DECAY_KEY)}  # fmt: skip
         card = training_card(
             in_force, datamodule.describe() if hasattr(datamodule, "describe") else None, trainer.callback_metrics,
             alpha=None if self.hparams.attack == "none" else self.alpha, epoch=trainer.current_epoch,

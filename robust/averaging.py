@@ -1,0 +1,73 @@
+"""Weight averaging: an exponential moving average (EMA) of the trained weights, by Lightning's own callback."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+from robust.errors import RobustError
+
+EMA_DECAY_KEY = "ema_decay"  # the checkpoint key through which the decay reaches the model card
+
+
+class WeightEMA(WeightAveraging):
+    """EMA of the module's weights and buffers after every optimizer step: ``avg = decay·avg + (1 - decay)·w``
+    (:func:`torch.optim.swa_utils.get_ema_multi_avg_fn`; the first update copies ``w``).
+
+    Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging` does the rest, as designed: the average is
+    swapped in for each validation epoch (so ``val/*``, the checkpoint choice, the image grid and the model card's
+    metrics are the average's); every checkpoint's ``state_dict`` is the average (so ``last.ckpt``, the best
+    checkpoint and their exports are), with the trained weights under ``current_model_state`` and the update count
+    under ``averaging_state``, so a resume continues both; when training ends the module holds the average.
+
+    BatchNorm running statistics are averaged with the weights (``use_buffers``): the trained model's own statistics
+    belong to its own weights, not to the average, and recomputing them (``update_bn``) would cost a pass over the
+    data and a choice between clean and adversarial inputs. Integer buffers (``num_batches_tracked``) get a
+    truncated average; BatchNorm with a momentum does not read them.
+
+    The catastrophic-overfitting guard keeps :meth:`average_state` with the weights it may roll back to and restores
+    it with them, so no collapsed weights stay in the average.
+
+    Args:
+        decay: weight of the old average at each step, in [0, 1); the last ~``1/(1 - decay)`` steps dominate
+            (0.999: ~1,000 steps). ``None`` or 0: no averaging; train.py then adds no callback.
+    """
+
+    def __init__(self, decay: float | None = None) -> None:
+        if decay is not None and not 0 <= decay < 1:
+            raise RobustError(f"ema decay must be in [0, 1) (null or 0: no averaging), got {decay}")
+        self.decay = float(decay) if decay else None
+        super().__init__(use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(self.decay or 0.0))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        total = trainer.estimated_stepping_batches
+        if math.isfinite(total) and self.decay is not None and self.decay ** (total - 1) > 0.05:
+            rank_zero_warn(f"ema decay {self.decay}: after this run's {int(total)} optimizer steps the average still "
+                           f"holds {self.decay ** (total - 1):.0%} of the first step's weights; a decay of at most "
+                           "1 - 3/steps averages over the run instead")  # fmt: skip
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._average_model is not None:  # the state_dict is the average
+            checkpoint[EMA_DECAY_KEY] = self.decay
+
+    def average_state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the average (weights, buffers and update count) for :meth:`load_average_state`."""
+        if self._average_model is None:
+            raise RobustError("the weight average exists only while fitting")
+        return {k: v.detach().to("cpu", copy=True) for k, v in self._average_model.state_dict().items()}
+
+    def load_average_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Make the average what :meth:`average_state` returned."""
+        if self._average_model is None:
+            raise RobustError("the weight average exists only while fitting")
+        self._average_model.load_state_dict(state)
+
+
+def weight_averages(trainer) -> list[WeightEMA]:
+    """The trainer's weight-averaging callbacks (none without ``--ema.decay``)."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, WeightEMA)]
