@@ -40,9 +40,12 @@ class ModelCard:
     cifar_stem: bool = _doc("3×3 stride-1 conv1 and no max-pool (32×32 inputs) instead of torchvision's stem")
     data: str | None = _doc("training data module name, e.g. Digits, CIFAR10, ImageFolder")
     training: dict = _doc(
-        "attack, target, eps, alpha (the step in force when saved, after any guard rollback; null: the attack's "
-        "default), adv_ratio, attack_steps, nfgsm_noise, objective, beta, ema_decay (the weights are an exponential "
-        "moving average of the trained ones with this decay; null: the trained weights)"
+        "attack (the one in force when saved: the overfitting guard may have switched fgsm_rs to nfgsm), "
+        "switched_from (the configured attack when the guard switched away from it, else null), target, eps, "
+        "alpha (the step in force when saved, after any guard rollback; null: the attack's default), adv_ratio, "
+        "attack_steps, nfgsm_noise, objective, beta; ema_decay (the weights are an exponential moving average of the "
+        "trained ones with this decay; null: the trained weights); init: where the initial weights came from "
+        "({weights, kind, sha256, classes, fresh}, robust.loading.initialize_classifier)"
     )
     robustness: dict = _doc(
         "val metrics (accuracies, loss), eps, steps, jpeg_quality; best ({monitor, score} of the checkpoint "

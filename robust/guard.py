@@ -34,10 +34,17 @@ class CatastrophicOverfittingGuard(L.Callback):
     - ``stop`` (default): restore the weights kept (in memory) at the most robust check so far (the best
       probe PGD accuracy; a later check that ties it replaces it) and stop (``trainer.should_stop``), so the
       final model and ``last.ckpt`` are the pre-collapse model whatever the validation frequency.
-    - ``rollback``: restore those weights and the optimizer state kept with them, multiply the attack step by
-      ``alpha_factor`` (``pl_module.set_attack_step``) and go on (the LR schedule goes on too); after ``max_rollbacks``
-      rollbacks, or with no weights kept, stop instead. Meant for ``fgsm_rs``, where a smaller step is the
-      known cure (Wong et al. 2020); for plain ``fgsm`` a smaller step trains for a smaller eps.
+    - ``rollback``: restore those weights and the optimizer state kept with them, change the training attack as
+      ``on_collapse`` says, and go on (the LR schedule goes on too); after ``max_rollbacks`` rollbacks, or with no
+      weights kept, stop instead. ``on_collapse``:
+
+      - ``shrink_step`` (default): multiply the attack step by ``alpha_factor`` (``pl_module.set_attack_step``).
+        Meant for ``fgsm_rs``, where a smaller step is the known cure (Wong et al. 2020); for plain ``fgsm`` a
+        smaller step trains for a smaller eps.
+      - ``switch_to_nfgsm``: train with N-FGSM from then on (``pl_module.set_attack("nfgsm")``: noise
+        ``nfgsm_noise``·eps, default 2, no projection, its default step: eps with the ``ce`` objective; de Jorge
+        et al. 2022), which keeps the full step and held where FGSM-RS collapsed in the paper (eps 16/255). A
+        later collapse, under N-FGSM, shrinks its step as ``shrink_step`` does.
     - ``warn``: only warn and log.
 
     The most robust weights, not the last healthy ones: a collapse is measured against the best, and the slide
@@ -47,17 +54,19 @@ class CatastrophicOverfittingGuard(L.Callback):
     collapse first; the average follows them), and a restore puts back the average kept with those weights too,
     so neither ``stop`` nor ``rollback`` leaves collapsed weights in it.
 
-    Active only when ``pl_module.hparams.attack`` is ``fgsm`` or ``fgsm_rs``, unless ``force``. The scalar
-    state (best accuracies, rollbacks) is saved in checkpoints and restored on resume (the module keeps the
-    attack step in force); the kept weights are not (after a resume, the first healthy check keeps the weights
-    then in force).
+    Active only when the configured attack (``pl_module.hparams.attack``) is ``fgsm`` or ``fgsm_rs``, unless
+    ``force``; it goes on watching after a switch to N-FGSM. The scalar state (best accuracies, rollbacks) is saved
+    in checkpoints and restored on resume (the module keeps the attack and step in force, in its card); the kept
+    weights are not (after a resume, the first healthy check keeps the weights then in force).
     """
 
     FGSM_ATTACKS = ("fgsm", "fgsm_rs")
+    ON_COLLAPSE = ("shrink_step", "switch_to_nfgsm")
 
     def __init__(
         self,
         action: Literal["rollback", "stop", "warn"] = "stop",
+        on_collapse: Literal["shrink_step", "switch_to_nfgsm"] = "shrink_step",
         n: int = 128,
         every_n_steps: int | None = None,
         pgd_steps: int = 10,
@@ -73,12 +82,18 @@ class CatastrophicOverfittingGuard(L.Callback):
     ) -> None:
         if action not in ("rollback", "stop", "warn"):
             raise RobustError(f"overfit guard action must be rollback, stop or warn, got {action!r}")
+        if on_collapse not in self.ON_COLLAPSE:
+            raise RobustError(f"overfit guard on_collapse must be {' or '.join(self.ON_COLLAPSE)}, got {on_collapse!r}")
+        if on_collapse != "shrink_step" and action != "rollback":
+            raise RobustError(f"overfit guard on_collapse {on_collapse} acts on a rollback: set action rollback "
+                              f"(it is {action})")  # fmt: skip
         if n < 1 or batch_size < 1 or pgd_steps < 1 or (every_n_steps is not None and every_n_steps < 1):
             raise RobustError("overfit guard n, batch_size, pgd_steps and every_n_steps must be at least 1")
         if not (0 < min_drop <= 1 and 0 < drop_ratio <= 1 and 0 < alpha_factor < 1 and max_rollbacks >= 0):
             raise RobustError("overfit guard needs 0 < min_drop <= 1, 0 < drop_ratio <= 1, 0 < alpha_factor < 1 "
                               "and max_rollbacks >= 0")  # fmt: skip
-        self.action, self.n, self.every_n_steps, self.pgd_steps = action, n, every_n_steps, pgd_steps
+        self.action, self.on_collapse, self.n, self.every_n_steps = action, on_collapse, n, every_n_steps
+        self.pgd_steps = pgd_steps
         self.min_drop, self.drop_ratio, self.fgsm_tolerance = min_drop, drop_ratio, fgsm_tolerance
         self.alpha_factor, self.max_rollbacks, self.batch_size = alpha_factor, max_rollbacks, batch_size
         self.seed, self.check_at_start, self.force = seed, check_at_start, force
@@ -188,7 +203,8 @@ class CatastrophicOverfittingGuard(L.Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
     def _act(self, trainer, pl_module, pgd_acc: float, fgsm_acc: float) -> None:
-        """A collapse: warn, and restore the kept weights and stop, or roll back with a smaller attack step."""
+        """A collapse: warn, and restore the kept weights and stop, or roll back with a smaller attack step or
+        N-FGSM."""
         what = (f"catastrophic overfitting at epoch {trainer.current_epoch}, step {trainer.global_step}: PGD accuracy "
                 f"{pgd_acc:.3f} (best {self.best_pgd:.3f}), FGSM accuracy {fgsm_acc:.3f} on {len(self._probe[1])} "
                 "training examples")  # fmt: skip
@@ -200,11 +216,17 @@ class CatastrophicOverfittingGuard(L.Callback):
         if action != "warn" and self._best is not None:
             self._restore(trainer, pl_module)
             what += f"; restored the most robust weights (probe PGD accuracy {self.best_pgd:.3f})"
-        if action == "rollback":
-            hp = pl_module.hparams
+        if action == "rollback" and self.on_collapse == "switch_to_nfgsm" and pl_module.attack in self.FGSM_ATTACKS:
+            pl_module.set_attack("nfgsm")
+            self.rollbacks += 1
+            what += (f", training attack now nfgsm (noise {pl_module.hparams.nfgsm_noise:g}·eps, step "
+                     f"{pl_module.alpha:.5f}, no projection)")  # fmt: skip
+        elif action == "rollback":
+            eps = float(pl_module.hparams.eps)
             # Steps past eps (fgsm) or 2·eps (fgsm_rs) are clipped away by the projection: shrink what is effective.
-            effective = min(float(pl_module.alpha), float(hp.eps) * (1 if hp.attack == "fgsm" else 2))
-            pl_module.set_attack_step(effective * self.alpha_factor)
+            # N-FGSM does not project: all of its step is effective.
+            limit = {"fgsm": eps, "nfgsm": float("inf")}.get(pl_module.attack, 2 * eps)
+            pl_module.set_attack_step(min(float(pl_module.alpha), limit) * self.alpha_factor)
             self.rollbacks += 1
             what += f", attack step now {pl_module.alpha:.5f}"
         elif action == "stop":

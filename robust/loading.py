@@ -22,30 +22,120 @@ from robust.card import ModelCard
 from robust.errors import RobustError
 from robust.files import load_checkpoint, sha256_hex
 from robust.hf import HF_PREFIX, load_hf_model
-from robust.models import IMAGENET_MEAN, IMAGENET_STD, CardedModel, Normalize, build_model, imagenet_class_names
+from robust.models import (
+    HEAD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STEM,
+    CardedModel,
+    Normalize,
+    build_backbone,
+    build_model,
+    imagenet_class_names,
+    imagenet_state,
+    imagenet_weights_file,
+    load_state,
+    normalized,
+    read_torchvision_file,
+)
 
 WEIGHTS_FILE, CARD_FILE, PROGRAM_FILE, ONNX_FILE = "model.safetensors", "model.json", "model.pt2", "model.onnx"
 CARD_KEY = "robust_card"  # where a checkpoint keeps its card (a dict, ModelCard.to_dict())
-TRAINING_KEYS = ("attack", "target", "eps", "alpha", "adv_ratio", "attack_steps", "nfgsm_noise", "objective", "beta",
-                 "ema_decay")  # fmt: skip
+TRAINING_KEYS = ("attack", "switched_from", "target", "eps", "alpha", "adv_ratio", "attack_steps", "nfgsm_noise",
+                 "objective", "beta", "ema_decay", "init")  # fmt: skip
 
 
-def build_classifier(
+def initialize_classifier(
     arch: str,
     num_classes: int | None = None,
     weights: str | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     cifar_stem: bool = False,
-) -> nn.Sequential:
-    """A new classifier in train mode: :func:`robust.models.build_model` for a torchvision ``arch``, or for
-    ``"hf:<model id or dir>"`` a Hugging Face classifier with its own preprocessing (:func:`robust.hf.load_hf_model`;
-    head replaced when ``num_classes`` differs; ``weights``, ``mean``, ``std``, ``cifar_stem`` unused)."""
+) -> tuple[nn.Sequential, dict]:
+    """A new classifier in train mode and its init record (where its weights came from).
+
+    A torchvision ``arch`` is :func:`robust.models.build_model` with ``weights``: ``None`` (random init),
+    ``"imagenet"`` (torchvision's, downloaded to its hub cache), a torchvision-format state dict file (``.pth``),
+    one of our Lightning checkpoints (``.ckpt``) or an export folder (or its ``model.json`` / ``model.safetensors``);
+    all read safely (``weights_only=True``, safetensors). Checkpoints and exports must hold the same ``arch`` and
+    normalization (``mean``, ``std``); the head (``fc``) is new when their class count differs from
+    ``num_classes``, ``conv1`` when ``cifar_stem`` is asked of weights made for torchvision's stem.
+    ``"hf:<model id or dir>"`` is a Hugging Face classifier with its own weights and preprocessing
+    (:func:`robust.hf.load_hf_model`; head replaced when ``num_classes`` differs; ``weights``, ``mean``, ``std``,
+    ``cifar_stem`` unused).
+
+    The init record (kept in the card's ``training["init"]``): ``weights`` (as given, or the hf arch), ``kind``
+    (``scratch``, ``imagenet``, ``torchvision``, ``checkpoint``, ``export`` or ``hf``), ``sha256`` (of the weights
+    file: the ``.pth``, the ``.ckpt``, the export's ``model.safetensors``, torchvision's cached ImageNet file; null
+    otherwise), ``classes`` (the weights' class count; null for scratch and hf) and ``fresh`` (the layers the weights
+    did not initialise, e.g. ``["fc"]``; null for hf, whose loader reports new weights itself).
+    """
     if arch.startswith(HF_PREFIX):
-        return load_hf_model(arch.removeprefix(HF_PREFIX), num_classes).train()
+        if weights is not None:
+            raise RobustError(f"weights are for torchvision archs; {arch} loads its own pretrained weights")
+        model = load_hf_model(arch.removeprefix(HF_PREFIX), num_classes).train()
+        return model, {"weights": arch, "kind": "hf", "sha256": None, "classes": None, "fresh": None}
     if num_classes is None:
         raise RobustError(f"arch {arch!r} needs num_classes")
-    return build_model(arch, num_classes, weights, mean, std, cifar_stem)
+    if weights is None:
+        model = build_model(arch, num_classes, None, mean, std, cifar_stem)
+        return model, _init_record(None, "scratch", None, None, [])
+    kind, state, digest = _pretrained_state(str(weights), arch, mean, std)
+    backbone, fresh = build_backbone(arch, num_classes, state, cifar_stem)
+    classes = int(state[f"{HEAD}.weight"].shape[0])
+    return normalized(backbone, mean, std), _init_record(str(weights), kind, digest, classes, fresh)
+
+
+def build_classifier(*args, **kwargs) -> nn.Sequential:
+    """:func:`initialize_classifier`'s model (same arguments), without its init record."""
+    return initialize_classifier(*args, **kwargs)[0]
+
+
+def _init_record(weights: str | None, kind: str, digest: str | None, classes: int | None, fresh: list) -> dict:
+    return {"weights": weights, "kind": kind, "sha256": digest, "classes": classes, "fresh": list(fresh)}
+
+
+def describe_init(init: Mapping, num_classes: int) -> str:
+    """One line for the log: where a new classifier's weights came from and which layers are new."""
+    if init["kind"] in ("scratch", "hf"):
+        return f"initial weights: {init['weights'] or 'random'} ({init['kind']})"
+    digest = f", sha256 {init['sha256'][:12]}…" if init["sha256"] else ""
+    new = {HEAD: f"a new {num_classes}-class head ({HEAD}; the weights have {init['classes']} classes)",
+           STEM: f"a new CIFAR stem ({STEM}; the weights have torchvision's 7×7 one)"}  # fmt: skip
+    fresh = "; ".join(new[layer] for layer in init["fresh"]) or "every layer loaded"
+    return f"initial weights: {init['weights']} ({init['kind']}{digest}): {fresh}"
+
+
+def _pretrained_state(
+    weights: str, arch: str, mean: Sequence[float], std: Sequence[float]
+) -> tuple[str, dict[str, Tensor], str | None]:
+    """(kind, torchvision-format backbone state dict, sha256 of the weights file) for a ``weights`` spec."""
+    if weights == "imagenet":
+        state = imagenet_state(arch)
+        file = imagenet_weights_file(arch)
+        return "imagenet", state, sha256_hex(file.read_bytes()) if file.is_file() else None
+    path = Path(weights)
+    if path.is_dir() or (path.is_file() and path.suffix in (".json", ".safetensors", ".pt2")):
+        model = model_from_export(path if path.is_dir() else path.parent)
+        kind, digest = "export", model.card.files[WEIGHTS_FILE]
+    elif path.is_file() and path.suffix == ".ckpt":
+        model = model_from_checkpoint(path)
+        kind, digest = "checkpoint", sha256_hex(path.read_bytes())
+    elif path.is_file():
+        return "torchvision", read_torchvision_file(path), sha256_hex(path.read_bytes())
+    else:
+        raise RobustError(f"weights {weights!r} not found: give a torchvision .pth file, a .ckpt, an export folder "
+                          "or 'imagenet'")  # fmt: skip
+    card = model.card
+    if card.arch != arch:
+        raise RobustError(f"{weights} holds a {card.arch}, not a {arch}: set arch {card.arch}")
+    for key, theirs, ours in (("mean", card.mean, mean), ("std", card.std, std)):
+        if not torch.allclose(torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64)):
+            raise RobustError(f"{weights} was trained with normalization {key} {theirs}, not {list(ours)}: set "
+                              f"{key} to its values")  # fmt: skip
+    prefix = "backbone."
+    return kind, {k.removeprefix(prefix): v for k, v in model.state_dict().items() if k.startswith(prefix)}, digest
 
 
 def training_card(
@@ -89,24 +179,10 @@ def card_from_checkpoint(ckpt: dict, source: str) -> ModelCard:
                          best=None, epoch=ckpt.get("epoch"), global_step=ckpt.get("global_step"))  # fmt: skip
 
 
-def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """``model.load_state_dict(state)`` with one clear sentence for missing, extra or mis-shaped tensors."""
-    expected = model.state_dict()
-    missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or extra:
-        raise RobustError(f"{source} does not fit its model description: missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, tensor in expected.items():
-        shape = tuple(getattr(state[key], "shape", ()))
-        if not isinstance(state[key], Tensor) or shape != tuple(tensor.shape):
-            raise RobustError(f"{source} does not fit its model description: {key} has shape {shape}, "
-                              f"the model needs {tuple(tensor.shape)}")  # fmt: skip
-    model.load_state_dict(state)
-
-
 def _model_from_card(card: ModelCard, state: dict[str, Tensor], source: str) -> CardedModel:
     """The network ``card`` describes, holding ``state``, eval mode."""
     model = build_classifier(card.arch, card.num_classes, None, card.mean, card.std, card.cifar_stem)
-    _load_state(model, state, source)
+    load_state(model, state, source, "its model description")
     return CardedModel(model, card).eval()
 
 

@@ -1,8 +1,9 @@
 """AdversarialClassifier: adversarial training in Lightning, and robust validation metrics.
 
 Training (per batch ``x`` ``N×3×H×W`` in [0, 1], ``y`` ``N``): the first ``round(adv_ratio·N)`` examples of the
-(shuffled) batch are replaced by adversarial examples from the configured attack, made with input gradients
-only, with BatchNorm in ``attack_bn_mode``; then one cross-entropy step on the mixed batch, true labels.
+(shuffled) batch are replaced by adversarial examples from the training attack in force (the configured one unless
+the overfitting guard switched it, :meth:`AdversarialClassifier.set_attack`), made with input gradients only, with
+BatchNorm in ``attack_bn_mode``; then one cross-entropy step on the mixed batch, true labels.
 
 Validation runs the threat suite of :mod:`robust.threats` and logs accuracies in [0, 1] under ``val/<key>`` (keys in
 :data:`VAL_KEYS`), computed with torchmetrics so they are synced across DDP processes.
@@ -15,14 +16,15 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from robust.attacks import check_budget, least_likely_class, random_other_class
 from robust.averaging import EMA_DECAY_KEY
 from robust.errors import RobustError
-from robust.loading import CARD_KEY, build_classifier, training_card
-from robust.models import IMAGENET_MEAN, IMAGENET_STD
+from robust.loading import CARD_KEY, describe_init, initialize_classifier, training_card
+from robust.models import IMAGENET_MEAN, IMAGENET_STD, head_of
 from robust.objectives import check_objective, objective_loss, training_attack
 from robust.threats import DEFAULT_THREATS, ThreatSpec, bn_mode, labels_for, predictions, training_alpha
 
@@ -34,11 +36,15 @@ class AdversarialClassifier(L.LightningModule):
     """ResNet classifier trained on a mix of clean and adversarial examples.
 
     Args:
-        arch, num_classes, weights, mean, std, cifar_stem: passed to :func:`robust.loading.build_classifier`.
+        arch, num_classes, weights, mean, std, cifar_stem: passed to :func:`robust.loading.initialize_classifier`;
+            ``weights`` (fine-tuning): ``imagenet``, a torchvision ``.pth``, one of our ``.ckpt`` files or an export
+            folder; a new head when its class count differs (logged in one line; recorded in the card's
+            ``training["init"]``).
         class_names: names for the ``num_classes`` outputs (image grids, exports); linked from the data.
         channels_last: keep activations in channels-last memory format (faster on GPUs with AMP).
         attack: training attack: ``none``, ``fgsm``, ``fgsm_rs`` (random start, Wong et al. 2020), ``nfgsm``
-            (noise ``nfgsm_noise``·eps, no projection, de Jorge et al. 2022), ``pgd``.
+            (noise ``nfgsm_noise``·eps, no projection, de Jorge et al. 2022), ``pgd``; the one in force is
+            :attr:`attack` (changed only by :meth:`set_attack`).
         objective: training loss: ``ce`` (cross-entropy on the clean/adversarial mix), ``trades`` (Zhang et al.
             2019) or ``mart`` (Wang et al. 2020), each with its own adversarial examples (:mod:`robust.objectives`);
             ``beta``: their trade-off weight (default: the official script's, 6 and 5).
@@ -50,7 +56,8 @@ class AdversarialClassifier(L.LightningModule):
         adv_ratio: fraction of each batch replaced by adversarial examples, in [0, 1]; 0 = clean training.
         attack_bn_mode: BatchNorm mode while making training attacks (``eval`` uses running stats).
         optimizer: ``sgd`` (momentum, nesterov) or ``adamw``. schedule: ``onecycle`` (peak ``lr``),
-            ``cosine`` or ``constant``.
+            ``cosine`` or ``constant``. backbone_lr_scale: the learning rate of every parameter but the head's
+            (:func:`robust.models.head_of`) is ``lr × backbone_lr_scale`` (for fine-tuning; 1 = one group at ``lr``).
         val_eps, val_steps, val_alpha: validation threat (default eps; PGD-10 with step eps/4), as
             :attr:`val_spec`.
         jpeg_quality: JPEG defense quality, 1..100. val_seed: seed of validation random starts and targets.
@@ -78,6 +85,7 @@ class AdversarialClassifier(L.LightningModule):
         attack_bn_mode: Literal["eval", "train"] = "eval",
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.1,
+        backbone_lr_scale: float = 1.0,
         momentum: float = 0.9,
         nesterov: bool = True,
         weight_decay: float = 5e-4,
@@ -99,16 +107,20 @@ class AdversarialClassifier(L.LightningModule):
                               f"adv_ratio must be 1, got {adv_ratio}")  # fmt: skip
         if nfgsm_noise < 0:
             raise RobustError(f"nfgsm_noise must be 0 or more (times eps), got {nfgsm_noise}")
+        if not backbone_lr_scale >= 0:
+            raise RobustError(f"backbone_lr_scale must be 0 or more (times lr), got {backbone_lr_scale}")
         self.attack_steps = attack_steps if attack_steps is not None else obj.steps or 7
-        default = obj.default_alpha(eps) or training_alpha(attack, eps)
-        self.alpha = alpha if alpha is not None else default  # the step in force
+        self.attack = attack  # the training attack in force
+        self.alpha = alpha if alpha is not None else self.default_alpha(attack, objective, eps)  # the step in force
         self.beta = beta if beta is not None else obj.beta
         check_budget(eps, self.alpha if attack != "none" else None, self.attack_steps)
         self.val_spec = ThreatSpec(eps if val_eps is None else val_eps, val_alpha, val_steps, quality=jpeg_quality,
                                    seed=val_seed, threats=VAL_KEYS)  # fmt: skip
         self.save_hyperparameters()
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.model = build_classifier(arch, num_classes, weights, mean, std, cifar_stem)
+        self.model, self.weights_init = initialize_classifier(arch, num_classes, weights, mean, std, cifar_stem)
+        if weights is not None:
+            rank_zero_info(describe_init(self.weights_init, num_classes))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in ("clean", "adv")})
@@ -130,11 +142,25 @@ class AdversarialClassifier(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------
 
+    @staticmethod
+    def default_alpha(attack: str, objective: str, eps: float) -> float:
+        """The training step when none is given: the objective's official one, else the attack's
+        (:func:`robust.threats.training_alpha`)."""
+        return check_objective(objective, attack).default_alpha(eps) or training_alpha(attack, eps)
+
     def set_attack_step(self, alpha: float) -> None:
         """Change the training attack's step (pixel units) to ``alpha``: the one place it changes, kept in
         checkpoints."""
         check_budget(self.hparams.eps, alpha)
         self.alpha = float(alpha)
+
+    def set_attack(self, attack: str) -> None:
+        """Train with ``attack`` from now on, at its default step (:meth:`default_alpha`): the one place the
+        attack in force changes (the overfitting guard's ``switch_to_nfgsm``); kept in checkpoints, as the step."""
+        hp = self.hparams
+        check_objective(hp.objective, attack, hp.target != "none")
+        self.attack = attack
+        self.set_attack_step(self.default_alpha(attack, hp.objective, hp.eps))
 
     def make_training_attack(self, x: Tensor, y: Tensor) -> Tensor:
         """Adversarial versions of ``x`` (true labels ``y``) by the configured training attack."""
@@ -145,14 +171,14 @@ class AdversarialClassifier(L.LightningModule):
                 y = random_other_class(y, hp.num_classes)
             elif hp.target == "least_likely":
                 y = least_likely_class(self, x)
-            return training_attack(self, x, y, hp.objective, hp.attack, eps=hp.eps, alpha=self.alpha,
+            return training_attack(self, x, y, hp.objective, self.attack, eps=hp.eps, alpha=self.alpha,
                                    steps=self.attack_steps, noise=hp.nfgsm_noise, targeted=targeted)  # fmt: skip
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         if self.hparams.objective != "ce":
             return self.paired_objective_step(x, y)
-        n_adv = round(self.hparams.adv_ratio * len(x)) if self.hparams.attack != "none" else 0
+        n_adv = round(self.hparams.adv_ratio * len(x)) if self.attack != "none" else 0
         if n_adv:
             x = torch.cat([self.make_training_attack(x[:n_adv], y[:n_adv]), x[n_adv:]])
         logits = self(x)
@@ -194,36 +220,59 @@ class AdversarialClassifier(L.LightningModule):
 
     # ---- optimization and checkpoints ---------------------------------------------------------
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: one at ``lr``, or with ``backbone_lr_scale`` != 1 the ``backbone``
+        (every parameter but the head's) at ``lr × backbone_lr_scale`` and the ``head`` at ``lr``."""
+        hp = self.hparams
+        if hp.backbone_lr_scale == 1:  # one group, as before the option: older checkpoints' optimizer state fits
+            return [{"params": list(self.parameters()), "lr": hp.lr}]
+        head = {id(p) for p in head_of(self.model).parameters()}
+        return [
+            {"name": "backbone", "params": [p for p in self.parameters() if id(p) not in head],
+             "lr": hp.lr * hp.backbone_lr_scale},
+            {"name": "head", "params": [p for p in self.parameters() if id(p) in head], "lr": hp.lr},
+        ]  # fmt: skip
+
     def configure_optimizers(self):
         hp = self.hparams
+        groups = self.param_groups()
         if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
                                   weight_decay=hp.weight_decay)  # fmt: skip
         else:
-            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "constant":
             return opt
         total = int(self.trainer.estimated_stepping_batches)
-        if hp.schedule == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=0.4,
-                                                        anneal_strategy="linear")  # fmt: skip
+        if hp.schedule == "onecycle":  # each group peaks at its own lr
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total,
+                                                        pct_start=0.4, anneal_strategy="linear")  # fmt: skip
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the model card (data description, the attack step in force, the latest ``val/*`` figures and the
-        monitored best score) and the RNG states, so a resumed run draws the same shuffles and random starts."""
+        """Keep the model card (data description, the attack and step in force, the initial weights, the latest
+        ``val/*`` figures and the monitored best score) and the RNG states, so a resumed run draws the same shuffles
+        and random starts."""
         trainer = self.trainer
         datamodule = getattr(trainer, "datamodule", None)
         monitored = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
         score = None if monitored is None else monitored.best_model_score
-        # Defaults resolved; the decay is put in the checkpoint by robust.averaging.WeightEMA, whose hook runs first.
-        in_force = {**self.hparams, "attack_steps": self.attack_steps, "beta": self.beta,
-                    "ema_decay": checkpoint.get(EMA_DECAY_KEY)}  # fmt: skip
+        # Defaults resolved and guard changes kept; the decay is put in the checkpoint by
+        # robust.averaging.WeightEMA, whose hook runs first.
+        in_force = {
+            **self.hparams,
+            "attack": self.attack,
+            "switched_from": None if self.attack == self.hparams.attack else self.hparams.attack,
+            "attack_steps": self.attack_steps,
+            "beta": self.beta,
+            "ema_decay": checkpoint.get(EMA_DECAY_KEY),
+            "init": self.weights_init,
+        }
         card = training_card(
             in_force, datamodule.describe() if hasattr(datamodule, "describe") else None, trainer.callback_metrics,
-            alpha=None if self.hparams.attack == "none" else self.alpha, epoch=trainer.current_epoch,
+            alpha=None if self.attack == "none" else self.alpha, epoch=trainer.current_epoch,
             global_step=trainer.global_step,
             best=None if score is None else {"monitor": monitored.monitor, "score": float(score)},
         )  # fmt: skip
@@ -233,9 +282,14 @@ class AdversarialClassifier(L.LightningModule):
             checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        alpha = (checkpoint.get(CARD_KEY) or {}).get("training", {}).get("alpha")
-        if alpha is not None:  # the step in force when saved (a guard rollback may have reduced it)
-            self.set_attack_step(alpha)
+        # What the guard changed (attack, step) is kept when resuming the same recipe; another configured attack wins.
+        training = (checkpoint.get(CARD_KEY) or {}).get("training", {})
+        if training.get("switched_from") == self.hparams.attack:  # switch_to_nfgsm
+            self.set_attack(training["attack"])
+        if training.get("alpha") is not None and training.get("attack") == self.attack:  # after any rollback
+            self.set_attack_step(training["alpha"])
+        if training.get("init") is not None:  # what this run started from, not what the weights path holds now
+            self.weights_init = training["init"]
         if "rng_torch" in checkpoint:
             torch.set_rng_state(checkpoint["rng_torch"])
         if "rng_cuda" in checkpoint and torch.cuda.is_available():

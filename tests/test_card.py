@@ -77,8 +77,8 @@ def test_checkpoint_without_a_card_is_described_by_its_hyper_parameters(fitted, 
     ckpt["robust_data"] = {"name": "Digits", "class_names": list(DIGIT_NAMES), "image_size": 16, "resize": 16}
     torch.save(ckpt, tmp_path / "old.ckpt")
     model = load_model(tmp_path / "old.ckpt")
-    # as configured: the attack's default step and steps, unresolved
-    assert model.card.training == {**stored["training"], "alpha": None, "attack_steps": None}
+    # What the hyper-parameters hold: the configured step and steps (None: the attack's default), no init record.
+    assert model.card.training == {**stored["training"], "alpha": None, "attack_steps": None, "init": None}
     assert dataclasses.replace(model.card, training=stored["training"]).to_dict() == stored
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""CatastrophicOverfittingGuard: detection, actions (rollback / stop / warn), logging, resume.
+"""CatastrophicOverfittingGuard: detection, actions (rollback / stop / warn, switch to N-FGSM), logging, resume.
 
 A real collapse depends on the seed, thread count and CPU; it is an experiment: experiments/collapse.py."""
 
@@ -13,9 +13,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from robust.attacks import seeded_rng
 from robust.data import Digits, ImageFolder
 from robust.errors import RobustError
 from robust.guard import CatastrophicOverfittingGuard
+from robust.loading import load_model
 from robust.module import AdversarialClassifier
 
 EPS = 0.1
@@ -99,7 +101,17 @@ def test_collapsed_needs_both_absolute_and_relative_drop():
     assert not guard.collapsed(0.1, 0.95)
 
 
-@pytest.mark.parametrize("bad", [{"action": "halt"}, {"n": 0}, {"min_drop": 0}, {"alpha_factor": 1.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"action": "halt"},
+        {"n": 0},
+        {"min_drop": 0},
+        {"alpha_factor": 1.0},
+        {"on_collapse": "pray"},
+        {"on_collapse": "switch_to_nfgsm", "action": "stop"},
+    ],
+)
 def test_bad_options_raise_robust_error(bad):
     with pytest.raises(RobustError):
         CatastrophicOverfittingGuard(**bad)
@@ -223,6 +235,41 @@ def test_resume_restores_guard_state_and_reduced_step(tmp_path):
     assert AdversarialClassifier.load_from_checkpoint(ckpt).alpha == pytest.approx(module.alpha)  # the step in force
     assert (guard2.rollbacks, guard2.best_pgd, guard2.fgsm_at_best) == (1, 0.5, 0.55)
     assert len(guard2.history) == 2  # train start (after the restore) + the one remaining epoch
+
+
+def test_switch_to_nfgsm_keeps_nfgsm_in_the_card_and_through_a_resume(tmp_path, digits_val):
+    module = small_module()
+    guard = ScriptedGuard([(0.1, 0.1), (0.5, 0.55), (0.05, 0.9)], action="rollback", on_collapse="switch_to_nfgsm",
+                          n=32)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"training attack now nfgsm \(noise 2·eps, step 0.10000, no projection\)"):
+        trainer = fit(module, guard, tmp_path, epochs=2)
+    state, healthy = module.state_dict(), guard.seen[1]["model"]
+    assert all(torch.equal(state[k], healthy[k]) for k in state)  # rolled back, as with shrink_step
+    assert (module.attack, module.alpha, module.hparams.attack, guard.rollbacks) == ("nfgsm", EPS, "fgsm_rs", 1)
+    x, y = digits_val[0][:32, :, ::4, ::4], digits_val[1][:32]
+    with seeded_rng(0):
+        assert (module.make_training_attack(x, y) - x).abs().max() > 1.5 * EPS  # no projection to the eps ball
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    training = load_model(ckpt).card.training
+    assert (training["attack"], training["switched_from"], training["alpha"]) == ("nfgsm", "fgsm_rs", EPS)
+    resumed = small_module()
+    guard2 = ScriptedGuard([(0.45, 0.5), (0.48, 0.5)], action="rollback", on_collapse="switch_to_nfgsm", n=32)
+    fit(resumed, guard2, tmp_path, epochs=3, ckpt_path=ckpt)
+    assert (resumed.attack, resumed.alpha) == ("nfgsm", EPS) and len(guard2.history) == 2  # still watching
+    assert AdversarialClassifier.load_from_checkpoint(ckpt).attack == "nfgsm"
+    other = AdversarialClassifier.load_from_checkpoint(ckpt, attack="pgd")  # another recipe: its config wins
+    assert (other.attack, other.alpha) == ("pgd", pytest.approx(EPS / 4))
+    assert load_model(ckpt).card.training["switched_from"] == "fgsm_rs"  # what was configured
+
+
+def test_a_collapse_under_nfgsm_shrinks_its_step(tmp_path):
+    module = small_module(attack="fgsm")
+    script = [(0.1, 0.1), (0.5, 0.55), (0.05, 0.9), (0.04, 0.9)]
+    guard = ScriptedGuard(script, action="rollback", on_collapse="switch_to_nfgsm", n=32)
+    fit(module, guard, tmp_path, epochs=3)
+    assert (module.attack, guard.rollbacks) == ("nfgsm", 2)
+    assert module.alpha == pytest.approx(0.5 * EPS)  # N-FGSM does not project: its whole step is shrunk
 
 
 @pytest.mark.slow  # a real training trajectory
