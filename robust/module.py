@@ -251,6 +251,9 @@ class AdversarialClassifier(L.LightningModule):
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        split_rng_by_rank(self.trainer.global_rank, self.trainer.world_size)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the model card (data description, the attack and step in force, the initial weights, the latest
         ``val/*`` figures and the monitored best score) and the RNG states, so a resumed run draws the same shuffles
@@ -294,3 +297,15 @@ class AdversarialClassifier(L.LightningModule):
             torch.set_rng_state(checkpoint["rng_torch"])
         if "rng_cuda" in checkpoint and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+
+
+def split_rng_by_rank(rank: int, world_size: int) -> None:
+    """Give each of ``world_size`` processes its own torch RNG stream (for random starts, noise and targets).
+
+    ``seed_everything`` seeds every rank alike (so the initial weights agree), which would give every rank the same
+    random starts for its different images. Each rank draws one number from the shared stream and reseeds with it
+    plus its rank: distinct, and reproducible from the shared state (also after a resume). One process: untouched.
+    """
+    if world_size > 1:
+        base = int(torch.randint(2**62, (1,)))
+        torch.manual_seed(base + rank)

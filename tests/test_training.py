@@ -13,11 +13,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_cli
 from robust.files import load_checkpoint
-from robust.module import VAL_KEYS
+from robust.module import VAL_KEYS, split_rng_by_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
@@ -153,3 +154,20 @@ def test_fast_cifar10_recipe_trains_on_the_shared_subset(shared_data, tmp_path):
     tags = events.Tags()["scalars"]
     assert {"val/pgd", "guard/pgd", "train/loss"} <= set(tags), tags
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_each_ddp_rank_draws_its_own_random_starts():
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    draws = []
+    for rank in range(2):
+        torch.set_rng_state(state)  # every rank starts from the same seed_everything state
+        split_rng_by_rank(rank, 2)
+        draws.append(torch.rand(8))
+    assert not torch.equal(draws[0], draws[1])
+    torch.set_rng_state(state)
+    split_rng_by_rank(1, 2)
+    assert torch.equal(torch.rand(8), draws[1])  # reproducible from the shared state
+    torch.set_rng_state(state)
+    split_rng_by_rank(0, 1)
+    assert torch.equal(torch.get_rng_state(), state)  # one process: untouched
