@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from experiments.common import fmt, machine  # noqa: E402
 from robust import load_model  # noqa: E402
 from robust.attacks import fgsm, pgd, seeded_rng  # noqa: E402
 from robust.data import Digits  # noqa: E402
@@ -96,20 +95,6 @@ def run(seed: int, args: argparse.Namespace) -> dict:
             "probe_fgsm": flagged.get("guard/fgsm"), "collapsed_pgd": collapsed[0], "collapsed_fgsm": collapsed[1],
             "kept_pgd": kept[0], "kept_fgsm": kept[1], "epochs_run": cli.trainer.current_epoch + 1,
             "seconds": round(seconds, 1)}  # fmt: skip
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{datetime.date.today()}, {cpu}, torch {torch.__version__}, "
-            f"capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")  # fmt: skip
-
-
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def main() -> None:
