@@ -87,6 +87,7 @@ def test_validation_checkpoints_card_and_export_hold_the_ema_of_the_trained_weig
     assert_matches({f"model.{k}": v for k, v in exported.state_dict().items()}, expected)
 
 
+@pytest.mark.slow  # an integration run (processes or a resumed fit), like the DDP and SIGKILL tests
 def test_resume_from_last_continues_the_same_average(tmp_path):
     two_batches = (*EMA_RUN, "--trainer.limit_train_batches", "2")
     train.main(tiny_fit_args(tmp_path / "straight", *two_batches, "--trainer.max_epochs", "2"))

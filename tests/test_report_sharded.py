@@ -106,6 +106,7 @@ def run_report(argv: list[str]) -> dict:
     return json.loads((Path(argv[argv.index("--out") + 1]) / "report.json").read_text())
 
 
+@pytest.mark.slow  # three in-process reports of real PGD/APGD/BPDA batches
 def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "report"
     measured = []  # (batch, eps) of every attacked batch
@@ -146,6 +147,7 @@ def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt,
     assert resumed == run_report(report_args(digits_ckpt, tmp_path / "fresh"))
 
 
+@pytest.mark.slow  # an integration run (processes or a resumed fit), like the DDP and SIGKILL tests
 def test_two_cpu_processes_write_the_single_process_report(digits_ckpt, tmp_path):
     """``--devices 2`` on CPU (gloo): each process attacks one of the two batches; rank 0 writes the same report."""
     args = ["report", "--checkpoint", str(digits_ckpt), "--data", "digits", "--eps", "0.1", "--limit", "16",
