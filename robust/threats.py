@@ -25,7 +25,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from robust.attacks import FGSM_RS_STEP, check_budget, fgsm, pgd, random_other_class, seeded_rng
 from robust.defenses import JpegDefended, check_quality, jpeg
@@ -198,26 +197,13 @@ def correct_counts(preds: dict, y: Tensor, keys: tuple[str, ...]) -> list[int]:
     return [int((preds[key] == labels_for(key, preds, y)).sum()) for key in keys]
 
 
-class ThreatAccuracy:
-    """Running accuracy in [0, 1] of each of ``keys`` over batches of :func:`predictions` (torchmetrics means)."""
-
-    def __init__(self, keys: tuple[str, ...], device: torch.device | str = "cpu") -> None:
-        self.metrics = {k: MeanMetric().to(device) for k in keys}
-
-    def update(self, preds: dict, y: Tensor) -> None:
-        for key, metric in self.metrics.items():
-            metric.update((preds[key] == labels_for(key, preds, y)).float())
-
-    def compute(self) -> dict[str, float]:
-        return {k: float(m.compute()) for k, m in self.metrics.items()}
-
-
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, batch_size: int = 256) -> dict[str, float]:
     """Accuracy in [0, 1] of ``model`` under each threat of ``spec`` on ``x`` (``N×C×H×W`` in [0, 1]), ``y``
     (``N``), in chunks of ``batch_size`` on the model's device (chunk ``i`` under ``spec.for_batch(i)``)."""
     device = next(model.parameters()).device
-    tally = ThreatAccuracy(spec.threats, device)
+    correct = [0] * len(spec.threats)
     for i, (xb, yb) in enumerate(zip(x.split(batch_size), y.split(batch_size), strict=True)):
         xb, yb = xb.to(device), yb.to(device)
-        tally.update(predictions(model, xb, yb, spec.for_batch(i)), yb)
-    return tally.compute()
+        counts = correct_counts(predictions(model, xb, yb, spec.for_batch(i)), yb, spec.threats)
+        correct = [c + n for c, n in zip(correct, counts, strict=True)]
+    return {key: c / len(y) for key, c in zip(spec.threats, correct, strict=True)}
