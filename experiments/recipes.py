@@ -1,12 +1,13 @@
-"""Training recipes side by side at equal epochs on the shared CIFAR-10 subset: one row per recipe.
+"""Training recipes side by side at equal epochs on the shared CIFAR-10 subset: one training run per recipe, measured
+on its trained weights and, where the recipe keeps one, on their average.
 
     python experiments/recipes.py [--rows fgsm_rs nfgsm ...] [--epochs 15] [--threads 2] [--device cpu|cuda]
         [--no-cifar-stem] [--aa-images 200] [--out runs/recipes/results.jsonl]
 
-Every row trains a ResNet18 from ``configs/imagefolder.yaml`` (the real CIFAR-10 subset: ~5,000 training and
+Every recipe trains a ResNet18 from ``configs/imagefolder.yaml`` (the real CIFAR-10 subset: ~5,000 training and
 ~1,000 test images at 32×32, batch 128, one-cycle SGD to 0.1) in this process through ``train.main(args,
-run=False)``, the same seed for all, then measures the ``last.ckpt`` it wrote (the deployable weights; with EMA,
-the average). Rows (:data:`RECIPES`), at eps 8/255 unless named ``_eps16``:
+run=False)``, the same seed for all, then measures the ``last.ckpt`` it wrote. Recipes (:data:`RECIPES`), at eps
+8/255 unless named ``_eps16``:
 
 - ``fgsm_rs``: FGSM with random start, step 1.25·eps = 10/255 (Wong et al. 2020, "Fast is better than free").
 - ``nfgsm``: N-FGSM, noise U(-2·eps, 2·eps), step eps, no projection (de Jorge et al. 2022, ``pdejorge/N-FGSM``).
@@ -16,36 +17,48 @@ the average). Rows (:data:`RECIPES`), at eps 8/255 unless named ``_eps16``:
 - ``trades``: TRADES, beta 6, PGD-10 on its KL with step 0.007/0.031·eps (Zhang et al. 2019,
   ``yaodongyu/TRADES`` train_trades_cifar10.py); ``mart``: MART, beta 5, PGD-10 on CE, same step (Wang et al.
   2020, ``YisenWang/MART`` train_resnet.py).
-- each of the above with ``_ema``: validate, checkpoint and measure an EMA of the weights (``--ema.decay``, see
-  :func:`ema_decay`); without it ``--ema.decay null`` (imagefolder.yaml turns it on).
 - ``finetune``: clean pretraining for ``--pretrain-epochs`` (default a third), then FGSM-RS fine-tuning from its
   ``last.ckpt`` for the remaining epochs with ``configs/imagefolder_finetune.yaml`` (``--model.weights``, backbone
   at a tenth of the head's learning rate): the same total epochs as ``fgsm_rs`` from scratch.
 - ``fgsm_rs_eps16``, ``nfgsm_eps16``: the large-eps pair at 16/255 (step 20/255 and 16/255), where FGSM-RS is known
   to collapse and N-FGSM held in de Jorge et al. 2022.
 
-Every adversarial stage runs the catastrophic-overfitting guard in ``warn`` mode, forced on for every attack: no row
-is stopped or rolled back (equal epochs), every row pays the same probe (PGD-10 on 128 training images at the
-start and at each epoch's end, on the trained weights, not the average), and every row records its ``guard/pgd``
-trajectory. Validation is off (``limit_val_batches 0``): the test images pick no checkpoint.
+Rows: every recipe but the eps-16 pair (which are about collapse; see ``Recipe.ema``) trains with an EMA of the
+weights (``--ema.decay``, see :func:`ema_decay`; of the adversarial stage for ``finetune``) and gives two rows from
+that one run: ``X``, its trained weights (``ema_decay`` null), and ``X_ema``, their average (``ema_decay`` the
+decay). The pair costs one training: nothing feeds the average back into training (no validation, and the guard
+probes the trained weights with its own seeded, restored RNG), so the trained weights follow the very trajectory of
+a run without EMA (tests/test_experiments_recipes.py checks it bit for bit). Both are read from the run's
+``last.ckpt``: the average is its ``state_dict``, the trained weights its ``current_model_state``
+(:func:`trained_checkpoint`). The eps-16 pair train with ``--ema.decay null`` (imagefolder.yaml turns it on): one
+row each.
+
+Every adversarial stage runs the catastrophic-overfitting guard in ``warn`` mode, forced on for every attack: no run
+is stopped or rolled back (equal epochs), every run pays the same probe (PGD-10 on 128 training images at the
+start and at each epoch's end, on the trained weights, not the average), and every run records its ``guard/pgd``
+trajectory (in both its rows). Validation is off (``limit_val_batches 0``): the test images pick no
+checkpoint.
 
 Measured per row on the held-out test split (``val_dir`` of the config) at the row's eps, by
 :func:`robust.threats.accuracy`: clean and PGD-10 accuracy (step eps/4, random start, seeded) on all test images
 (``--test-images`` to cut them), and torchattacks' standard AutoAttack on ``--aa-images`` evenly spaced test images
 (with clean and PGD-10 on those same images, to compare like with like; 0: skip AutoAttack).
 
-Output: the machine line, then ``ROW {json}`` per row as soon as it is measured (keys: :data:`ROW_KEYS`;
+Output: the machine line, then ``ROW {json}`` per row as soon as its run's rows are measured (keys:
+:data:`ROW_KEYS`; the training fields, ``checkpoint`` included, are the run's and the same in ``X`` and ``X_ema``;
 ``guard_pgd[0]`` is the check before the first step, ``guard_pgd[k]`` after epoch k, of the fine-tuning stage for
 ``finetune``; ``guard_flagged`` lists the k flagged as a collapse; ``train_s`` includes the probe's ``probe_s``;
 ``steps`` counts optimizer steps), then a Markdown table. ``--out FILE`` appends each row to FILE (JSON lines) and
-skips the rows that FILE already holds for the same setup (:meth:`Setup.key`), so a long comparison continues after
-a stop.
+skips the recipes whose rows FILE already holds, all of them, for the same setup (:meth:`Setup.key`), so a long
+comparison continues after a stop.
 
-Cost: a training step costs about (passes per image) forward-backward passes of the batch: 1 clean, 2 for FGSM-RS
-and N-FGSM, 4 for PGD-3, about 12 for TRADES and MART (10 attack steps); evaluation adds PGD-10 on the test images
-(11 passes each) and AutoAttack, which on a robust model spends thousands of passes on each image it cannot break
-(APGD-T and FAB-T over 9 target classes, Square's 5,000 queries). On 2 CPU cores the full default comparison takes
-days; ``--no-cifar-stem`` (~6× faster there), fewer ``--aa-images`` and ``--rows`` in parts with ``--out`` cut it.
+Cost: one training run per recipe (its two rows share it: the EMA costs one weight update per step), whose steps
+each cost about (passes per image) forward-backward passes of the batch: 1 clean, 2 for FGSM-RS and N-FGSM, 4 for
+PGD-3, about 12 for TRADES and MART (10 attack steps); evaluation, per row (twice for an EMA recipe), adds PGD-10 on
+the test images (11 passes each) and AutoAttack, which on a robust model spends thousands of passes on each image it
+cannot break (APGD-T and FAB-T over 9 target classes, Square's 5,000 queries). On 2 CPU cores the full default
+comparison takes days; ``--no-cifar-stem`` (~6× faster there), fewer ``--aa-images`` and ``--rows`` in parts with
+``--out`` cut it.
 """
 
 from __future__ import annotations
@@ -58,7 +71,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -69,11 +82,13 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
 from experiments.common import fmt, machine  # noqa: E402
-from robust import load_model  # noqa: E402
+from robust.averaging import EMA_DECAY_KEY  # noqa: E402
 from robust.data import ImageFolder, shared_data_dir  # noqa: E402
 from robust.errors import RobustError  # noqa: E402
+from robust.files import load_checkpoint  # noqa: E402
 from robust.guard import CatastrophicOverfittingGuard  # noqa: E402
-from robust.models import card_of  # noqa: E402
+from robust.loading import CARD_KEY, model_from_ckpt  # noqa: E402
+from robust.models import CardedModel, card_of  # noqa: E402
 from robust.module import AdversarialClassifier  # noqa: E402
 from robust.objectives import check_objective  # noqa: E402
 from robust.report import eval_data, pick_device  # noqa: E402
@@ -93,8 +108,9 @@ ROW_KEYS = ("name", "recipe", "attack", "objective", "eps", "alpha", "attack_ste
 
 @dataclass(frozen=True)
 class Recipe:
-    """One row: training ``attack`` and ``objective`` at ``eps`` (pixel units), PGD ``attack_steps`` (None: the
-    objective's official count), with an EMA of the weights or not, from scratch or after clean pretraining."""
+    """One training run: ``attack`` and ``objective`` at ``eps`` (pixel units), PGD ``attack_steps`` (None: the
+    objective's official count), from scratch or after clean pretraining; with ``ema``, it also keeps an EMA of the
+    weights, measured as a second row (:attr:`row_names`)."""
 
     name: str
     label: str
@@ -102,8 +118,13 @@ class Recipe:
     objective: str = "ce"
     eps: float = EPS
     attack_steps: int | None = None
-    ema: bool = False
+    ema: bool = True
     pretrain: bool = False
+
+    @property
+    def row_names(self) -> tuple[str, ...]:
+        """Its rows: the trained weights, then (with ``ema``) their average."""
+        return (self.name, f"{self.name}_ema") if self.ema else (self.name,)
 
     @property
     def alpha(self) -> float:
@@ -118,28 +139,23 @@ class Recipe:
         return self.attack_steps or check_objective(self.objective, self.attack).steps
 
 
-def _with_ema(*recipes: Recipe) -> tuple[Recipe, ...]:
-    return tuple(r for base in recipes for r in (base, replace(base, name=f"{base.name}_ema", ema=True)))
-
-
 RECIPES = (
-    *_with_ema(
-        Recipe("fgsm_rs", "FGSM-RS", "fgsm_rs"),
-        Recipe("nfgsm", "N-FGSM", "nfgsm"),
-        Recipe("pgd3", "PGD-3 AT", "pgd", attack_steps=3),
-        Recipe("trades", "TRADES", "pgd", "trades"),
-        Recipe("mart", "MART", "pgd", "mart"),
-    ),
+    Recipe("fgsm_rs", "FGSM-RS", "fgsm_rs"),
+    Recipe("nfgsm", "N-FGSM", "nfgsm"),
+    Recipe("pgd3", "PGD-3 AT", "pgd", attack_steps=3),
+    Recipe("trades", "TRADES", "pgd", "trades"),
+    Recipe("mart", "MART", "pgd", "mart"),
     Recipe("finetune", "clean → FGSM-RS fine-tune", "fgsm_rs", pretrain=True),
-    Recipe("fgsm_rs_eps16", "FGSM-RS", "fgsm_rs", eps=LARGE_EPS),
-    Recipe("nfgsm_eps16", "N-FGSM", "nfgsm", eps=LARGE_EPS),
+    Recipe("fgsm_rs_eps16", "FGSM-RS", "fgsm_rs", eps=LARGE_EPS, ema=False),
+    Recipe("nfgsm_eps16", "N-FGSM", "nfgsm", eps=LARGE_EPS, ema=False),
 )
 BY_NAME = {r.name: r for r in RECIPES}
+ROW_NAMES = {name for r in RECIPES for name in r.row_names}
 
 
 @dataclass(frozen=True)
 class Setup:
-    """What every row shares: data ``root`` (an ImageFolder tree), total ``epochs`` (``pretrain_epochs`` of them clean
+    """What every run shares: data ``root`` (an ImageFolder tree), total ``epochs`` (``pretrain_epochs`` of them clean
     for ``finetune``), optimizer ``steps_per_epoch`` (for the EMA decay), ``device`` type, the CIFAR stem (None: the
     config's), batch size (None: the config's), a limit of training batches per epoch (smoke tests), ``seed``, extra
     ``train_args`` appended to every stage, the evaluation's image counts (``test_images`` None: all), and
@@ -176,7 +192,7 @@ class Setup:
 
 @dataclass(frozen=True)
 class Stage:
-    """One ``train.py fit`` run of a row: its TensorBoard name and argument list (without ``fit``)."""
+    """One ``train.py fit`` run of a recipe: its TensorBoard name and argument list (without ``fit``)."""
 
     name: str
     args: list[str]
@@ -270,7 +286,7 @@ def _timed(fn: Callable, clock: list[float]) -> Callable:
     return wrapper
 
 
-def train_row(recipe: Recipe, setup: Setup) -> dict:
+def train_recipe(recipe: Recipe, setup: Setup) -> dict:
     """Run the stages of ``recipe``; what was trained and how long it took, and the last ``last.ckpt``."""
     out = {"epochs": 0, "steps": 0, "train_s": 0.0, "probe_s": 0.0, "stages": []}
     last, history = None, []
@@ -303,10 +319,21 @@ def _images(test_dir: str, model: torch.nn.Module, limit: int | None) -> tuple[t
     return torch.cat(xs), torch.cat(ys)
 
 
-def measure(checkpoint: str, test_dir: str, eps: float, setup: Setup, device: torch.device) -> dict:
+def trained_checkpoint(ckpt: dict) -> dict:
+    """An EMA run's loaded checkpoint dict as the same run without EMA would have written it: the trained weights
+    (Lightning's ``current_model_state``) as its ``state_dict``, no average keys, the card's ``ema_decay`` null."""
+    if "current_model_state" not in ckpt:
+        raise RobustError("the checkpoint holds no trained weights besides its state_dict: it was not trained with EMA")
+    card = ckpt[CARD_KEY]
+    rest = {k: v for k, v in ckpt.items() if k not in ("current_model_state", "averaging_state", EMA_DECAY_KEY)}
+    return {**rest, "state_dict": ckpt["current_model_state"],
+            CARD_KEY: {**card, "training": {**card["training"], "ema_decay": None}}}  # fmt: skip
+
+
+def measure(model: CardedModel, test_dir: str, eps: float, setup: Setup, device: torch.device) -> dict:
     """Clean and PGD-10 accuracy on the test images, AutoAttack (with clean and PGD-10) on ``setup.aa_images`` of
     them, at ``eps``; seconds of each part."""
-    model = load_model(checkpoint).to(device).eval()
+    model = model.to(device).eval()
     start = time.perf_counter()
     x, y = _images(test_dir, model, setup.test_images)
     acc = accuracy(model, x, y, ThreatSpec(eps, steps=PGD_STEPS, threats=("clean", "pgd")))
@@ -322,18 +349,26 @@ def measure(checkpoint: str, test_dir: str, eps: float, setup: Setup, device: to
     return out
 
 
-def run_row(recipe: Recipe, setup: Setup, device: torch.device) -> dict:
-    """Train and measure ``recipe``: its row (keys :data:`ROW_KEYS`)."""
-    trained = train_row(recipe, setup)
-    measured = measure(trained["checkpoint"], trained.pop("test_dir"), recipe.eps, setup, device)
-    row = {"name": recipe.name, "recipe": recipe.label, "attack": recipe.attack, "objective": recipe.objective,
-           "eps": recipe.eps, "alpha": recipe.alpha, "attack_steps": recipe.steps,
-           "ema_decay": decay_of(recipe, setup), **trained, **measured, "setup": setup.key(), "device": device.type,
-           "threads": torch.get_num_threads(), "machine": machine(device),
-           "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}  # fmt: skip
-    for key in ("train_s", "probe_s", "eval_s", "aa_s"):
-        row[key] = round(row[key], 1)
-    return {k: row[k] for k in ROW_KEYS}
+def run_recipe(recipe: Recipe, setup: Setup, device: torch.device) -> list[dict]:
+    """Train ``recipe`` once and measure its trained weights and, with EMA, their average: its rows (named
+    :attr:`Recipe.row_names`, keys :data:`ROW_KEYS`)."""
+    trained = train_recipe(recipe, setup)
+    test_dir = trained.pop("test_dir")
+    ckpt = load_checkpoint(trained["checkpoint"])
+    decay = decay_of(recipe, setup)
+    weights = [(None, ckpt)] if decay is None else [(None, trained_checkpoint(ckpt)), (decay, ckpt)]
+    rows = []
+    for name, (row_decay, state) in zip(recipe.row_names, weights, strict=True):
+        model = model_from_ckpt(state, f"{trained['checkpoint']} ({'average' if row_decay else 'trained weights'})")
+        row = {"name": name, "recipe": recipe.label, "attack": recipe.attack, "objective": recipe.objective,
+               "eps": recipe.eps, "alpha": recipe.alpha, "attack_steps": recipe.steps, "ema_decay": row_decay,
+               **trained, **measure(model, test_dir, recipe.eps, setup, device), "setup": setup.key(),
+               "device": device.type, "threads": torch.get_num_threads(), "machine": machine(device),
+               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}  # fmt: skip
+        for key in ("train_s", "probe_s", "eval_s", "aa_s"):
+            row[key] = round(row[key], 1)
+        rows.append({k: row[k] for k in ROW_KEYS})
+    return rows
 
 
 # ---- results file and table --------------------------------------------------------------------
@@ -350,9 +385,17 @@ def saved_rows(path: Path | None, setup: Setup) -> dict[str, dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and row.get("setup") == key and row.get("name") in BY_NAME:
+        if isinstance(row, dict) and row.get("setup") == key and row.get("name") in ROW_NAMES:
             rows[row["name"]] = row
     return rows
+
+
+def finished(recipe: Recipe, saved: dict[str, dict]) -> list[dict] | None:
+    """``recipe``'s rows among the ``saved`` ones (:func:`saved_rows`), or None unless all of them are there (its run
+    gives them all at once: one missing means the run is redone)."""
+    if not all(name in saved for name in recipe.row_names):
+        return None
+    return [saved[name] for name in recipe.row_names]
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -368,7 +411,7 @@ def _eps_label(eps: float) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table (accuracies in [0, 1], times in minutes), then each row's guard trajectory."""
+    """The rows as a Markdown table (accuracies in [0, 1], times in minutes), then each run's guard trajectory."""
     lines = [
         "| row | recipe | ε | EMA | epochs | steps | clean | PGD-10 | AA images: clean / PGD-10 / AutoAttack "
         "| train min (probe) | eval min (AA) |",
@@ -380,9 +423,11 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | {r['recipe']} | {_eps_label(r['eps'])} | {ema} | {r['epochs']} | {r['steps']} "
                      f"| {fmt(r['clean'])} | **{fmt(r['pgd10'])}** | {aa} | {r['train_s'] / 60:.1f} "
                      f"({r['probe_s'] / 60:.1f}) | {r['eval_s'] / 60:.1f} ({r['aa_s'] / 60:.1f}) |")  # fmt: skip
-    lines.append("\nThe guard's PGD accuracy on its probe of training images (the trained weights, not the average) "
-                 "before training, then after each epoch; the epochs it flagged as a collapse:")  # fmt: skip
-    for r in rows:
+    lines.append("\n`X` and `X_ema` are one training run: `X` its trained weights, `X_ema` their EMA (the decay in "
+                 "column EMA); they share the training columns. The guard's PGD accuracy on its probe of training "
+                 "images (the trained weights, not the average) before training, then after each epoch; the epochs "
+                 "it flagged as a collapse:")  # fmt: skip
+    for r in (r for r in rows if r["ema_decay"] is None):  # one per run: an X_ema row shares its X's
         flagged = ", ".join(map(str, r["guard_flagged"])) or "none"
         lines.append(f"- {r['name']}: {' → '.join(f'{p:.2f}' for p in r['guard_pgd'])}; flagged: {flagged}")
     return "\n".join(lines)
@@ -393,8 +438,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", choices=list(BY_NAME), default=list(BY_NAME), metavar="ROW",
-                   help=f"rows to run, in this order (default all): {', '.join(BY_NAME)}")  # fmt: skip
+    p.add_argument("--rows", nargs="+", choices=list(BY_NAME), default=list(BY_NAME), metavar="RECIPE",
+                   help=f"recipes to run, in this order (default all; each gives its X_ema row too where it keeps "
+                        f"an EMA): {', '.join(BY_NAME)}")  # fmt: skip
     p.add_argument("--epochs", type=int, default=yaml.safe_load(CONFIG.read_text())["trainer"]["max_epochs"],
                    help="training epochs of every row (default: the config's, 15)")  # fmt: skip
     p.add_argument("--pretrain-epochs", type=int, help="finetune: clean epochs of the total (default a third)")
@@ -445,21 +491,23 @@ def compare(args: argparse.Namespace, command: list[str]) -> list[dict]:
     for name in args.rows:  # refuse a bad setup before any training
         stages(BY_NAME[name], setup)
     done = saved_rows(args.out, setup)
-    rows = []
-    for name in args.rows:  # each row as soon as it is measured: a long run can be read (or stopped) midway
-        if name in done:
-            print(f"# {name}: already in {args.out}, not rerun", flush=True)
-            rows.append(done[name])
+    rows, read_back = [], 0
+    for recipe in map(BY_NAME.get, args.rows):  # each run's rows once measured: a long run can be read midway
+        saved = finished(recipe, done)
+        if saved is not None:
+            print(f"# {recipe.name}: already in {args.out}, not rerun", flush=True)
+            rows += saved
+            read_back += len(saved)
             continue
-        rows.append(run_row(BY_NAME[name], setup, device))
-        print("ROW " + json.dumps(rows[-1]), flush=True)
-        if args.out is not None:
-            append_row(args.out, rows[-1])
+        for row in run_recipe(recipe, setup, device):
+            rows.append(row)
+            print("ROW " + json.dumps(row), flush=True)
+            if args.out is not None:
+                append_row(args.out, row)
     print(f"\n{machine(device)}; {setup.root}, {setup.epochs} epochs (finetune: {setup.pretrain_epochs} clean), "
           f"{setup.steps_per_epoch} steps per epoch, seed {setup.seed}; PGD-10 with step eps/4 and random start; "
           f"command: python experiments/recipes.py {shlex.join(command)}\n")  # fmt: skip
     print(markdown_table(rows))
-    read_back = sum(name in done for name in args.rows)
     if read_back:
         print(f"\n{read_back} row(s) read back from {args.out}; each has its own machine and date there.")
     return rows
