@@ -1,14 +1,17 @@
 """Catastrophic overfitting, provoked for real, and what the guard keeps: one row per seed.
 
-    python experiments/collapse.py [--seeds 0 1 2] [--threads 2] [--epochs 20] [--eps 0.2]
+    python experiments/collapse.py [--seeds 0 1 2] [--threads 2] [--epochs 20] [--eps 0.2] [--attack fgsm]
 
 Each run is `make train`'s digits recipe (16×16, ResNet18 with the CIFAR stem, one-cycle SGD to 0.1) with plain
 FGSM (no random start) at eps 0.2, the overfitting guard in ``stop`` mode with ``min_drop`` 0.25 (so the collapse
 completes before the check that catches it). Plain FGSM at that eps is known to collapse (Wong et al. 2020): PGD
 accuracy falls towards 0 while FGSM accuracy climbs. Whether and when it does depends on the seed, the thread
 count and the CPU's instruction set (float summation order), which is why this is an experiment and not a test.
+``--attack nfgsm`` (or ``fgsm_rs``) trains the same runs with that single-step attack instead, to see whether it
+holds where plain FGSM collapses (de Jorge et al. 2022).
 
-Per run: the epoch the guard flagged (``-`` if none), the guard's probe figures (64 training images), and on the
+Per run: the epoch the guard flagged (``-`` if none), the guard's probe figures (64 training images; its PGD
+accuracy at every epoch as ``probe_pgd_by_epoch``), and on the
 360 held-out digits at eps 0.2 (PGD-10 with step eps/4 and random start, FGSM; seeded) the collapsed model's and
 the kept ``last.ckpt``'s accuracies. Prints a Markdown table headed by the machine, then one JSON line.
 """
@@ -34,6 +37,8 @@ from robust import load_model  # noqa: E402
 from robust.attacks import fgsm, pgd, seeded_rng  # noqa: E402
 from robust.data import Digits  # noqa: E402
 
+IMAGE_SIZE = 16  # the digits size these runs train and are measured at
+
 
 class CollapseRecorder(L.Callback):
     """Keeps the weights the guard is about to judge at each epoch's last batch (it must run before the guard)
@@ -44,6 +49,7 @@ class CollapseRecorder(L.Callback):
         self.collapsed: torch.nn.Module | None = None
         self.flagged: dict[str, float] = {}
         self.best_probe_pgd = 0.0
+        self.probe_pgd: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.is_last_batch:
@@ -53,6 +59,7 @@ class CollapseRecorder(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("guard/")}
         if not metrics:
             return
+        self.probe_pgd.append(round(metrics["guard/pgd"], 3))
         if self.collapsed is None and metrics.get("guard/collapsed") == 1.0:
             self.collapsed = self.pending
             self.flagged = {"epoch": trainer.current_epoch, **metrics, "best": self.best_probe_pgd}
@@ -61,8 +68,8 @@ class CollapseRecorder(L.Callback):
 
 
 def held_out(model: torch.nn.Module, eps: float) -> tuple[float, float]:
-    """(PGD-10, FGSM) accuracy on the 360 held-out digits at 16×16; PGD step eps/4, random start, seeded."""
-    dm = Digits(image_size=16)
+    """(PGD-10, FGSM) accuracy on the 360 held-out digits; PGD step eps/4, random start, seeded."""
+    dm = Digits(image_size=IMAGE_SIZE)
     dm.setup()
     x, y = dm.val_set.tensors
     model.eval()
@@ -73,10 +80,11 @@ def held_out(model: torch.nn.Module, eps: float) -> tuple[float, float]:
 
 
 def run(seed: int, args: argparse.Namespace) -> dict:
-    save_dir = Path(args.out) / f"seed{seed}"
+    save_dir = Path(args.out) / args.attack / f"seed{seed}"
     cli = train.main([
         "--config", str(ROOT / "configs" / "digits.yaml"), "--seed_everything", str(seed),
-        "--model.attack", "fgsm", "--model.eps", str(args.eps), "--trainer.max_epochs", str(args.epochs),
+        "--model.attack", args.attack, "--model.eps", str(args.eps),
+        "--data.init_args.image_size", str(IMAGE_SIZE), "--trainer.max_epochs", str(args.epochs),
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
         "--overfit_guard.action", "stop", "--overfit_guard.min_drop", str(args.min_drop),
         "--trainer.logger.init_args.save_dir", str(save_dir),
@@ -90,11 +98,12 @@ def run(seed: int, args: argparse.Namespace) -> dict:
     kept = held_out(load_model(last), args.eps)
     collapsed = held_out(recorder.collapsed, args.eps) if recorder.collapsed is not None else (None, None)
     flagged = recorder.flagged
-    return {"seed": seed, "threads": torch.get_num_threads(), "flagged_epoch": flagged.get("epoch"),
+    return {"attack": args.attack, "seed": seed, "threads": torch.get_num_threads(),
+            "flagged_epoch": flagged.get("epoch"),
             "probe_best_pgd": flagged.get("best", recorder.best_probe_pgd), "probe_pgd": flagged.get("guard/pgd"),
             "probe_fgsm": flagged.get("guard/fgsm"), "collapsed_pgd": collapsed[0], "collapsed_fgsm": collapsed[1],
             "kept_pgd": kept[0], "kept_fgsm": kept[1], "epochs_run": cli.trainer.current_epoch + 1,
-            "seconds": round(seconds, 1)}  # fmt: skip
+            "seconds": round(seconds, 1), "probe_pgd_by_epoch": recorder.probe_pgd}  # fmt: skip
 
 
 def main() -> None:
@@ -103,6 +112,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--eps", type=float, default=0.2)
+    parser.add_argument(
+        "--attack",
+        choices=["fgsm", "fgsm_rs", "nfgsm"],
+        default="fgsm",
+        help="the single-step training attack (default fgsm: the one that collapses)",
+    )
     parser.add_argument("--min-drop", type=float, default=0.25)
     parser.add_argument("--out", default="runs/collapse")
     args = parser.parse_args()
@@ -111,7 +126,8 @@ def main() -> None:
     for seed in args.seeds:  # each row as soon as it is measured: a long run can be read (or stopped) midway
         rows.append(run(seed, args))
         print("ROW " + json.dumps(rows[-1]), flush=True)
-    print(f"\n{machine()}; plain FGSM eps {args.eps}, guard stop, min_drop {args.min_drop}, up to {args.epochs} epochs")
+    setting = f"{args.attack} eps {args.eps}, guard stop, min_drop {args.min_drop}, up to {args.epochs} epochs"
+    print(f"\n{machine()}; {setting}")
     print(
         "| seed | flagged at epoch | probe PGD best → at flag | probe FGSM at flag | held-out PGD / FGSM collapsed "
         "| held-out PGD / FGSM kept | epochs | s |"
