@@ -16,7 +16,8 @@ run=False)``, the same seed for all, then measures the ``last.ckpt`` it wrote. R
   PGD-10, ``--pgd-alpha 2``), kept as the steps are cut to 3.
 - ``trades``: TRADES, beta 6, PGD-10 on its KL with step 0.007/0.031·eps (Zhang et al. 2019,
   ``yaodongyu/TRADES`` train_trades_cifar10.py); ``mart``: MART, beta 5, PGD-10 on CE, same step (Wang et al.
-  2020, ``YisenWang/MART`` train_resnet.py).
+  2020, ``YisenWang/MART`` train_resnet.py), at that script's peak lr 0.01 and weight decay 3.5e-3 (at the shared
+  lr 0.1 its loss went to NaN within the first epoch).
 - ``finetune``: clean pretraining for ``--pretrain-epochs`` (default a third), then FGSM-RS fine-tuning from its
   ``last.ckpt`` for the remaining epochs with ``configs/imagefolder_finetune.yaml`` (``--model.weights``, backbone
   at a tenth of the head's learning rate): the same total epochs as ``fgsm_rs`` from scratch.
@@ -110,7 +111,8 @@ ROW_KEYS = ("name", "recipe", "attack", "objective", "eps", "alpha", "attack_ste
 class Recipe:
     """One training run: ``attack`` and ``objective`` at ``eps`` (pixel units), PGD ``attack_steps`` (None: the
     objective's official count), from scratch or after clean pretraining; with ``ema``, it also keeps an EMA of the
-    weights, measured as a second row (:attr:`row_names`)."""
+    weights, measured as a second row (:attr:`row_names`); ``train_args``: its own train.py settings where its
+    paper's training script differs from the shared config in a way the recipe needs."""
 
     name: str
     label: str
@@ -120,6 +122,7 @@ class Recipe:
     attack_steps: int | None = None
     ema: bool = True
     pretrain: bool = False
+    train_args: tuple[str, ...] = ()
 
     @property
     def row_names(self) -> tuple[str, ...]:
@@ -144,7 +147,8 @@ RECIPES = (
     Recipe("nfgsm", "N-FGSM", "nfgsm"),
     Recipe("pgd3", "PGD-3 AT", "pgd", attack_steps=3),
     Recipe("trades", "TRADES", "pgd", "trades"),
-    Recipe("mart", "MART", "pgd", "mart"),
+    # MART at the shared peak lr 0.1 went to NaN within its first epoch; train_resnet.py's lr 0.01, wd 3.5e-3
+    Recipe("mart", "MART", "pgd", "mart", train_args=("--model.lr", "0.01", "--model.weight_decay", "0.0035")),
     Recipe("finetune", "clean → FGSM-RS fine-tune", "fgsm_rs", pretrain=True),
     Recipe("fgsm_rs_eps16", "FGSM-RS", "fgsm_rs", eps=LARGE_EPS, ema=False),
     Recipe("nfgsm_eps16", "N-FGSM", "nfgsm", eps=LARGE_EPS, ema=False),
@@ -249,7 +253,8 @@ def _adversarial(recipe: Recipe, setup: Setup) -> list[str]:
         args += ["--model.nfgsm_noise", "2"]
     decay = decay_of(recipe, setup)
     return args + ["--ema.decay", "null" if decay is None else repr(decay), "--overfit_guard.action", "warn",
-                   "--overfit_guard.on_collapse", "shrink_step", "--overfit_guard.force", "true"]  # fmt: skip
+                   "--overfit_guard.on_collapse", "shrink_step", "--overfit_guard.force", "true",
+                   *recipe.train_args]  # fmt: skip
 
 
 def stages(recipe: Recipe, setup: Setup) -> list[Stage]:

@@ -205,6 +205,13 @@ class AdversarialClassifier(L.LightningModule):
             self.log(f"train/{key}", self.train_acc[key], on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Stop at the first non-finite training loss, on every process at once, with one clear line: a diverged
+        run would otherwise train on NaN weights to the end and checkpoint them."""
+        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            raise RobustError(f"the training loss is {loss.item()} at step {self.global_step} (epoch "
+                              f"{self.current_epoch}): training diverged; lower --model.lr")  # fmt: skip
+
     # ---- validation ----------------------------------------------------------------------------
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

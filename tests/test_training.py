@@ -17,7 +17,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_cli
+from robust.errors import RobustError
 from robust.files import load_checkpoint
+from robust.models import head_of
 from robust.module import VAL_KEYS, split_rng_by_rank
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +124,18 @@ def test_bad_override_is_one_clear_error(tmp_path):
     assert code == 2 and "eps must be in [0, 1]" in stderr and "Traceback" not in stderr
     code, _, stderr, _ = train(tmp_path, "--ckpt_path", "last")
     assert code == 2 and "no last.ckpt" in stderr
+
+
+def test_a_diverged_run_stops_at_the_first_nan_loss_with_one_line_and_no_checkpoint(tmp_path):
+    args = ["--config", str(ROOT / "configs" / "digits.yaml"), *TINY, "--trainer.logger.init_args.save_dir",
+            str(tmp_path)]  # fmt: skip
+    cli = train_cli.main(args, run=False)
+    with torch.no_grad():  # NaN weights give a NaN loss at the first step on any CPU, by IEEE arithmetic
+        head_of(cli.model.model).weight.fill_(float("nan"))
+    with pytest.raises(RobustError) as caught:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert str(caught.value) == "the training loss is nan at step 0 (epoch 0): training diverged; lower --model.lr"
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
