@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import train
 from experiments import recipes
@@ -37,6 +38,8 @@ PAPERS = {
     "fgsm_rs_eps16": ("fgsm_rs", "ce", E16, 20 / 255, None, None, None),
     "nfgsm_eps16": ("nfgsm", "ce", E16, E16, None, None, 2.0),
 }
+# (peak lr, weight decay) where a recipe trains with its own script's: MART's train_resnet.py; else imagefolder.yaml's
+OPTIMIZER = {"mart": (0.01, 3.5e-3)}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +67,9 @@ def assert_paper_settings(cli, name: str) -> None:
         assert module.beta == beta
     if noise is not None:
         assert module.hparams.nfgsm_noise == noise
+    shared = yaml.safe_load(recipes.CONFIG.read_text())["model"]
+    expected = OPTIMIZER.get(name, (shared["lr"], shared["weight_decay"]))
+    assert (module.hparams.lr, module.hparams.weight_decay) == expected
     guard = guard_of(cli)
     assert guard.action == "warn" and guard.active(module)  # forced on: every run is watched, none stopped
     assert cli.trainer.limit_val_batches == 0  # the test images choose nothing
