@@ -87,6 +87,7 @@ def run(seed: int, args: argparse.Namespace) -> dict:
         "--data.init_args.image_size", str(IMAGE_SIZE), "--trainer.max_epochs", str(args.epochs),
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
         "--overfit_guard.action", "stop", "--overfit_guard.min_drop", str(args.min_drop),
+        "--overfit_guard.force", "true",  # watch N-FGSM too (by default the guard watches fgsm and fgsm_rs only)
         "--trainer.logger.init_args.save_dir", str(save_dir),
     ], run=False)  # fmt: skip
     recorder = CollapseRecorder()
