@@ -49,7 +49,7 @@ class CollapseRecorder(L.Callback):
         self.collapsed: torch.nn.Module | None = None
         self.flagged: dict[str, float] = {}
         self.best_probe_pgd = 0.0
-        self.probe_pgd: list[float] = []
+        self.probe_pgd: list[float] = []  # the guard's PGD accuracy at the end of each epoch trained
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.is_last_batch:
@@ -103,7 +103,7 @@ def run(seed: int, args: argparse.Namespace) -> dict:
             "flagged_epoch": flagged.get("epoch"),
             "probe_best_pgd": flagged.get("best", recorder.best_probe_pgd), "probe_pgd": flagged.get("guard/pgd"),
             "probe_fgsm": flagged.get("guard/fgsm"), "collapsed_pgd": collapsed[0], "collapsed_fgsm": collapsed[1],
-            "kept_pgd": kept[0], "kept_fgsm": kept[1], "epochs_run": cli.trainer.current_epoch + 1,
+            "kept_pgd": kept[0], "kept_fgsm": kept[1], "epochs_run": len(recorder.probe_pgd),
             "seconds": round(seconds, 1), "probe_pgd_by_epoch": recorder.probe_pgd}  # fmt: skip
 
 
