@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
 from experiments.common import fmt, machine  # noqa: E402
+from robust.errors import RobustError  # noqa: E402
 from robust.threats import ThreatSpec, accuracy  # noqa: E402
 
 CONFIG = ROOT / "configs" / "digits.yaml"
@@ -78,6 +79,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--limit-train-batches", type=int, help="training batches per epoch (smoke tests)")
     parser.add_argument("--out", default="runs/digits_setting", help="TensorBoard logs (default runs/digits_setting)")
     args = parser.parse_args(argv)
+    if min(args.sizes) < 1 or min(args.epochs) < 1 or args.threads < 1:
+        parser.error("--sizes, --epochs and --threads must be at least 1")
+    try:  # every eps checked before hours of training, not after
+        for eps in (args.eps, *args.twin_eps):
+            ThreatSpec(eps=eps)
+    except RobustError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:
