@@ -101,11 +101,24 @@ def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
             args=args,
             run=run,
         )
-    except RobustError as exc:
-        if debug:
+    except (RobustError, ValueError) as exc:
+        error = robust_cause(exc)
+        if debug or error is None:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def robust_cause(exc: BaseException) -> RobustError | None:
+    """``exc`` or the RobustError it was raised from: jsonargparse wraps errors raised while it instantiates a class
+    (a data module's ``__init__`` rejecting its arguments) in its own ValueError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, RobustError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -44,10 +44,11 @@ def fit(size: int, epochs: int, eps: float, adv: bool, args: argparse.Namespace)
     extra = [] if args.limit_train_batches is None else ["--trainer.limit_train_batches", str(args.limit_train_batches)]
     cli = train.main([
         "--config", str(CONFIG), "--seed_everything", str(args.seed), "--model.eps", str(eps),
-        "--model.adv_ratio", "1.0" if adv else "0", "--data.init_args.image_size", str(size),
+        "--model.adv_ratio", "1.0" if adv else "0", "--model.cifar_stem", str(args.stem == "cifar").lower(),
+        "--data.init_args.image_size", str(size),
         "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0",
         "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(Path(args.out) / f"{size}px-{epochs}ep-{'adv' if adv else 'clean'}"),
+        "--trainer.logger.init_args.save_dir", str(Path(args.out) / f"{args.stem}-{size}px-{epochs}ep-{'adv' if adv else 'clean'}"),
         *extra,
     ], run=False)  # fmt: skip
     start = time.perf_counter()
@@ -60,7 +61,7 @@ def measure(size: int, epochs: int, args: argparse.Namespace) -> dict:
     twin_cli, twin_s = fit(size, epochs, args.eps, False, args)
     x, y = robust_cli.datamodule.val_set.tensors  # the 360 held-out digits of the config's split
     robust, twin = robust_cli.model.model, twin_cli.model.model
-    row = {"size": size, "epochs": epochs, "eps": args.eps, "threads": torch.get_num_threads(), "seed": args.seed}
+    row = {"stem": args.stem, "size": size, "epochs": epochs, "eps": args.eps, "threads": torch.get_num_threads(), "seed": args.seed}
     scores = accuracy(robust, x, y, ThreatSpec(eps=args.eps, threats=ROBUST_THREATS))
     row.update({f"robust_{k}": v for k, v in scores.items()})
     row["twin_clean"] = accuracy(twin, x, y, ThreatSpec(eps=args.eps, threats=("clean",)))["clean"]
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[12, 16], help="digits sizes in pixels")
     parser.add_argument("--epochs", type=int, nargs="+", default=[10], help="epoch counts")
+    parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
+                        help="ResNet18's first layers: the CIFAR stem (3×3 conv, no max-pool) or torchvision's own")
     parser.add_argument("--eps", type=float, default=0.14, help="training and evaluation eps of the robust run")
     parser.add_argument("--twin-eps", type=float, nargs="+", default=[0.14, 0.16], help="eps the twin is attacked at")
     parser.add_argument("--threads", type=int, default=1)

@@ -111,6 +111,8 @@ class Digits(_Base):
         split_seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, limit)
+        if image_size < 1:
+            raise RobustError(f"image_size must be at least 1 pixel, got {image_size}")
         self.image_size, self.split_seed = image_size, split_seed
 
     def setup(self, stage: str | None = None) -> None:

@@ -46,3 +46,9 @@ def test_image_folder_errors(tmp_path):
 def test_cifar10_offline_without_files_is_a_clear_error(tmp_path):
     with pytest.raises(RobustError, match="CIFAR-10"):
         CIFAR10(root=str(tmp_path), download=False).setup()
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_digits_rejects_an_empty_image_size(size):
+    with pytest.raises(RobustError, match=f"image_size must be at least 1 pixel, got {size}"):
+        Digits(image_size=size)

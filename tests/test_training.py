@@ -124,6 +124,9 @@ def test_bad_override_is_one_clear_error(tmp_path):
     assert code == 2 and "eps must be in [0, 1]" in stderr and "Traceback" not in stderr
     code, _, stderr, _ = train(tmp_path, "--ckpt_path", "last")
     assert code == 2 and "no last.ckpt" in stderr
+    # Raised inside the data module's __init__, which jsonargparse wraps in its own ValueError
+    code, _, stderr, _ = train(tmp_path, "--data.init_args.image_size", "0")
+    assert code == 2 and stderr.strip() == "error: image_size must be at least 1 pixel, got 0"
 
 
 def test_a_diverged_run_stops_at_the_first_nan_loss_with_one_line_and_no_checkpoint(tmp_path):
