@@ -41,6 +41,7 @@ ROBUST_THREATS = ("clean", "pgd", "pgd_worst")
 def fit(size: int, epochs: int, eps: float, adv: bool, args: argparse.Namespace):
     """Train the config's recipe at ``size``×``size`` for ``epochs`` (clean when not ``adv``); the fitted CLI
     (its ``model`` and ``datamodule``) and the training wall time in seconds."""
+    kind = "adv" if adv else "clean"
     extra = [] if args.limit_train_batches is None else ["--trainer.limit_train_batches", str(args.limit_train_batches)]
     cli = train.main([
         "--config", str(CONFIG), "--seed_everything", str(args.seed), "--model.eps", str(eps),
@@ -48,7 +49,7 @@ def fit(size: int, epochs: int, eps: float, adv: bool, args: argparse.Namespace)
         "--data.init_args.image_size", str(size),
         "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0",
         "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(Path(args.out) / f"{args.stem}-{size}px-{epochs}ep-{'adv' if adv else 'clean'}"),
+        "--trainer.logger.init_args.save_dir", str(Path(args.out) / f"{args.stem}-{size}px-{epochs}ep-{kind}"),
         *extra,
     ], run=False)  # fmt: skip
     start = time.perf_counter()
@@ -61,7 +62,14 @@ def measure(size: int, epochs: int, args: argparse.Namespace) -> dict:
     twin_cli, twin_s = fit(size, epochs, args.eps, False, args)
     x, y = robust_cli.datamodule.val_set.tensors  # the 360 held-out digits of the config's split
     robust, twin = robust_cli.model.model, twin_cli.model.model
-    row = {"stem": args.stem, "size": size, "epochs": epochs, "eps": args.eps, "threads": torch.get_num_threads(), "seed": args.seed}
+    row = {
+        "stem": args.stem,
+        "size": size,
+        "epochs": epochs,
+        "eps": args.eps,
+        "threads": torch.get_num_threads(),
+        "seed": args.seed,
+    }
     scores = accuracy(robust, x, y, ThreatSpec(eps=args.eps, threats=ROBUST_THREATS))
     row.update({f"robust_{k}": v for k, v in scores.items()})
     row["twin_clean"] = accuracy(twin, x, y, ThreatSpec(eps=args.eps, threats=("clean",)))["clean"]
@@ -73,8 +81,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[12, 16], help="digits sizes in pixels")
     parser.add_argument("--epochs", type=int, nargs="+", default=[10], help="epoch counts")
-    parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
-                        help="ResNet18's first layers: the CIFAR stem (3×3 conv, no max-pool) or torchvision's own")
+    parser.add_argument(
+        "--stem",
+        choices=("cifar", "imagenet"),
+        default="cifar",
+        help="ResNet18's first layers: the CIFAR stem (3×3 conv, no max-pool) or torchvision's own",
+    )
     parser.add_argument("--eps", type=float, default=0.14, help="training and evaluation eps of the robust run")
     parser.add_argument("--twin-eps", type=float, nargs="+", default=[0.14, 0.16], help="eps the twin is attacked at")
     parser.add_argument("--threads", type=int, default=1)
