@@ -1,9 +1,10 @@
 """Which digits setting makes `make train` both fast and meaningful: per setting, the robust run and its clean twin.
 
-    python experiments/digits_setting.py [--sizes 12 16] [--epochs 10] [--eps 0.14] [--twin-eps 0.14 0.16]
-        [--threads 1]
+    python experiments/digits_setting.py [--sizes 12 16] [--epochs 10] [--stem cifar] [--eps 0.14]
+        [--twin-eps 0.14 0.16] [--threads 1]
 
-Each setting is `make train`'s recipe (configs/digits.yaml, guard and all) at one digits size and epoch count,
+Each setting is `make train`'s recipe (configs/digits.yaml, guard and all) at one digits size and epoch count (with
+ResNet18's CIFAR stem, the config's, or with ``--stem imagenet`` torchvision's own 7×7/2 conv and max-pool),
 trained twice from the same seed: adversarially (the config's FGSM-RS at ``--eps``) and clean (``--model.adv_ratio
 0``, its twin). An eps means something only where the twin falls to it: the upsampled 8×8 digits are smooth enough
 that clean-trained models keep much of their accuracy under small perturbations, and how much depends on the size
@@ -109,12 +110,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print("ROW " + json.dumps(rows[-1]), flush=True)
     twin_cols = " | ".join(f"twin PGD-10 @ {e}" for e in args.twin_eps)
     print(f"\n{machine()}; FGSM-RS at eps {args.eps}, 360 held-out digits")
-    head = "| size | epochs | robust clean | robust PGD-10 | robust pgd_worst | twin clean"
+    head = "| stem | size | epochs | robust clean | robust PGD-10 | robust pgd_worst | twin clean"
     print(f"{head} | {twin_cols} | train s (twin) |")
-    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(args.twin_eps) + "---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(args.twin_eps) + "---:|")
     for r in rows:
         twin = " | ".join(fmt(v) for v in r["twin_pgd"].values())
-        print(f"| {r['size']} | {r['epochs']} | {fmt(r['robust_clean'])} | {fmt(r['robust_pgd'])} | "
+        print(f"| {r['stem']} | {r['size']} | {r['epochs']} | {fmt(r['robust_clean'])} | {fmt(r['robust_pgd'])} | "
               f"{fmt(r['robust_pgd_worst'])} | {fmt(r['twin_clean'])} | {twin} | "
               f"{r['robust_train_s']:.0f} ({r['twin_train_s']:.0f}) |")  # fmt: skip
     return rows
