@@ -35,7 +35,8 @@ import train  # noqa: E402
 from experiments.common import fmt, machine  # noqa: E402
 from robust import load_model  # noqa: E402
 from robust.attacks import fgsm, pgd, seeded_rng  # noqa: E402
-from robust.data import Digits  # noqa: E402
+from robust.errors import RobustError  # noqa: E402
+from robust.threats import ThreatSpec  # noqa: E402
 
 IMAGE_SIZE = 16  # the digits size these runs train and are measured at
 
@@ -67,11 +68,8 @@ class CollapseRecorder(L.Callback):
             self.best_probe_pgd = max(self.best_probe_pgd, metrics["guard/pgd"])
 
 
-def held_out(model: torch.nn.Module, eps: float) -> tuple[float, float]:
-    """(PGD-10, FGSM) accuracy on the 360 held-out digits; PGD step eps/4, random start, seeded."""
-    dm = Digits(image_size=IMAGE_SIZE)
-    dm.setup()
-    x, y = dm.val_set.tensors
+def held_out(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> tuple[float, float]:
+    """(PGD-10, FGSM) accuracy on the held-out digits ``x``, ``y``; PGD step eps/4, random start, seeded."""
     model.eval()
     with seeded_rng(0):
         x_pgd, x_fgsm = pgd(model, x, y, eps, eps / 4, 10), fgsm(model, x, y, eps)
@@ -81,6 +79,7 @@ def held_out(model: torch.nn.Module, eps: float) -> tuple[float, float]:
 
 def run(seed: int, args: argparse.Namespace) -> dict:
     save_dir = Path(args.out) / args.attack / f"seed{seed}"
+    extra = [] if args.limit_train_batches is None else ["--trainer.limit_train_batches", str(args.limit_train_batches)]
     cli = train.main([
         "--config", str(ROOT / "configs" / "digits.yaml"), "--seed_everything", str(seed),
         "--model.attack", args.attack, "--model.eps", str(args.eps),
@@ -88,7 +87,7 @@ def run(seed: int, args: argparse.Namespace) -> dict:
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
         "--overfit_guard.action", "stop", "--overfit_guard.min_drop", str(args.min_drop),
         "--overfit_guard.force", "true",  # watch N-FGSM too (by default the guard watches fgsm and fgsm_rs only)
-        "--trainer.logger.init_args.save_dir", str(save_dir),
+        "--trainer.logger.init_args.save_dir", str(save_dir), *extra,
     ], run=False)  # fmt: skip
     recorder = CollapseRecorder()
     cli.trainer.callbacks.insert(0, recorder)
@@ -96,8 +95,9 @@ def run(seed: int, args: argparse.Namespace) -> dict:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
     last = next(cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor is None).best_model_path
-    kept = held_out(load_model(last), args.eps)
-    collapsed = held_out(recorder.collapsed, args.eps) if recorder.collapsed is not None else (None, None)
+    x, y = cli.datamodule.val_set.tensors  # the 360 held-out digits of the config's split
+    kept = held_out(load_model(last), x, y, args.eps)
+    collapsed = held_out(recorder.collapsed, x, y, args.eps) if recorder.collapsed is not None else (None, None)
     flagged = recorder.flagged
     return {"attack": args.attack, "seed": seed, "threads": torch.get_num_threads(),
             "flagged_epoch": flagged.get("epoch"),
@@ -107,7 +107,7 @@ def run(seed: int, args: argparse.Namespace) -> dict:
             "seconds": round(seconds, 1), "probe_pgd_by_epoch": recorder.probe_pgd}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
@@ -121,7 +121,14 @@ def main() -> None:
     )
     parser.add_argument("--min-drop", type=float, default=0.25)
     parser.add_argument("--out", default="runs/collapse")
-    args = parser.parse_args()
+    parser.add_argument("--limit-train-batches", type=int, help="training batches per epoch (smoke tests)")
+    args = parser.parse_args(argv)
+    if min(args.seeds) < 0 or args.epochs < 1 or args.threads < 1 or not 0 < args.min_drop <= 1:
+        parser.error("--seeds must be 0 or more, --epochs and --threads at least 1, --min-drop in (0, 1]")
+    try:  # checked before hours of training, not after
+        ThreatSpec(eps=args.eps)
+    except RobustError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(args.threads)
     rows = []
     for seed in args.seeds:  # each row as soon as it is measured: a long run can be read (or stopped) midway
@@ -141,6 +148,7 @@ def main() -> None:
         kept = f"{fmt(r['kept_pgd'])} / {fmt(r['kept_fgsm'])}"
         print(f"| {r['seed']} | {flag} | {probe} | {collapsed} | {kept} | {r['epochs_run']} | {r['seconds']:.0f} |")
     print(json.dumps({"machine": machine(), "rows": rows}))
+    return rows
 
 
 if __name__ == "__main__":

@@ -13,6 +13,15 @@ from robust.data import Digits, shared_data_dir
 from robust.models import build_model
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """The experiment scripts under test set torch's thread count for the whole process (``--threads``): the tests
+    after them get the suite's count back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (or ``$ROBUST_DATA``); CI sets ROBUST_REQUIRE_SHARED_DATA=1 to fail when missing."""
