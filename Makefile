@@ -17,10 +17,10 @@ train: setup
 	$(RUN) python train.py fit --config configs/digits.yaml
 
 test: setup
-	$(RUN) pytest -m "not slow" -q
+	$(RUN) pytest -m "not slow" -q --durations=15
 
 test-all: setup
-	$(RUN) pytest -q
+	$(RUN) pytest -q --durations=15
 
 lint: setup
 	$(RUN) ruff check .
