@@ -109,16 +109,12 @@ def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
         raise SystemExit(2) from None
 
 
-def robust_cause(exc: BaseException) -> RobustError | None:
-    """``exc`` or the RobustError it was raised from: jsonargparse wraps errors raised while it instantiates a class
-    (a data module's ``__init__`` rejecting its arguments) in its own ValueError."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, RobustError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+def robust_cause(exc: BaseException | None) -> RobustError | None:
+    """``exc`` or the RobustError it was raised from (``raise ... from``): jsonargparse re-raises an error from a
+    class it instantiates (a data module's ``__init__`` rejecting its arguments) as its own ValueError."""
+    while exc is not None and not isinstance(exc, RobustError):
+        exc = exc.__cause__
+    return exc
 
 
 if __name__ == "__main__":

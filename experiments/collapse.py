@@ -32,11 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from experiments.common import fmt, machine  # noqa: E402
+from experiments.common import check_eps, fmt, limit_args, machine  # noqa: E402
 from robust import load_model  # noqa: E402
 from robust.attacks import fgsm, pgd, seeded_rng  # noqa: E402
-from robust.errors import RobustError  # noqa: E402
-from robust.threats import ThreatSpec  # noqa: E402
 
 IMAGE_SIZE = 16  # the digits size these runs train and are measured at
 
@@ -79,7 +77,6 @@ def held_out(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
 
 def run(seed: int, args: argparse.Namespace) -> dict:
     save_dir = Path(args.out) / args.attack / f"seed{seed}"
-    extra = [] if args.limit_train_batches is None else ["--trainer.limit_train_batches", str(args.limit_train_batches)]
     cli = train.main([
         "--config", str(ROOT / "configs" / "digits.yaml"), "--seed_everything", str(seed),
         "--model.attack", args.attack, "--model.eps", str(args.eps),
@@ -87,7 +84,7 @@ def run(seed: int, args: argparse.Namespace) -> dict:
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
         "--overfit_guard.action", "stop", "--overfit_guard.min_drop", str(args.min_drop),
         "--overfit_guard.force", "true",  # watch N-FGSM too (by default the guard watches fgsm and fgsm_rs only)
-        "--trainer.logger.init_args.save_dir", str(save_dir), *extra,
+        "--trainer.logger.init_args.save_dir", str(save_dir), *limit_args(args.limit_train_batches),
     ], run=False)  # fmt: skip
     recorder = CollapseRecorder()
     cli.trainer.callbacks.insert(0, recorder)
@@ -125,10 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if min(args.seeds) < 0 or args.epochs < 1 or args.threads < 1 or not 0 < args.min_drop <= 1:
         parser.error("--seeds must be 0 or more, --epochs and --threads at least 1, --min-drop in (0, 1]")
-    try:  # checked before hours of training, not after
-        ThreatSpec(eps=args.eps)
-    except RobustError as exc:
-        parser.error(str(exc))
+    check_eps(parser, args.eps)
     torch.set_num_threads(args.threads)
     rows = []
     for seed in args.seeds:  # each row as soon as it is measured: a long run can be read (or stopped) midway

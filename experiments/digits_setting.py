@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from experiments.common import fmt, machine  # noqa: E402
-from robust.errors import RobustError  # noqa: E402
+from experiments.common import check_eps, fmt, limit_args, machine  # noqa: E402
 from robust.threats import ThreatSpec, accuracy  # noqa: E402
 
 CONFIG = ROOT / "configs" / "digits.yaml"
@@ -43,7 +42,6 @@ def fit(size: int, epochs: int, eps: float, adv: bool, args: argparse.Namespace)
     """Train the config's recipe at ``size``×``size`` for ``epochs`` (clean when not ``adv``); the fitted CLI
     (its ``model`` and ``datamodule``) and the training wall time in seconds."""
     kind = "adv" if adv else "clean"
-    extra = [] if args.limit_train_batches is None else ["--trainer.limit_train_batches", str(args.limit_train_batches)]
     cli = train.main([
         "--config", str(CONFIG), "--seed_everything", str(args.seed), "--model.eps", str(eps),
         "--model.adv_ratio", "1.0" if adv else "0", "--model.cifar_stem", str(args.stem == "cifar").lower(),
@@ -51,7 +49,7 @@ def fit(size: int, epochs: int, eps: float, adv: bool, args: argparse.Namespace)
         "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0",
         "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(Path(args.out) / f"{args.stem}-{size}px-{epochs}ep-{kind}"),
-        *extra,
+        *limit_args(args.limit_train_batches),
     ], run=False)  # fmt: skip
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -97,11 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if min(args.sizes) < 1 or min(args.epochs) < 1 or args.threads < 1:
         parser.error("--sizes, --epochs and --threads must be at least 1")
-    try:  # every eps checked before hours of training, not after
-        for eps in (args.eps, *args.twin_eps):
-            ThreatSpec(eps=eps)
-    except RobustError as exc:
-        parser.error(str(exc))
+    check_eps(parser, args.eps, *args.twin_eps)
     torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:

@@ -82,7 +82,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from experiments.common import fmt, machine  # noqa: E402
+from experiments.common import fmt, limit_args, machine  # noqa: E402
 from robust.averaging import EMA_DECAY_KEY  # noqa: E402
 from robust.data import ImageFolder, shared_data_dir  # noqa: E402
 from robust.errors import RobustError  # noqa: E402
@@ -227,9 +227,7 @@ def _common(setup: Setup, name: str, epochs: int) -> list[str]:
         args += ["--model.cifar_stem", str(setup.cifar_stem).lower()]
     if setup.batch_size is not None:
         args += ["--data.init_args.batch_size", str(setup.batch_size)]
-    if setup.limit_train_batches is not None:
-        args += ["--trainer.limit_train_batches", str(setup.limit_train_batches)]
-    return args + device_args(setup.device)
+    return args + limit_args(setup.limit_train_batches) + device_args(setup.device)
 
 
 def device_args(device: str) -> list[str]:
