@@ -42,13 +42,10 @@ def test_jpeg_matches_pil_pixels(cifar_batch, quality):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_jpeg_same_pixels_on_any_number_of_threads(cifar_batch, threads):
-    """The CPU codec runs in ``torch.get_num_threads()`` worker threads; the split must not change a pixel."""
-    before = torch.get_num_threads()
+    """The CPU codec runs in ``torch.get_num_threads()`` worker threads; the split must not change a pixel.
+    (conftest.py gives the suite's thread count back after the test.)"""
     torch.set_num_threads(threads)
-    try:
-        ours = jpeg(cifar_batch[:7], 75)
-    finally:
-        torch.set_num_threads(before)
+    ours = jpeg(cifar_batch[:7], 75)
     assert torch.equal(to_uint8(ours), to_uint8(pil_jpeg(cifar_batch[:7], 75)))
 
 

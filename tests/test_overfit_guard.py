@@ -25,11 +25,9 @@ EPS = 0.1
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny tensors: one intra-op thread. Two OpenMP threads on a busy 2-core machine spin-wait, 10-50× slower."""
-    before = torch.get_num_threads()
+    """Tiny tensors: one intra-op thread. Two OpenMP threads on a busy 2-core machine spin-wait, 10-50× slower.
+    (conftest.py gives the suite's thread count back after each test.)"""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small_module(attack: str = "fgsm_rs", **kw) -> AdversarialClassifier:
