@@ -1,7 +1,7 @@
 """Evaluate robust classifiers (argument wiring only; the logic lives in ``robust/``).
 
-    python evaluate.py report --checkpoint CKPT --data digits|cifar10|FOLDER [--eps 0.05 0.1] [--out DIR]
-    python evaluate.py fool --image IMG --out DIR (--checkpoint CKPT | --weights imagenet) [--target NAME]
+    python evaluate.py report --model MODEL --data digits|mnist|cifar10|FOLDER [--eps 0.05 0.1] [--out DIR]
+    python evaluate.py fool --image IMG --out DIR --model MODEL [--target NAME]
     python evaluate.py export --checkpoint CKPT --out DIR [--torch-export] [--onnx [--onnx-data digits|cifar10|FOLDER]]
 
 Bad input prints one line ``error: ...`` on stderr and exits with code 2 (a traceback only with ``--debug``).
@@ -49,6 +49,7 @@ def _count(what: str):
 
 _eps = _checked(parse_fraction, check_budget)
 _alpha = _checked(parse_fraction, lambda alpha: check_budget(0.0, alpha))
+_number = _checked(parse_fraction, lambda value: None)
 _quality = _checked(lambda text: parse_int(text, "JPEG quality"), check_quality)
 
 
@@ -60,6 +61,32 @@ def _common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default auto)")
 
 
+MODEL_HELP = ("a .ckpt, an export folder, 'imagenet', 'hf:<id>', a plain state dict file (with --arch) or a factory "
+              "'package.module:function' (with --weights)")  # fmt: skip
+
+
+def _model_options(sub: argparse.ArgumentParser) -> None:
+    """The model to load, and the description of a network trained elsewhere (a state dict or a factory's)."""
+    sub.add_argument("--checkpoint", "--model", dest="model", required=True, help=MODEL_HELP)
+    group = sub.add_argument_group("a network trained elsewhere (a plain state dict, or a factory's network)")
+    group.add_argument(
+        "--arch", help="architecture of a plain state dict file: resnet18, mnist_net, preact_resnet18, …"
+    )
+    group.add_argument("--weights", help="state dict file for a factory's network (loaded with weights_only=True)")
+    group.add_argument("--mean", type=_number, nargs="+", help="normalization mean the network expects, one value per "
+                       "channel in [0, 1] pixel units (default none: 0)")  # fmt: skip
+    group.add_argument("--std", type=_number, nargs="+", help="normalization std per channel (default none: 1)")
+    group.add_argument("--classes", nargs="+", help="class names, one per output (default 0, 1, …; or the data's)")
+    group.add_argument("--image-size", type=_count("image size"), help="input size in pixels (default: the arch's)")
+
+
+def external_options(args: argparse.Namespace) -> dict:
+    """The model-description options the user gave (for :func:`robust.load_model`)."""
+    names = {"arch": args.arch, "weights": args.weights, "mean": args.mean, "std": args.std,
+             "class_names": args.classes, "image_size": args.image_size}  # fmt: skip
+    return {k: v for k, v in names.items() if v is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -68,15 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", required=True, metavar="{report,fool,export}")
 
     report = subs.add_parser("report", parents=[debug], help="robustness report of a model on a data set", epilog=UNITS)
-    report.add_argument("--checkpoint", "--model", dest="model", required=True,
-                        help="a .ckpt, an exported model folder, 'imagenet' or 'hf:<id>'")  # fmt: skip
-    report.add_argument("--data", required=True, help="digits, cifar10 or an image folder (one sub-folder per class)")
+    _model_options(report)
+    report.add_argument("--data", required=True,
+                        help="digits, mnist, cifar10 or an image folder (one sub-folder per class)")  # fmt: skip
     report.add_argument("--eps", type=_eps, nargs="+", help="L-inf budgets, e.g. 0.05 8/255 (default: training eps)")
     report.add_argument("--restarts", type=_count("restarts"), default=1, help="PGD random restarts")
     report.add_argument("--limit", type=_count("limit"), help="evaluate N images spread evenly over the data")
     report.add_argument("--batch-size", type=_count("batch size"), default=128)
     report.add_argument("--num-workers", type=int, default=0, help="data loading processes (default 0)")
     report.add_argument("--cifar10-root", default="data/cifar10", help="where CIFAR-10 is (or is downloaded to)")
+    report.add_argument("--data-root", help="mnist: the folder holding MNIST/raw (default $ROBUST_DATA, else data)")
+    report.add_argument("--threats", nargs="+", metavar="KEY",
+                        help="measure only these threats (keys of robust.threats.THREATS, e.g. clean pgd apgd "
+                        "pgd_worst); default: all but autoattack")  # fmt: skip
     report.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard; slow)")
     report.add_argument("--out", help="output folder (default reports/<model>-<data>)")
     report.add_argument("--devices", type=_count("devices"), default=1,
@@ -91,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     fool = subs.add_parser("fool", parents=[debug], help="fool one image, then defend it with JPEG", epilog=UNITS)
     fool.add_argument("--image", required=True, help="any common image file (JPEG, PNG, GIF, ...)")
     fool.add_argument("--out", required=True, help="output folder")
-    source = fool.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", "--model", dest="model", help="a .ckpt, exported folder or 'hf:<id>'")
-    source.add_argument("--weights", choices=["imagenet"], help="torchvision's ImageNet ResNet18")
+    _model_options(fool)
     fool.add_argument("--target", help="target class name or id (default: untargeted)")
     fool.add_argument("--attack", choices=["fgsm", "pgd"], default="pgd")
     fool.add_argument("--eps", type=_eps, default=8 / 255, help="L-inf budget, e.g. 0.03 or 8/255 (default 8/255)")
@@ -119,16 +148,20 @@ def run_report(args: argparse.Namespace) -> None:
 
     world = launch(rep.pick_device(args.device), args.devices, args.num_nodes)
     with world.rank_zero_first():  # downloads happen once
-        model = load_model(args.model).to(world.device)
+        external = external_options(args)
+        model = load_model(args.model, **external).to(world.device)
+        names = rep.data_class_names(args.data)
+        if external and "class_names" not in external and len(names or ()) == model.card.num_classes:
+            model.card.class_names = list(names)  # a network trained elsewhere on this data: its classes
         loader, data_info = rep.eval_data(
-            args.data, model.card, args.limit, args.batch_size, args.num_workers, args.cifar10_root
+            args.data, model.card, args.limit, args.batch_size, args.num_workers, args.cifar10_root, args.data_root
         )
     eps = args.eps or [rep.default_eps(model.card)]
     out = args.out or rep.default_out(args.model, args.data)
     model_info = rep.model_identity(args.model, model)
     journal = rep.report_journal(out, model_info, data_info, args.batch_size, world.device, args.resume)
     results = rep.evaluate(model, loader, eps, args.steps, args.alpha, args.restarts, args.quality, args.autoattack,
-                           args.seed, world=world, journal=journal)  # fmt: skip
+                           args.seed, world=world, journal=journal, threats=args.threats)  # fmt: skip
     if world.rank == 0:
         report = rep.build_report(results, model_info, data_info)
         paths = rep.write_report(report, out)
@@ -143,7 +176,7 @@ def run_fool(args: argparse.Namespace) -> None:
     from robust.images import load_image
     from robust.report import pick_device
 
-    model = load_model(args.model or args.weights).to(pick_device(args.device))
+    model = load_model(args.model, **external_options(args)).to(pick_device(args.device))
     x = load_image(args.image, model.card.image_size, model.card.resize)
     result = fool(model, x, args.target, args.attack, args.eps, args.steps, args.alpha, args.quality, args.seed)
     paths = write_fool(result, args.out)

@@ -24,6 +24,7 @@ class RobustCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # last.ckpt from its own checkpoint callback, written at every train-epoch end: the monitored one writes
         # last.ckpt only when it also writes a best checkpoint, so it would lag behind when validation is rare.

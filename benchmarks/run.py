@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -150,8 +151,9 @@ def pil_jpeg(x: Tensor, quality: int = QUALITY) -> Tensor:
 def make_classifier(device: torch.device, variant: Variant, **kwargs) -> AdversarialClassifier:
     """The product's module: ResNet18 with the CIFAR stem, CIFAR-10 normalization, SGD at a constant lr."""
     module = AdversarialClassifier(arch="resnet18", num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                                   cifar_stem=True, channels_last=variant.channels_last, eps=EPS, lr=0.01,
-                                   schedule="constant", **kwargs)  # fmt: skip
+                                   cifar_stem=True, channels_last=variant.channels_last, eps=EPS, lr_scheduler=None,
+                                   optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9, nesterov=True,
+                                                     weight_decay=5e-4), **kwargs)  # fmt: skip
     return module.to(device)
 
 

@@ -148,7 +148,13 @@ RECIPES = (
     Recipe("pgd3", "PGD-3 AT", "pgd", attack_steps=3),
     Recipe("trades", "TRADES", "pgd", "trades"),
     # MART at the shared peak lr 0.1 went to NaN within its first epoch; train_resnet.py's lr 0.01, wd 3.5e-3
-    Recipe("mart", "MART", "pgd", "mart", train_args=("--model.lr", "0.01", "--model.weight_decay", "0.0035")),
+    Recipe(
+        "mart",
+        "MART",
+        "pgd",
+        "mart",
+        train_args=("--model.optimizer.lr", "0.01", "--model.optimizer.weight_decay", "0.0035"),
+    ),
     Recipe("finetune", "clean → FGSM-RS fine-tune", "fgsm_rs", pretrain=True),
     Recipe("fgsm_rs_eps16", "FGSM-RS", "fgsm_rs", eps=LARGE_EPS, ema=False),
     Recipe("nfgsm_eps16", "N-FGSM", "nfgsm", eps=LARGE_EPS, ema=False),

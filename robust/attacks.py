@@ -63,8 +63,9 @@ def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.clamp(x + delta, min=0, max=1).detach()
 
 
-def _random_start(x: Tensor, eps: float) -> Tensor:
-    return torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), min=0, max=1)
+def _random_start(x: Tensor, eps: float, clamp: bool = True) -> Tensor:
+    start = x + torch.empty_like(x).uniform_(-eps, eps)
+    return torch.clamp(start, min=0, max=1) if clamp else start
 
 
 def fgsm(
@@ -76,12 +77,14 @@ def fgsm(
     targeted: bool = False,
     random_start: bool = False,
     alpha: float | None = None,
+    clamp_start: bool = True,
 ) -> Tensor:
     """Fast Gradient Sign Method (Goodfellow et al. 2015): one signed-gradient step.
 
     With ``random_start=True`` it starts from a uniform point in the eps-ball and steps ``alpha`` (default
     ``FGSM_RS_STEP·eps`` = 1.25·eps), then projects back: Wong et al. 2020's fast adversarial training step.
-    Without it, the step is ``alpha`` (default ``eps``) from ``x`` itself.
+    Without it, the step is ``alpha`` (default ``eps``) from ``x`` itself. ``clamp_start=False`` takes the gradient at
+    the random start unclipped to [0, 1], as Wong et al.'s ``MNIST/train_mnist.py`` does (the result is clipped).
 
     Args:
         x: ``N×C×H×W`` float images in [0, 1]. y: ``N`` int64 labels (targets if ``targeted``).
@@ -93,7 +96,7 @@ def fgsm(
     check_budget(eps)
     _check_batch(x, y)
     x = x.detach()
-    start = _random_start(x, eps) if random_start else x
+    start = _random_start(x, eps, clamp_start) if random_start else x
     grad = _input_grad(model, start, y, targeted)
     return _project(start + alpha * grad.sign(), x, eps)
 

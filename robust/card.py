@@ -30,13 +30,17 @@ class ModelCard:
 
     format: str = _doc(f"always {FORMAT!r}", default=FORMAT)
     format_version: int = _doc(f"{FORMAT_VERSION}; readers refuse other versions", default=FORMAT_VERSION)
-    arch: str = _doc("backbone: torchvision resnet18, resnet34 or resnet50, or hf:<model id or dir>")
+    arch: str = _doc(
+        "backbone: a name of robust.archs.ARCHS (resnet18, mnist_net, preact_resnet18, ...), "
+        "hf:<model id or dir>, or the factory <package.module:function> that builds it"
+    )
     num_classes: int = _doc("number of output logits")
     class_names: list[str] = _doc("name of each output, num_classes entries")
     image_size: int = _doc("input height and width in pixels (center crop)")
+    channels: int = _doc("input channels: 3 (RGB) or 1 (grayscale)", default=3)
     resize: int = _doc("short side to resize images to before the center crop")
-    mean: list[float] = _doc("per-channel mean of the built-in normalization (RGB, [0, 1] pixel units)")
-    std: list[float] = _doc("per-channel std of the built-in normalization (RGB, [0, 1] pixel units)")
+    mean: list[float] = _doc("per-channel mean of the built-in normalization (channels values, [0, 1] pixel units)")
+    std: list[float] = _doc("per-channel std of the built-in normalization (channels values, [0, 1] pixel units)")
     cifar_stem: bool = _doc("3×3 stride-1 conv1 and no max-pool (32×32 inputs) instead of torchvision's stem")
     data: str | None = _doc("training data module name, e.g. Digits, CIFAR10, ImageFolder")
     training: dict = _doc(
@@ -104,8 +108,10 @@ class ModelCard:
         card = cls(**json.loads(json.dumps(data)))  # a deep copy: the card owns its lists
         if len(card.class_names) != card.num_classes:
             raise RobustError(f"{source} has {len(card.class_names)} class names for {card.num_classes} classes")
-        if len(card.mean) != 3 or len(card.std) != 3:
-            raise RobustError(f"{source}: mean and std need 3 values (RGB)")
+        if card.channels not in (1, 3):
+            raise RobustError(f"{source}: channels must be 1 (grayscale) or 3 (RGB), got {card.channels}")
+        if len(card.mean) != card.channels or len(card.std) != card.channels:
+            raise RobustError(f"{source}: mean and std need {card.channels} value(s), one per channel")
         return card
 
     @classmethod

@@ -1,6 +1,9 @@
-"""LightningDataModules yielding ``(x, y)``: ``x`` is ``N×3×H×W`` float in [0, 1], ``y`` is ``N`` int64.
+"""LightningDataModules yielding ``(x, y)``: ``x`` is ``N×C×H×W`` float in [0, 1] (``C`` = the module's
+``channels``: 1 grayscale, 3 RGB), ``y`` is ``N`` int64.
 
-- :class:`Digits`: scikit-learn's bundled 8×8 digits upsampled to 32×32 RGB. Embedded: no download.
+- :class:`Digits`: scikit-learn's bundled 8×8 digits upsampled to 32×32 (RGB, or grayscale). Embedded: no download.
+- :class:`MNIST`: the official MNIST, 60,000 + 10,000 28×28 grayscale digits, through torchvision (reads
+  ``<root>/MNIST/raw``; downloads there for online users). ``root`` defaults to ``$ROBUST_DATA``.
 - :class:`CIFAR10`: torchvision's CIFAR-10 (downloads to ``root`` for online users).
 - :class:`ImageFolder`: any ``root/<split>/<class>/<image>`` tree, e.g. ``../shared/data/cifar10-subset``.
 """
@@ -30,20 +33,33 @@ def shared_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def digits_tensors(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 scikit-learn digits as ``N×3×size×size`` float [0, 1] images and ``N`` int64 labels."""
+def data_root(default: str = "data") -> str:
+    """Where data sets live when no root is given: ``$ROBUST_DATA`` if set, else ``default``."""
+    return os.environ.get("ROBUST_DATA") or default
+
+
+def check_channels(channels: int) -> int:
+    """``channels`` if it is 1 (grayscale) or 3 (RGB); one-line RobustError otherwise."""
+    if channels not in (1, 3):
+        raise RobustError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    return int(channels)
+
+
+def digits_tensors(size: int = 32, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 scikit-learn digits as ``N×channels×size×size`` float [0, 1] images and ``N`` int64 labels."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
-    return x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(bunch.target, dtype=torch.int64)
+    return x.expand(-1, channels, -1, -1).contiguous(), torch.tensor(bunch.target, dtype=torch.int64)
 
 
 class _Base(L.LightningDataModule):
     """Shared loaders; subclasses set ``train_set``, ``val_set`` and ``class_names`` in ``setup``."""
 
     class_names: tuple[str, ...]
+    channels: int = 3  # of the images it yields; linked into the model's ``channels``
 
     def __init__(self, batch_size: int, num_workers: int, limit: int | None) -> None:
         super().__init__()
@@ -61,7 +77,7 @@ class _Base(L.LightningDataModule):
         """What a deployed model needs to know about its training data: name, classes, input size."""
         size = getattr(self, "image_size", 32)
         return {"name": type(self).__name__, "root": str(getattr(self, "root", "")) or None,
-                "class_names": list(self.class_names), "image_size": size,
+                "class_names": list(self.class_names), "image_size": size, "channels": self.channels,
                 "resize": getattr(self, "resize", None) or size}  # fmt: skip
 
     def _limited(self, ds: Dataset) -> Dataset:
@@ -98,7 +114,14 @@ class _Base(L.LightningDataModule):
 
 
 class Digits(_Base):
-    """Embedded 10-class digits (scikit-learn), 32×32 RGB; a fixed seeded 80/20 train/val split."""
+    """Embedded 10-class digits (scikit-learn), 32×32 RGB (``channels`` 3) or grayscale (1); a fixed seeded 80/20
+    train/val split.
+
+    Args:
+        batch_size: images per batch. num_workers: data loading processes. image_size: side in pixels.
+        limit: keep that many evenly spaced images of each split (quick runs). split_seed: seed of the split.
+        channels: 3 (the grey digit repeated as RGB) or 1 (grayscale).
+    """
 
     class_names = DIGIT_NAMES
 
@@ -109,21 +132,74 @@ class Digits(_Base):
         image_size: int = 32,
         limit: int | None = None,
         split_seed: int = 0,
+        channels: int = 3,
     ) -> None:
         super().__init__(batch_size, num_workers, limit)
         if image_size < 1:
             raise RobustError(f"image_size must be at least 1 pixel, got {image_size}")
-        self.image_size, self.split_seed = image_size, split_seed
+        self.image_size, self.split_seed, self.channels = image_size, split_seed, check_channels(channels)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        x, y = digits_tensors(self.image_size)
+        x, y = digits_tensors(self.image_size, self.channels)
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
         n_train = int(0.8 * len(y))
         tr, va = order[:n_train], order[n_train:]
         self.train_set = self._limited(TensorDataset(x[tr], y[tr]))
         self.val_set = self._limited(TensorDataset(x[va], y[va]))
+
+
+def mnist_tensors(root: str | Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST's training (60,000) or test (10,000) split as ``N×1×28×28`` float [0, 1] images (``pixel / 255``, as
+    ``ToTensor`` gives) and ``N`` int64 labels, read by torchvision from ``<root>/MNIST/raw``."""
+    try:
+        ds = datasets.MNIST(str(root), train=train, download=download)
+    except (OSError, RuntimeError) as exc:
+        how = "could not be downloaded" if download else "download is off"
+        where = Path(root) / "MNIST" / "raw"
+        raise RobustError(f"MNIST is not in {where} and {how} ({str(exc).strip()}); set --data.init_args.root "
+                          "(or ROBUST_DATA) to the folder that holds MNIST/raw") from None  # fmt: skip
+    return ds.data.unsqueeze(1).float().div_(255), ds.targets.to(torch.int64)
+
+
+class MNIST(_Base):
+    """The official MNIST: 60,000 training and 10,000 test digits (the validation set), 28×28 grayscale.
+
+    Args:
+        root: the folder holding ``MNIST/raw`` (torchvision's layout); default ``$ROBUST_DATA``, else ``data``.
+        batch_size: images per batch. num_workers: data loading processes. limit: keep that many evenly spaced
+            images of each split (quick runs). download: let torchvision download the files when missing.
+        channels: 1 (grayscale, as published) or 3 (the digit repeated as RGB, for RGB backbones).
+    """
+
+    class_names = DIGIT_NAMES
+    image_size = 28
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 100,
+        num_workers: int = 0,
+        limit: int | None = None,
+        download: bool = True,
+        channels: int = 1,
+    ) -> None:
+        super().__init__(batch_size, num_workers, limit)
+        self.root, self.download, self.channels = root or data_root(), download, check_channels(channels)
+
+    def prepare_data(self) -> None:
+        for train in (True, False):
+            mnist_tensors(self.root, train, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = []
+        for train in (True, False):
+            x, y = mnist_tensors(self.root, train, self.download)
+            splits.append(self._limited(TensorDataset(x.expand(-1, self.channels, -1, -1), y)))
+        self.train_set, self.val_set = splits
 
 
 def _train_transform(size: int, augment: bool) -> v2.Compose:
@@ -176,7 +252,7 @@ def folder_transform(image_size: int, resize: int | None = None, augment: bool =
 def image_folder(path: str | Path, transform: v2.Compose) -> datasets.ImageFolder:
     """A checked ``ImageFolder``: the folder exists, holds images, and at least two classes."""
     path = Path(path)
-    _class_folders(path)
+    class_folders(path)
     try:
         ds = datasets.ImageFolder(
             str(path),
@@ -189,7 +265,7 @@ def image_folder(path: str | Path, transform: v2.Compose) -> datasets.ImageFolde
     return ds
 
 
-def _class_folders(path: Path) -> tuple[str, ...]:
+def class_folders(path: Path) -> tuple[str, ...]:
     """Sorted class sub-folder names of ``path`` (as ImageFolder orders them); checked, no image decoding."""
     if not path.is_dir():
         raise RobustError(f"data folder {path} does not exist")
@@ -217,7 +293,7 @@ class ImageFolder(_Base):
         super().__init__(batch_size, num_workers, limit)
         self.root, self.train_dir, self.val_dir = Path(root), train_dir, val_dir
         self.image_size, self.resize, self.augment = image_size, resize, augment
-        self.class_names = _class_folders(self.root / train_dir)
+        self.class_names = class_folders(self.root / train_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -1,8 +1,9 @@
-"""Load models for evaluation: ``load_model(spec)``, the one place that tells the kinds of model apart.
+"""Load models: ``load_model(spec)`` for evaluation, ``initialize_classifier`` for training; :func:`spec_kind` is
+the one place that tells the kinds of model spec apart (both use it).
 
-Every loaded model is a :class:`robust.models.CardedModel` (input ``N×3×H×W`` in [0, 1], logits out) in eval
+Every loaded model is a :class:`robust.models.CardedModel` (input ``N×C×H×W`` in [0, 1], logits out) in eval
 mode, on CPU, whose ``card`` is its :class:`robust.card.ModelCard`. No Lightning import: checkpoints are read as
-plain dicts with ``weights_only=True``.
+plain dicts with ``weights_only=True``; plain state dicts (a paper's released weights) with ``weights_only=True``.
 
 An export folder holds ``model.safetensors`` (the model's state dict, float32, keys ``normalize.mean``,
 ``normalize.std``, ``backbone.<torchvision key>``), ``model.json`` (the card) and optionally ``model.pt2`` (a
@@ -11,6 +12,8 @@ An export folder holds ``model.safetensors`` (the model's state dict, float32, k
 
 from __future__ import annotations
 
+import importlib
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,31 +21,35 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from robust.archs import get_arch
 from robust.card import ModelCard
 from robust.errors import RobustError
 from robust.files import load_checkpoint, sha256_hex
 from robust.hf import HF_PREFIX, load_hf_model
 from robust.models import (
-    HEAD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    STEM,
     CardedModel,
     Normalize,
     build_backbone,
     build_model,
+    default_normalization,
+    head_of,
     imagenet_class_names,
     imagenet_state,
     imagenet_weights_file,
     load_state,
     normalized,
-    read_torchvision_file,
+    read_state_dict,
 )
 
 WEIGHTS_FILE, CARD_FILE, PROGRAM_FILE, ONNX_FILE = "model.safetensors", "model.json", "model.pt2", "model.onnx"
 CARD_KEY = "robust_card"  # where a checkpoint keeps its card (a dict, ModelCard.to_dict())
+# A user's own network: ``package.module:function`` (LightningCLI's class_path convention), called with no arguments.
+FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 TRAINING_KEYS = ("attack", "switched_from", "target", "eps", "alpha", "adv_ratio", "attack_steps", "nfgsm_noise",
-                 "objective", "beta", "ema_decay", "init")  # fmt: skip
+                 "clamp_start", "objective", "beta", "ema_decay", "init", "seed", "optimizer",
+                 "lr_scheduler")  # fmt: skip
 
 
 def initialize_classifier(
@@ -52,38 +59,40 @@ def initialize_classifier(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     cifar_stem: bool = False,
+    channels: int | None = None,
 ) -> tuple[nn.Sequential, dict]:
     """A new classifier in train mode and its init record (where its weights came from).
 
-    A torchvision ``arch`` is :func:`robust.models.build_model` with ``weights``: ``None`` (random init),
-    ``"imagenet"`` (torchvision's, downloaded to its hub cache), a torchvision-format state dict file (``.pth``),
-    one of our Lightning checkpoints (``.ckpt``) or an export folder (or its ``model.json`` / ``model.safetensors``);
-    all read safely (``weights_only=True``, safetensors). Checkpoints and exports must hold the same ``arch`` and
-    normalization (``mean``, ``std``); the head (``fc``) is new when their class count differs from
-    ``num_classes``, ``conv1`` when ``cifar_stem`` is asked of weights made for torchvision's stem.
-    ``"hf:<model id or dir>"`` is a Hugging Face classifier with its own weights and preprocessing
-    (:func:`robust.hf.load_hf_model`; head replaced when ``num_classes`` differs; ``weights``, ``mean``, ``std``,
-    ``cifar_stem`` unused).
+    An ``arch`` of :data:`robust.archs.ARCHS` is :func:`robust.models.build_model` (``channels`` input channels,
+    default the arch's) with ``weights`` (any spec :func:`spec_kind` tells apart but hf): ``None`` (random init),
+    ``"imagenet"`` (torchvision's, downloaded to its hub cache), a state dict file of that arch (a torchvision
+    ``.pth``, a paper's released weights), one of our Lightning checkpoints (``.ckpt``) or an export folder (or its
+    ``model.json`` / ``model.safetensors``); all read safely (``weights_only=True``, safetensors). Checkpoints and
+    exports must hold the same ``arch``, channels and normalization (``mean``, ``std``); the head is new when their
+    class count differs from ``num_classes``, ``conv1`` when ``cifar_stem`` is asked of weights made for
+    torchvision's stem. ``"hf:<model id or dir>"`` is a Hugging Face classifier with its own weights and
+    preprocessing (:func:`robust.hf.load_hf_model`; head replaced when ``num_classes`` differs; ``weights``,
+    ``mean``, ``std``, ``cifar_stem`` unused).
 
     The init record (kept in the card's ``training["init"]``): ``weights`` (as given, or the hf arch), ``kind``
-    (``scratch``, ``imagenet``, ``torchvision``, ``checkpoint``, ``export`` or ``hf``), ``sha256`` (of the weights
-    file: the ``.pth``, the ``.ckpt``, the export's ``model.safetensors``, torchvision's cached ImageNet file; null
-    otherwise), ``classes`` (the weights' class count; null for scratch and hf) and ``fresh`` (the layers the weights
-    did not initialise, e.g. ``["fc"]``; null for hf, whose loader reports new weights itself).
+    (``scratch``, ``imagenet``, ``state_dict``, ``checkpoint``, ``export`` or ``hf``), ``sha256`` (of the weights
+    file: the state dict file, the ``.ckpt``, the export's ``model.safetensors``, torchvision's cached ImageNet
+    file; null otherwise), ``classes`` (the weights' class count; null for scratch and hf) and ``fresh`` (the layers
+    the weights did not initialise, e.g. ``["fc"]``; null for hf, whose loader reports new weights itself).
     """
     if arch.startswith(HF_PREFIX):
         if weights is not None:
-            raise RobustError(f"weights are for torchvision archs; {arch} loads its own pretrained weights")
+            raise RobustError(f"weights are for the archs of robust.archs; {arch} loads its own pretrained weights")
         model = load_hf_model(arch.removeprefix(HF_PREFIX), num_classes).train()
         return model, {"weights": arch, "kind": "hf", "sha256": None, "classes": None, "fresh": None}
     if num_classes is None:
         raise RobustError(f"arch {arch!r} needs num_classes")
     if weights is None:
-        model = build_model(arch, num_classes, None, mean, std, cifar_stem)
+        model = build_model(arch, num_classes, None, mean, std, cifar_stem, channels)
         return model, _init_record(None, "scratch", None, None, [])
     kind, state, digest = _pretrained_state(str(weights), arch, mean, std)
-    backbone, fresh = build_backbone(arch, num_classes, state, cifar_stem)
-    classes = int(state[f"{HEAD}.weight"].shape[0])
+    backbone, fresh = build_backbone(arch, num_classes, state, cifar_stem, channels)
+    classes = int(state[f"{get_arch(arch).head}.weight"].shape[0])
     return normalized(backbone, mean, std), _init_record(str(weights), kind, digest, classes, fresh)
 
 
@@ -101,9 +110,9 @@ def describe_init(init: Mapping, num_classes: int) -> str:
     if init["kind"] in ("scratch", "hf"):
         return f"initial weights: {init['weights'] or 'random'} ({init['kind']})"
     digest = f", sha256 {init['sha256'][:12]}…" if init["sha256"] else ""
-    new = {HEAD: f"a new {num_classes}-class head ({HEAD}; the weights have {init['classes']} classes)",
-           STEM: f"a new CIFAR stem ({STEM}; the weights have torchvision's 7×7 one)"}  # fmt: skip
-    fresh = "; ".join(new[layer] for layer in init["fresh"]) or "every layer loaded"
+    fresh = "; ".join(f"a new CIFAR stem ({layer}; the weights have torchvision's 7×7 one)" if layer == "conv1" else
+                      f"a new {num_classes}-class head ({layer}; the weights have {init['classes']} classes)"
+                      for layer in init["fresh"]) or "every layer loaded"  # fmt: skip
     return f"initial weights: {init['weights']} ({init['kind']}{digest}): {fresh}"
 
 
@@ -111,27 +120,28 @@ def _pretrained_state(
     weights: str, arch: str, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[str, dict[str, Tensor], str | None]:
     """(kind, torchvision-format backbone state dict, sha256 of the weights file) for a ``weights`` spec."""
-    if weights == "imagenet":
+    kind = spec_kind(weights, arch=arch)
+    if kind == "imagenet":
         state = imagenet_state(arch)
         file = imagenet_weights_file(arch)
         return "imagenet", state, sha256_hex(file.read_bytes()) if file.is_file() else None
-    path = Path(weights)
-    if path.is_dir() or (path.is_file() and path.suffix in (".json", ".safetensors", ".pt2")):
-        model = model_from_export(path if path.is_dir() else path.parent)
-        kind, digest = "export", model.card.files[WEIGHTS_FILE]
-    elif path.is_file() and path.suffix == ".ckpt":
-        model = model_from_checkpoint(path)
-        kind, digest = "checkpoint", sha256_hex(path.read_bytes())
-    elif path.is_file():
-        return "torchvision", read_torchvision_file(path), sha256_hex(path.read_bytes())
+    if kind == "state_dict":
+        return kind, read_state_dict(weights), sha256_hex(Path(weights).read_bytes())
+    if kind == "export":
+        model = model_from_export(export_folder(weights))
+        digest = model.card.files[WEIGHTS_FILE]
+    elif kind == "checkpoint":
+        model = model_from_checkpoint(weights)
+        digest = sha256_hex(Path(weights).read_bytes())
     else:
-        raise RobustError(f"weights {weights!r} not found: give a torchvision .pth file, a .ckpt, an export folder "
-                          "or 'imagenet'")  # fmt: skip
+        raise RobustError(f"weights {weights!r} must be a state dict file, a .ckpt, an export folder or 'imagenet'")
     card = model.card
     if card.arch != arch:
         raise RobustError(f"{weights} holds a {card.arch}, not a {arch}: set arch {card.arch}")
     for key, theirs, ours in (("mean", card.mean, mean), ("std", card.std, std)):
-        if not torch.allclose(torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64)):
+        same = len(theirs) == len(ours) and torch.allclose(torch.tensor(theirs, dtype=torch.float64),
+                                                           torch.tensor(ours, dtype=torch.float64))  # fmt: skip
+        if not same:
             raise RobustError(f"{weights} was trained with normalization {key} {theirs}, not {list(ours)}: set "
                               f"{key} to its values")  # fmt: skip
     prefix = "backbone."
@@ -154,6 +164,8 @@ def training_card(
     hp, data = dict(hparams), dict(data or {})
     num_classes = int(hp.get("num_classes", 10))
     size = int(data.get("image_size", 32))
+    channels = int(hp.get("channels") or data.get("channels") or 3)
+    default_mean, default_std = default_normalization(channels)
     names = hp.get("class_names") or data.get("class_names") or [str(i) for i in range(num_classes)]
     robustness = {
         "metrics": {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")},
@@ -162,8 +174,9 @@ def training_card(
     }  # fmt: skip
     return ModelCard(
         arch=hp.get("arch", "resnet18"), num_classes=num_classes, class_names=[str(n) for n in names],
-        image_size=size, resize=int(data.get("resize") or size), mean=[float(m) for m in hp.get("mean", IMAGENET_MEAN)],
-        std=[float(s) for s in hp.get("std", IMAGENET_STD)], cifar_stem=bool(hp.get("cifar_stem", False)),
+        image_size=size, resize=int(data.get("resize") or size), channels=channels,
+        mean=[float(m) for m in hp.get("mean") or default_mean], std=[float(s) for s in hp.get("std") or default_std],
+        cifar_stem=bool(hp.get("cifar_stem", False)),
         data=data.get("name"), training={**{k: hp.get(k) for k in TRAINING_KEYS}, "alpha": alpha},
         robustness=robustness,
     )  # fmt: skip
@@ -181,7 +194,7 @@ def card_from_checkpoint(ckpt: dict, source: str) -> ModelCard:
 
 def _model_from_card(card: ModelCard, state: dict[str, Tensor], source: str) -> CardedModel:
     """The network ``card`` describes, holding ``state``, eval mode."""
-    model = build_classifier(card.arch, card.num_classes, None, card.mean, card.std, card.cifar_stem)
+    model = build_classifier(card.arch, card.num_classes, None, card.mean, card.std, card.cifar_stem, card.channels)
     load_state(model, state, source, "its model description")
     return CardedModel(model, card).eval()
 
@@ -243,25 +256,128 @@ def model_from_export(folder: str | Path) -> CardedModel:
     return model
 
 
-def load_model(spec: str | Path) -> CardedModel:
-    """Load a model for evaluation: eval mode, CPU, its :class:`~robust.card.ModelCard` in ``model.card``.
+def spec_kind(spec: str | Path, arch: str | None = None) -> str:
+    """What kind of model ``spec`` names; the one place model specs are told apart.
 
-    ``spec`` is an export folder (or one of its files: ``model.json``, ``.safetensors``, ``.pt2``, ``.onnx``), a
-    Lightning checkpoint (``.ckpt``, loaded with ``weights_only=True``), ``"imagenet"`` (torchvision's ImageNet
-    ResNet18) or ``"hf:<model id or local dir>"`` (a Hugging Face classifier).
-    """
+    ``"imagenet"``: torchvision's ImageNet weights; ``"hf"``: ``hf:<model id or dir>``; ``"export"``: an export
+    folder or one of its files (``model.json``, ``.safetensors``, ``.pt2``, ``.onnx``); ``"checkpoint"``: a
+    ``.ckpt`` (or, with no ``arch`` given, any other file: read as a Lightning checkpoint); ``"state_dict"``: a
+    file holding a plain state dict of ``arch``; ``"factory"``: ``package.module:function`` building a network.
+    Anything else is a one-line RobustError naming the accepted kinds."""
     text = str(spec)
     if text == "imagenet":
-        return imagenet_model()
+        return "imagenet"
     if text.startswith(HF_PREFIX):
-        return build_classifier(text).eval()
-    path = Path(spec)
-    if path.is_dir():
-        return model_from_export(path)
-    if path.is_file() and path.suffix in (".json", ".safetensors", ".pt2", ".onnx"):
-        return model_from_export(path.parent)
+        return "hf"
+    path = Path(text)
+    if path.is_dir() or (path.is_file() and path.suffix in (".json", ".safetensors", ".pt2", ".onnx")):
+        return "export"
     if path.is_file():
-        return model_from_checkpoint(path)
+        return "checkpoint" if path.suffix == ".ckpt" or arch is None else "state_dict"
+    if FACTORY.match(text):
+        return "factory"
     raise RobustError(
-        f"model {text!r} not found: give an export folder, a .ckpt file, 'imagenet' or 'hf:<model id or dir>'"
+        f"model {text!r} not found: give an export folder, a .ckpt file, a state dict file with its arch, "
+        "'imagenet', 'hf:<model id or dir>' or a factory 'package.module:function'"
     )
+
+
+def export_folder(spec: str | Path) -> Path:
+    """The export folder ``spec`` names (the folder itself or one of its files)."""
+    path = Path(spec)
+    return path if path.is_dir() else path.parent
+
+
+def call_factory(spec: str) -> nn.Module:
+    """The network ``package.module:function`` builds (called with no arguments)."""
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RobustError(f"cannot import {module_name!r} for the model factory {spec!r} ({exc})") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise RobustError(f"{module_name} has no function {name!r} (model factory {spec!r})")
+    net = factory()
+    if not isinstance(net, nn.Module):
+        raise RobustError(f"the model factory {spec!r} returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def external_model(
+    spec: str,
+    kind: str,
+    arch: str | None = None,
+    weights: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
+    image_size: int | None = None,
+) -> CardedModel:
+    """A network trained elsewhere, as a :class:`CardedModel` our report and ``fool`` take like our own.
+
+    ``kind`` ``"state_dict"``: ``spec`` is a state dict file of ``arch`` (e.g. Wong et al.'s ``fgsm.pth`` with
+    ``mnist_net``); its channel count, class count and (for torchvision ResNets) CIFAR stem are read off the
+    weights. ``kind`` ``"factory"``: ``spec`` is ``package.module:function`` and ``weights`` an optional state dict
+    file for what it returns. Both load with ``weights_only=True`` and must fit exactly. ``mean``/``std`` (per
+    channel, [0, 1] pixel units) are the normalization the network expects in front of it: default none (mean 0,
+    std 1: it takes [0, 1] images as they are, the papers' convention). ``class_names`` default ``"0"``, ``"1"``, …;
+    ``image_size`` defaults to the arch's natural size (32 for a factory)."""
+    if kind == "state_dict":
+        if arch is None:
+            raise RobustError(f"{spec} is a plain state dict: give its architecture (--arch)")
+        state = read_state_dict(spec)
+        info = get_arch(arch)
+        stem = state.get(f"{info.stem}.weight")
+        channels = int(stem.shape[1]) if stem is not None and stem.dim() == 4 else info.channels
+        cifar_stem = info.torchvision and stem is not None and stem.shape[-1] == 3
+        head = state.get(f"{info.head}.weight")
+        num_classes = int(head.shape[0]) if head is not None else 10
+        backbone = build_backbone(arch, num_classes, None, cifar_stem, channels)[0]
+        load_state(backbone, state, spec, f"a {arch}")
+        digest, size = sha256_hex(Path(spec).read_bytes()), image_size or info.image_size
+    else:
+        backbone, arch, cifar_stem = call_factory(spec), spec, False
+        if weights is not None:
+            load_state(backbone, read_state_dict(weights), weights, f"the network {spec} builds")
+        first_conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = first_conv.in_channels if first_conv is not None else 3
+        num_classes = head_of(backbone).out_features
+        digest, size = None if weights is None else sha256_hex(Path(weights).read_bytes()), image_size or 32
+    mean = [0.0] * channels if mean is None else [float(m) for m in mean]
+    std = [1.0] * channels if std is None else [float(s) for s in std]
+    names = [str(n) for n in class_names] if class_names else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise RobustError(f"{len(names)} class names given for a model with {num_classes} outputs")
+    card = ModelCard(
+        arch=arch, num_classes=num_classes, class_names=names, image_size=int(size), resize=int(size),
+        channels=channels, mean=mean, std=std, cifar_stem=bool(cifar_stem), data=None,
+        training={"attack": None, "init": _init_record(weights or spec, kind, digest, num_classes, [])},
+    )  # fmt: skip
+    return CardedModel(normalized(backbone, mean, std), card).eval()
+
+
+def load_model(spec: str | Path, **external) -> CardedModel:
+    """Load a model for evaluation: eval mode, CPU, its :class:`~robust.card.ModelCard` in ``model.card``.
+
+    ``spec`` is any kind :func:`spec_kind` tells apart: an export folder (or one of its files), a Lightning
+    checkpoint (``.ckpt``, loaded with ``weights_only=True``), ``"imagenet"`` (torchvision's ImageNet ResNet18),
+    ``"hf:<model id or local dir>"`` (a Hugging Face classifier), a state dict file with ``arch=...``, or a factory
+    ``package.module:function`` (``weights=...`` optional). ``external`` (``arch``, ``weights``, ``mean``, ``std``,
+    ``class_names``, ``image_size``) describes a state dict's or a factory's network (:func:`external_model`);
+    the other kinds carry their own description and take none of it.
+    """
+    kind = spec_kind(spec, arch=external.get("arch"))
+    if kind in ("state_dict", "factory"):
+        return external_model(str(spec), kind, **external)
+    given = sorted(k for k, v in external.items() if v is not None)
+    if given:
+        raise RobustError(f"{', '.join(given)} describe a plain state dict or a factory's network; {spec} is a "
+                          f"{kind} and carries its own description")  # fmt: skip
+    if kind == "imagenet":
+        return imagenet_model()
+    if kind == "hf":
+        return build_classifier(str(spec)).eval()
+    if kind == "export":
+        return model_from_export(export_folder(spec))
+    return model_from_checkpoint(spec)

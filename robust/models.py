@@ -1,4 +1,4 @@
-"""Models that take plain [0, 1] images: ``nn.Sequential(Normalize, backbone)``.
+"""Models that take plain [0, 1] images: ``nn.Sequential(Normalize, backbone)``; backbones from :mod:`robust.archs`.
 
 Normalization is the model's first layer, so attacks, JPEG and exported models all work in pixel space.
 """
@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from robust.archs import build_arch, get_arch
 from robust.card import ModelCard
 from robust.errors import RobustError
 
@@ -20,7 +21,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+def default_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` when none is given: ImageNet's for RGB, none (0, 1) for grayscale."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.0,) * channels, (1.0,) * channels)
 
 
 class Normalize(nn.Module):
@@ -38,7 +43,7 @@ class Normalize(nn.Module):
 
 
 class CardedModel(nn.Sequential):
-    """A loaded classifier: the layers of a model (``N×3×H×W`` images in [0, 1] -> logits) and its
+    """A loaded classifier: the layers of a model (``N×C×H×W`` images in [0, 1] -> logits) and its
     :class:`~robust.card.ModelCard` in ``card``. The layers are shared with the model it wraps, so state dict
     keys, weights and outputs are that model's."""
 
@@ -51,9 +56,6 @@ class CardedModel(nn.Sequential):
 def card_of(model: nn.Module) -> ModelCard | None:
     """The card a :class:`CardedModel` carries; ``None`` for any other network."""
     return model.card if isinstance(model, CardedModel) else None
-
-
-HEAD, STEM = "fc", "conv1"  # the torchvision ResNet layers a task may replace when fine-tuning
 
 
 def load_state(model: nn.Module, state: Mapping[str, Tensor], source: str, fits: str) -> None:
@@ -71,9 +73,10 @@ def load_state(model: nn.Module, state: Mapping[str, Tensor], source: str, fits:
     model.load_state_dict(state)
 
 
-def read_torchvision_file(path: str | Path) -> dict[str, Tensor]:
-    """A torchvision-format ResNet state dict file (``resnet18(...).state_dict()`` saved with ``torch.save``), loaded
-    with ``weights_only=True`` (no pickled code can run)."""
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A plain state dict file (``model.state_dict()`` saved with ``torch.save``: a torchvision ``.pth``, a paper's
+    released weights), loaded with ``weights_only=True`` (no pickled code can run). A ``module.`` prefix
+    (``nn.DataParallel``) is dropped."""
     path = Path(path)
     if not path.is_file():
         raise RobustError(f"weights file {path} does not exist")
@@ -82,9 +85,11 @@ def read_torchvision_file(path: str | Path) -> dict[str, Tensor]:
     except Exception as exc:
         raise RobustError(f"{path} is not a readable torch weights file ({type(exc).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state:
-        raise RobustError(f"{path} is a Lightning checkpoint, not a torchvision state dict: name it *.ckpt")
-    if not isinstance(state, dict) or f"{HEAD}.weight" not in state:
-        raise RobustError(f"{path} is not a torchvision ResNet state dict (no '{HEAD}.weight')")
+        raise RobustError(f"{path} is a Lightning checkpoint, not a plain state dict: name it *.ckpt")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise RobustError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
 
 
@@ -104,61 +109,60 @@ def imagenet_state(arch: str) -> dict[str, Tensor]:
                           f"{file.parent}") from None  # fmt: skip
 
 
-def use_cifar_stem(backbone: nn.Module) -> None:
-    """Give a torchvision ResNet the CIFAR stem: a new 3×3 stride-1 first convolution and no max-pool."""
-    backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    backbone.maxpool = nn.Identity()
-
-
-def load_pretrained(backbone: nn.Module, state: Mapping[str, Tensor], source: str) -> list[str]:
-    """Load a torchvision-format ``state`` (from ``source``, named in errors) into ``backbone``, a torchvision ResNet
-    already shaped for its task, and return the names of the layers left freshly initialised: ``fc`` (the head)
-    when ``state``'s class count differs, ``conv1`` when the backbone has the CIFAR stem and ``state`` has
-    torchvision's 7×7 one. Anything else that does not fit is a RobustError (one sentence)."""
-    fresh, state = [], dict(state)
-    for layer in (HEAD, STEM):
+def load_pretrained(backbone: nn.Module, arch: str, state: Mapping[str, Tensor], source: str) -> list[str]:
+    """Load ``state`` (a state dict of the backbone ``arch``, from ``source``, named in errors) into ``backbone``,
+    already shaped for its task, and return the names of the layers left freshly initialised: the head (``fc`` of a
+    ResNet) when ``state``'s class count differs, the stem (``conv1``) when a ResNet backbone has the CIFAR stem and
+    ``state`` has torchvision's 7×7 one. Anything else that does not fit (another channel count included) is a
+    RobustError (one sentence)."""
+    spec, fresh, state = get_arch(arch), [], dict(state)
+    for layer in (spec.head, spec.stem):
         theirs, ours = state.get(f"{layer}.weight"), getattr(backbone, layer).weight
         if theirs is None or theirs.shape == ours.shape:
             continue
-        if layer == STEM and ours.shape[-1] > theirs.shape[-1]:
+        if layer == spec.stem and theirs.shape[1] != ours.shape[1]:
+            raise RobustError(f"{source} takes {theirs.shape[1]}-channel images; the model has {ours.shape[1]} "
+                              "channel(s): set channels to match")  # fmt: skip
+        if layer == spec.stem and ours.shape[-1] > theirs.shape[-1]:
             raise RobustError(f"{source} was trained with the CIFAR stem (3×3 conv1): set cifar_stem true")
-        if layer == HEAD and theirs.shape[1:] != ours.shape[1:]:
+        if layer == spec.head and theirs.shape[1:] != ours.shape[1:]:
             continue  # a different feature width: a different architecture, reported by load_state below
         fresh.append(layer)
         state.update({f"{layer}.{k}": v for k, v in getattr(backbone, layer).state_dict().items()})
-    load_state(backbone, state, source, f"a torchvision {type(backbone).__name__}")
+    load_state(backbone, state, source, f"a {arch}")
     return fresh
 
 
 def build_backbone(
-    arch: str, num_classes: int, weights: str | Mapping[str, Tensor] | None = None, cifar_stem: bool = False
+    arch: str,
+    num_classes: int,
+    weights: str | Mapping[str, Tensor] | None = None,
+    cifar_stem: bool = False,
+    channels: int | None = None,
 ) -> tuple[nn.Module, list[str]]:
-    """A torchvision ResNet with ``num_classes`` outputs, and the names of the layers that the weights did not
-    initialise (``[]`` for ``weights=None``: all of it is random).
+    """The backbone ``arch`` (:data:`robust.archs.ARCHS`) with ``num_classes`` outputs and ``channels`` input
+    channels (default the arch's), and the names of the layers that the weights did not initialise (``[]`` for
+    ``weights=None``: all of it is random).
 
     Args:
-        weights: ``None`` (random init), ``"imagenet"`` (torchvision's ImageNet weights, downloaded by
-            torchvision to its hub cache), a path to a torchvision-format state dict file, or such a state dict.
-            When the weights have a different number of classes, the head (``fc``) is new (fine-tuning); with
+        weights: ``None`` (random init), ``"imagenet"`` (torchvision's ImageNet weights of a torchvision ResNet,
+            downloaded by torchvision to its hub cache), a path to a state dict file of that arch, or such a state
+            dict. When the weights have a different number of classes, the head is new (fine-tuning); with
             ``cifar_stem`` and weights made for torchvision's stem, ``conv1`` is new (:func:`load_pretrained`).
-        cifar_stem: 3×3 stride-1 first convolution and no max-pool, for 32×32 inputs.
+        cifar_stem: 3×3 stride-1 first convolution and no max-pool, for 32×32 inputs (torchvision ResNets).
     """
-    if arch not in ARCHS:
-        raise RobustError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    if num_classes < 2:
-        raise RobustError(f"num_classes must be at least 2, got {num_classes}")
-    backbone = torchvision.models.get_model(arch, num_classes=num_classes)
-    if cifar_stem:
-        use_cifar_stem(backbone)
+    backbone = build_arch(arch, num_classes, channels, cifar_stem)
     if weights is None:
         return backbone, []
     if isinstance(weights, Mapping):
         state, source = weights, "the given weights"
     elif weights == "imagenet":
+        if not get_arch(arch).torchvision:
+            raise RobustError(f"there are no ImageNet weights for {arch}; torchvision's ResNets have them")
         state, source = imagenet_state(arch), f"torchvision's ImageNet {arch}"
     else:
-        state, source = read_torchvision_file(weights), str(weights)
-    return backbone, load_pretrained(backbone, state, source)
+        state, source = read_state_dict(weights), str(weights)
+    return backbone, load_pretrained(backbone, arch, state, source)
 
 
 def build_model(
@@ -168,19 +172,28 @@ def build_model(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     cifar_stem: bool = False,
+    channels: int | None = None,
 ) -> nn.Sequential:
-    """``Sequential(normalize=Normalize(mean, std), backbone=ResNet)``: input ``N×3×H×W`` in [0, 1] -> logits.
+    """``Sequential(normalize=Normalize(mean, std), backbone=<arch>)``: input ``N×C×H×W`` in [0, 1] -> logits,
+    with ``C = channels`` (default the arch's: 1 for ``mnist_net``, else 3; ``mean``/``std`` need one value per
+    channel).
 
-    See :func:`build_backbone` for ``weights`` and ``cifar_stem``. The backbone's state dict keys are
-    torchvision's, under the ``backbone.`` prefix. Like any new module, it is in train mode. Hugging Face
-    classifiers (``hf:<id>``) and our checkpoints and exports as ``weights`` come from
+    See :func:`build_backbone` for ``weights`` and ``cifar_stem``. The backbone's state dict keys are the arch's
+    own (torchvision's, the papers'), under the ``backbone.`` prefix. Like any new module, it is in train mode.
+    Hugging Face classifiers (``hf:<id>``) and our checkpoints and exports as ``weights`` come from
     :func:`robust.loading.build_classifier`.
     """
-    return normalized(build_backbone(arch, num_classes, weights, cifar_stem)[0], mean, std)
+    backbone = build_backbone(arch, num_classes, weights, cifar_stem, channels)[0]
+    return normalized(backbone, mean, std)
 
 
 def normalized(backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Sequential:
-    """``Sequential(normalize=Normalize(mean, std), backbone=backbone)``."""
+    """``Sequential(normalize=Normalize(mean, std), backbone=backbone)``; ``mean``/``std`` must have one value per
+    input channel of ``backbone`` (checked against its first convolution)."""
+    first_conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and len(mean) != first_conv.in_channels:
+        raise RobustError(f"mean and std need one value per channel: the model takes {first_conv.in_channels} "
+                          f"channel(s), got {len(mean)} values")  # fmt: skip
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), backbone=backbone))
 
 

@@ -11,6 +11,7 @@ Validation runs the threat suite of :mod:`robust.threats` and logs accuracies in
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import lightning as L
@@ -24,8 +25,9 @@ from robust.attacks import check_budget, least_likely_class, random_other_class
 from robust.averaging import EMA_DECAY_KEY
 from robust.errors import RobustError
 from robust.loading import CARD_KEY, describe_init, initialize_classifier, training_card
-from robust.models import IMAGENET_MEAN, IMAGENET_STD, head_of
+from robust.models import default_normalization, head_of
 from robust.objectives import check_objective, objective_loss, training_attack
+from robust.optim import OptimizerFactory, SchedulerFactory, default_optimizer, default_scheduler
 from robust.threats import DEFAULT_THREATS, ThreatSpec, bn_mode, labels_for, predictions, training_alpha
 
 VAL_KEYS = DEFAULT_THREATS  # validation runs every threat but AutoAttack
@@ -33,14 +35,19 @@ TrainAttack = Literal["none", "fgsm", "fgsm_rs", "nfgsm", "pgd"]  # robust.objec
 
 
 class AdversarialClassifier(L.LightningModule):
-    """ResNet classifier trained on a mix of clean and adversarial examples.
+    """Classifier trained on a mix of clean and adversarial examples.
 
     Args:
-        arch, num_classes, weights, mean, std, cifar_stem: passed to :func:`robust.loading.initialize_classifier`;
-            ``weights`` (fine-tuning): ``imagenet``, a torchvision ``.pth``, one of our ``.ckpt`` files or an export
-            folder; a new head when its class count differs (logged in one line; recorded in the card's
-            ``training["init"]``).
-        class_names: names for the ``num_classes`` outputs (image grids, exports); linked from the data.
+        arch: the network, a name of :data:`robust.archs.ARCHS` (``resnet18``, ``mnist_net``, ``preact_resnet18``,
+            ...) or ``hf:<model id>``.
+        num_classes, class_names: the outputs and their names (image grids, exports); linked from the data.
+        channels: input channels, 1 (grayscale) or 3 (RGB); linked from the data.
+        weights: initial weights (fine-tuning): ``imagenet``, a state dict file of ``arch`` (``.pth``), one of our
+            ``.ckpt`` files or an export folder; a new head when its class count differs (logged in one line;
+            recorded in the card's ``training["init"]``). Default: random initialization.
+        mean, std: the normalization inside the model, one value per channel in [0, 1] pixel units (default:
+            ImageNet's for RGB, none for grayscale). cifar_stem: 3×3 stride-1 first convolution, no max-pool
+            (torchvision ResNets on 32×32 images).
         channels_last: keep activations in channels-last memory format (faster on GPUs with AMP).
         attack: training attack: ``none``, ``fgsm``, ``fgsm_rs`` (random start, Wong et al. 2020), ``nfgsm``
             (noise ``nfgsm_noise``·eps, no projection, de Jorge et al. 2022), ``pgd``; the one in force is
@@ -53,11 +60,16 @@ class AdversarialClassifier(L.LightningModule):
             1.25·eps for fgsm_rs, eps for fgsm and nfgsm, eps/4 for pgd; trades/mart: 0.007/0.031·eps);
             changed only by :meth:`set_attack_step`. attack_steps: PGD training steps (default 7; 10 for
             trades/mart, as their official scripts).
+        clamp_start: clip ``fgsm_rs``'s random start to [0, 1] before its gradient (false: Wong et al.'s MNIST code).
         adv_ratio: fraction of each batch replaced by adversarial examples, in [0, 1]; 0 = clean training.
         attack_bn_mode: BatchNorm mode while making training attacks (``eval`` uses running stats).
-        optimizer: ``sgd`` (momentum, nesterov) or ``adamw``. schedule: ``onecycle`` (peak ``lr``),
-            ``cosine`` or ``constant``. backbone_lr_scale: the learning rate of every parameter but the head's
-            (:func:`robust.models.head_of`) is ``lr × backbone_lr_scale`` (for fine-tuning; 1 = one group at ``lr``).
+        optimizer: ``params -> Optimizer``: a ``torch.optim`` class path with its ``init_args`` (default
+            :data:`robust.optim.DEFAULT_OPTIMIZER`: SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4).
+        lr_scheduler: ``(optimizer, total_steps) -> LRScheduler``, stepped every optimizer step: a schedule of
+            :mod:`robust.optim` (default ``OneCycle`` peaking at the optimizer's lr; ``Cyclic``, Wong et al.'s;
+            ``Cosine``) or null for a constant lr.
+        backbone_lr_scale: the learning rate of every parameter but the head's (:func:`robust.models.head_of`)
+            is the optimizer's ``lr × backbone_lr_scale`` (for fine-tuning; 1 = one group).
         val_eps, val_steps, val_alpha: validation threat (default eps; PGD-10 with step eps/4), as
             :attr:`val_spec`.
         jpeg_quality: JPEG defense quality, 1..100. val_seed: seed of validation random starts and targets.
@@ -68,9 +80,10 @@ class AdversarialClassifier(L.LightningModule):
         arch: str = "resnet18",
         num_classes: int = 10,
         class_names: list[str] | None = None,
+        channels: int = 3,
         weights: str | None = None,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
         cifar_stem: bool = False,
         channels_last: bool = False,
         attack: TrainAttack = "fgsm_rs",
@@ -79,17 +92,14 @@ class AdversarialClassifier(L.LightningModule):
         alpha: float | None = None,
         attack_steps: int | None = None,
         nfgsm_noise: float = 2.0,
+        clamp_start: bool = True,
         objective: Literal["ce", "trades", "mart"] = "ce",
         beta: float | None = None,
         adv_ratio: float = 1.0,
         attack_bn_mode: Literal["eval", "train"] = "eval",
-        optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.1,
+        optimizer: OptimizerFactory = default_optimizer,
+        lr_scheduler: SchedulerFactory | None = default_scheduler,
         backbone_lr_scale: float = 1.0,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
         val_eps: float | None = None,
         val_steps: int = 10,
         val_alpha: float | None = None,
@@ -116,9 +126,14 @@ class AdversarialClassifier(L.LightningModule):
         check_budget(eps, self.alpha if attack != "none" else None, self.attack_steps)
         self.val_spec = ThreatSpec(eps if val_eps is None else val_eps, val_alpha, val_steps, quality=jpeg_quality,
                                    seed=val_seed, threats=VAL_KEYS)  # fmt: skip
-        self.save_hyperparameters()
+        # The optimizer and schedule are callables (not checkpoint material); LightningCLI's config.yaml records them.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        default_mean, default_std = default_normalization(channels)
+        self.hparams.mean, self.hparams.std = tuple(mean or default_mean), tuple(std or default_std)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.model, self.weights_init = initialize_classifier(arch, num_classes, weights, mean, std, cifar_stem)
+        self.model, self.weights_init = initialize_classifier(arch, num_classes, weights, self.hparams.mean,
+                                                              self.hparams.std, cifar_stem, channels)  # fmt: skip
         if weights is not None:
             rank_zero_info(describe_init(self.weights_init, num_classes))
         if channels_last:
@@ -135,7 +150,7 @@ class AdversarialClassifier(L.LightningModule):
         return self.val_spec.step
 
     def forward(self, x: Tensor) -> Tensor:
-        """``N×3×H×W`` images in [0, 1] -> ``N×num_classes`` logits."""
+        """``N×C×H×W`` images in [0, 1] -> ``N×num_classes`` logits."""
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
@@ -172,7 +187,8 @@ class AdversarialClassifier(L.LightningModule):
             elif hp.target == "least_likely":
                 y = least_likely_class(self, x)
             return training_attack(self, x, y, hp.objective, self.attack, eps=hp.eps, alpha=self.alpha,
-                                   steps=self.attack_steps, noise=hp.nfgsm_noise, targeted=targeted)  # fmt: skip
+                                   steps=self.attack_steps, noise=hp.nfgsm_noise, targeted=targeted,
+                                   clamp_start=hp.clamp_start)  # fmt: skip
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -210,7 +226,8 @@ class AdversarialClassifier(L.LightningModule):
         run would otherwise train on NaN weights to the end and checkpoint them."""
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
             raise RobustError(f"the training loss is {loss.item()} at step {self.global_step} (epoch "
-                              f"{self.current_epoch}): training diverged; lower --model.lr")  # fmt: skip
+                              f"{self.current_epoch}): training diverged; lower the learning rate "
+                              "(--model.optimizer.lr)")  # fmt: skip
 
     # ---- validation ----------------------------------------------------------------------------
 
@@ -228,34 +245,24 @@ class AdversarialClassifier(L.LightningModule):
     # ---- optimization and checkpoints ---------------------------------------------------------
 
     def param_groups(self) -> list[dict]:
-        """The optimizer's parameter groups: one at ``lr``, or with ``backbone_lr_scale`` != 1 the ``backbone``
-        (every parameter but the head's) at ``lr × backbone_lr_scale`` and the ``head`` at ``lr``."""
-        hp = self.hparams
-        if hp.backbone_lr_scale == 1:  # one group, as before the option: older checkpoints' optimizer state fits
-            return [{"params": list(self.parameters()), "lr": hp.lr}]
+        """The optimizer's parameter groups: one, or with ``backbone_lr_scale`` != 1 the ``backbone`` (every
+        parameter but the head's) and the ``head``; the backbone's lr is scaled in :meth:`configure_optimizers`."""
+        if self.hparams.backbone_lr_scale == 1:  # one group: older checkpoints' optimizer state fits
+            return [{"params": list(self.parameters())}]
         head = {id(p) for p in head_of(self.model).parameters()}
         return [
-            {"name": "backbone", "params": [p for p in self.parameters() if id(p) not in head],
-             "lr": hp.lr * hp.backbone_lr_scale},
-            {"name": "head", "params": [p for p in self.parameters() if id(p) in head], "lr": hp.lr},
+            {"name": "backbone", "params": [p for p in self.parameters() if id(p) not in head]},
+            {"name": "head", "params": [p for p in self.parameters() if id(p) in head]},
         ]  # fmt: skip
 
     def configure_optimizers(self):
-        hp = self.hparams
-        groups = self.param_groups()
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                                  weight_decay=hp.weight_decay)  # fmt: skip
-        else:
-            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.schedule == "constant":
+        opt = self.optimizer(self.param_groups())
+        for group in opt.param_groups:
+            if group.get("name") == "backbone":
+                group["lr"] *= self.hparams.backbone_lr_scale
+        if self.lr_scheduler is None:
             return opt
-        total = int(self.trainer.estimated_stepping_batches)
-        if hp.schedule == "onecycle":  # each group peaks at its own lr
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total,
-                                                        pct_start=0.4, anneal_strategy="linear")  # fmt: skip
-        else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        sched = self.lr_scheduler(opt, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_start(self) -> None:
@@ -279,6 +286,8 @@ class AdversarialClassifier(L.LightningModule):
             "beta": self.beta,
             "ema_decay": checkpoint.get(EMA_DECAY_KEY),
             "init": self.weights_init,
+            "seed": None if os.environ.get("PL_GLOBAL_SEED") is None else int(os.environ["PL_GLOBAL_SEED"]),
+            **optimization_record(trainer),
         }
         card = training_card(
             in_force, datamodule.describe() if hasattr(datamodule, "describe") else None, trainer.callback_metrics,
@@ -304,6 +313,23 @@ class AdversarialClassifier(L.LightningModule):
             torch.set_rng_state(checkpoint["rng_torch"])
         if "rng_cuda" in checkpoint and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+
+
+def optimization_record(trainer: L.Trainer) -> dict:
+    """The optimizer and schedule in force, for the card: ``{"optimizer": {"class", <its defaults>},
+    "lr_scheduler": {"class", ...} or None}`` (JSON-native values only)."""
+
+    def plain(obj: object, names: dict) -> dict:
+        values = {k: v for k, v in names.items() if isinstance(v, (int, float, str, bool, type(None), tuple, list))}
+        return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **values}
+
+    if not trainer.optimizers:
+        return {"optimizer": None, "lr_scheduler": None}
+    opt = trainer.optimizers[0]
+    configs = trainer.lr_scheduler_configs
+    sched = configs[0].scheduler if configs else None
+    sched_args = {} if sched is None else {k: v for k, v in vars(sched).items() if k in ("total_steps", "peak_at")}
+    return {"optimizer": plain(opt, opt.defaults), "lr_scheduler": None if sched is None else plain(sched, sched_args)}
 
 
 def split_rng_by_rank(rank: int, world_size: int) -> None:

@@ -189,11 +189,13 @@ def training_attack(
     steps: int,
     noise: float = 2.0,
     targeted: bool = False,
+    clamp_start: bool = True,
 ) -> Tensor:
     """The adversarial examples ``objective`` trains on, made by ``attack`` (checked by :func:`check_objective`).
 
     ``trades`` + ``pgd``: :func:`trades_pgd`; ``mart`` + ``pgd``: :func:`mart_pgd`; otherwise the attack of that
-    name from :mod:`robust.attacks` (``pgd`` with its uniform random start, ``noise`` for ``nfgsm``); ``none``
+    name from :mod:`robust.attacks` (``pgd`` with its uniform random start, ``noise`` for ``nfgsm``, ``clamp_start``
+    for ``fgsm_rs``); ``none``
     returns ``x``. ``y``: ``N`` labels (targets when ``targeted``). Runs in the model's current mode: wrap it in
     the BatchNorm mode wanted. Returns detached ``N×C×H×W`` images in [0, 1].
     """
@@ -208,7 +210,8 @@ def training_attack(
         return pgd(model, x, y, eps, alpha, steps, targeted=targeted)
     if attack == "nfgsm":
         return nfgsm(model, x, y, eps, noise=noise, alpha=alpha, targeted=targeted)
-    return fgsm(model, x, y, eps, targeted=targeted, random_start=attack == "fgsm_rs", alpha=alpha)
+    return fgsm(model, x, y, eps, targeted=targeted, random_start=attack == "fgsm_rs", alpha=alpha,
+                clamp_start=clamp_start)  # fmt: skip
 
 
 def objective_loss(

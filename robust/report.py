@@ -26,14 +26,32 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from robust.card import ModelCard
 from robust.checks import check_at_least_one
-from robust.data import CIFAR10, CIFAR10_NAMES, DIGIT_NAMES, Digits, folder_transform, image_folder
+from robust.data import (
+    CIFAR10,
+    CIFAR10_NAMES,
+    DIGIT_NAMES,
+    MNIST,
+    Digits,
+    class_folders,
+    data_root,
+    folder_transform,
+    image_folder,
+)
 from robust.errors import RobustError
 from robust.files import atomic_write_files
 from robust.hf import HF_PREFIX
 from robust.images import check_images
 from robust.models import card_of
 from robust.sharding import Journal, World, sharded_counts
-from robust.threats import DEFAULT_THREATS, THREATS, WORST_CASES, ThreatSpec, correct_counts, predictions
+from robust.threats import (
+    AUTOATTACK_THREATS,
+    DEFAULT_THREATS,
+    THREATS,
+    WORST_CASES,
+    ThreatSpec,
+    correct_counts,
+    predictions,
+)
 
 FILES = ("report.json", "report.md", "robustness_curve.png")
 
@@ -69,6 +87,16 @@ def _align_labels(ds, data_names: Sequence[str], card: ModelCard) -> str:
     )
 
 
+def data_class_names(data: str) -> tuple[str, ...] | None:
+    """The class names of ``--data`` (``digits``, ``mnist``, ``cifar10`` or an image folder's class sub-folders);
+    None when ``data`` is none of these."""
+    if data in ("digits", "mnist"):
+        return DIGIT_NAMES
+    if data == "cifar10":
+        return CIFAR10_NAMES
+    return class_folders(Path(data)) if Path(data).is_dir() else None
+
+
 def _folder_fingerprint(root: Path, samples: Iterable[tuple[str, int]]) -> str:
     """sha256 over the sorted relative paths and sizes of the folder's image files (cheap, content-sensitive)."""
     digest = hashlib.sha256()
@@ -85,23 +113,35 @@ def eval_data(
     batch_size: int = 128,
     num_workers: int = 0,
     cifar10_root: str = "data/cifar10",
+    mnist_root: str | None = None,
 ) -> tuple[DataLoader, dict]:
-    """The evaluation loader for ``data`` (``digits``, ``cifar10`` or an image-folder path) and its identity.
+    """The evaluation loader for ``data`` (``digits``, ``mnist``, ``cifar10`` or an image-folder path) and its
+    identity.
 
-    Images come at the model card's ``image_size`` (folders and CIFAR-10 via :func:`robust.data.folder_transform`
-    with the card's ``resize``); labels are the model's class ids. ``limit`` keeps that many evenly spaced images.
+    Images come at the model card's ``image_size`` and ``channels`` (folders and CIFAR-10 via
+    :func:`robust.data.folder_transform` with the card's ``resize``; MNIST is 28×28 grayscale and must be fed as
+    such); labels are the model's class ids. ``limit`` keeps that many evenly spaced images. ``mnist_root``: the
+    folder holding ``MNIST/raw`` (default ``$ROBUST_DATA``, else ``data``).
     """
     if limit is not None:
         check_at_least_one(limit, "limit")
     check_at_least_one(batch_size, "batch size")
     if num_workers < 0:
         raise RobustError(f"num_workers must be 0 or more, got {num_workers}")
-    size, resize = card.image_size, card.resize
+    size, resize, channels = card.image_size, card.resize, card.channels
     if data == "digits":
-        dm = Digits(image_size=size, limit=limit)
+        dm = Digits(image_size=size, limit=limit, channels=channels)
         dm.setup()
         ds, identity = dm.val_set, {"name": "digits", "split": "val", "split_seed": dm.split_seed}
         match = _align_labels(ds, DIGIT_NAMES, card)
+    elif data == "mnist":
+        if size != MNIST.image_size:
+            raise RobustError(f"MNIST images are {MNIST.image_size}×{MNIST.image_size}; the model takes {size}×{size}")
+        dm = MNIST(root=mnist_root or data_root(), limit=None, download=True, channels=channels)
+        dm.setup()
+        match = _align_labels(dm.val_set, DIGIT_NAMES, card)
+        ds = _spread(dm.val_set, limit)
+        identity = {"name": "mnist", "root": str(Path(dm.root).resolve()), "split": "test"}
     elif data == "cifar10":
         from torchvision import datasets
 
@@ -113,7 +153,7 @@ def eval_data(
     else:
         root = Path(data)
         if not root.is_dir():
-            raise RobustError(f"--data must be 'digits', 'cifar10' or an image folder; {data!r} is none of these")
+            raise RobustError(f"--data must be digits, mnist, cifar10 or an image folder; {data!r} is none of these")
         base = image_folder(root, folder_transform(size, resize))
         match = _align_labels(base, base.classes, card)
         identity = {"name": "folder", "path": str(root.resolve()), "classes": list(base.classes),
@@ -139,6 +179,7 @@ def evaluate(
     progress: bool = True,
     world: World | None = None,
     journal: Journal | None = None,
+    threats: Sequence[str] | None = None,
 ) -> dict:
     """Accuracy of ``model`` under every threat, on the same images, for each eps.
 
@@ -150,6 +191,8 @@ def evaluate(
             (for ``pgd``, ``apgd``, ``bpda_pgd`` and the targeted attack). alpha: PGD step (default
             :func:`robust.threats.default_alpha`).
         quality: JPEG quality of the defense. autoattack: also run torchattacks' standard AutoAttack (slow).
+        threats: the keys of :data:`robust.threats.THREATS` to measure (default every one but ``autoattack``;
+            ``autoattack`` and ``aa_worst`` are added by ``autoattack``), in :data:`THREATS` order.
         seed: seeds random starts and the random targets (batch ``i`` with ``seed + i``; the global RNG is left
             untouched).
         world: the processes sharing the batches (:func:`robust.sharding.launch`; default this process alone, on
@@ -162,7 +205,10 @@ def evaluate(
     eps_list = sorted({float(e) for e in eps_list})
     if not eps_list:
         raise RobustError("give at least one eps")
-    keys = THREATS if autoattack else DEFAULT_THREATS
+    asked = set(threats or DEFAULT_THREATS) | (set(AUTOATTACK_THREATS) if autoattack else set())
+    keys = tuple(k for k in THREATS if k in asked)
+    if asked - set(keys):
+        raise RobustError(f"unknown threat(s) {', '.join(sorted(asked - set(keys)))}; known: {', '.join(THREATS)}")
     specs = [ThreatSpec(e, alpha, steps, restarts, quality, seed, keys) for e in eps_list]
     world = world or World(next(model.parameters()).device)
     count = partial(batch_counts, model, keys, world.device)
@@ -196,19 +242,19 @@ def honesty_flags(rows: Sequence[dict]) -> list[str]:
     flags = []
     for row in rows:
         e = format_eps(row["eps"])
-        if row["bpda_pgd"] > row["jpeg_pgd"]:
+        if {"bpda_pgd", "jpeg_pgd", "jpeg_worst"} <= row.keys() and row["bpda_pgd"] > row["jpeg_pgd"]:
             flags.append(
                 f"eps {e}: adaptive bpda_pgd accuracy {row['bpda_pgd']:.2%} is above the transferred jpeg_pgd "
                 f"{row['jpeg_pgd']:.2%}; the adaptive attack is too weak here (more steps or restarts), so trust "
                 f"at most the per-example worst case jpeg_worst {row['jpeg_worst']:.2%} for the JPEG defense"
             )
-        if row["pgd"] > row["fgsm"]:
+        if {"pgd", "fgsm", "pgd_worst"} <= row.keys() and row["pgd"] > row["fgsm"]:
             flags.append(
                 f"eps {e}: PGD accuracy {row['pgd']:.2%} is above FGSM {row['fgsm']:.2%}; a multi-step attack "
                 "should never be weaker than one step: a sign of gradient masking, so the PGD figure overstates "
                 f"robustness; trust at most the per-example worst case pgd_worst {row['pgd_worst']:.2%}"
             )
-        if "autoattack" in row and row["pgd_worst"] > row["autoattack"]:
+        if {"autoattack", "pgd_worst"} <= row.keys() and row["pgd_worst"] > row["autoattack"]:
             flags.append(
                 f"eps {e}: the cheap worst case pgd_worst {row['pgd_worst']:.2%} is "
                 f"{100 * (row['pgd_worst'] - row['autoattack']):.1f} points above AutoAttack {row['autoattack']:.2%}; "
@@ -274,6 +320,7 @@ def threat_names(report: dict) -> dict[str, str]:
              "pgd_worst": "Worst case (FGSM, PGD, APGD)", "jpeg": f"JPEG q{q}", "jpeg_fgsm": f"JPEG q{q} ∘ FGSM",
              "jpeg_pgd": f"JPEG q{q} ∘ {pgd_name} (transfer)", "bpda_pgd": f"JPEG q{q} ∘ BPDA {pgd_name} (adaptive)",
              "jpeg_worst": f"JPEG q{q} worst case", "autoattack": "AutoAttack",
+             "aa_worst": "Worst case (FGSM, PGD, APGD, AutoAttack)",
              "targeted_success": "Targeted success ↓"}  # fmt: skip
     return {k: names[k] for k in THREATS if k in report["rows"][0]}
 
@@ -294,7 +341,7 @@ def markdown_table(report: dict) -> str:
               "if it survives every attack of its setting (through JPEG: FGSM and PGD transferred, BPDA adaptive): "
               "the figures to claim. Targeted success: fraction of images PGD pushes to a random other class (lower "
               "is better)."]  # fmt: skip
-    if "autoattack" in names:
+    if {"autoattack", "pgd_worst"} <= names.keys():
         gaps = ", ".join(f"{100 * (r['pgd_worst'] - r['autoattack']):+.1f} at eps {format_eps(r['eps'])}"
                          for r in report["rows"])  # fmt: skip
         lines.append(f"\nThe cheap worst case minus AutoAttack, in points: {gaps}.")

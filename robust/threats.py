@@ -7,7 +7,8 @@ A threat is a key of :data:`THREATS`; its predictions are ``N`` class ids, score
   via torchattacks) made against the bare model;
 - ``jpeg`` (clean images through JPEG); ``jpeg_fgsm``, ``jpeg_pgd`` (those adversarial examples, transferred
   through JPEG); ``bpda_pgd`` (PGD through the straight-through JPEG, then JPEG: the adaptive attack);
-- ``autoattack`` (torchattacks' standard AutoAttack, slow, opt-in); ``targeted_success`` (targeted PGD);
+- ``autoattack`` (torchattacks' standard AutoAttack, slow, opt-in) and ``aa_worst`` (the per-example worst case of
+  ``pgd_worst``'s attacks and AutoAttack); ``targeted_success`` (targeted PGD);
 - worst cases, per example (:data:`WORST_CASES`): ``pgd_worst`` is correct only where ``fgsm``, ``pgd`` and
   ``apgd`` all are, ``jpeg_worst`` only where every attack through JPEG (``jpeg_fgsm``, ``jpeg_pgd``,
   ``bpda_pgd``) is: the figures to claim. Their predictions equal the label only where every part is correct
@@ -31,9 +32,11 @@ from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
 
 THREATS = ("clean", "fgsm", "pgd", "apgd", "pgd_worst", "jpeg", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "jpeg_worst",
-           "autoattack", "targeted_success")  # fmt: skip
-DEFAULT_THREATS = tuple(k for k in THREATS if k != "autoattack")
-WORST_CASES = {"pgd_worst": ("fgsm", "pgd", "apgd"), "jpeg_worst": ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd")}
+           "autoattack", "aa_worst", "targeted_success")  # fmt: skip
+AUTOATTACK_THREATS = ("autoattack", "aa_worst")  # slow: opt-in
+DEFAULT_THREATS = tuple(k for k in THREATS if k not in AUTOATTACK_THREATS)
+WORST_CASES = {"pgd_worst": ("fgsm", "pgd", "apgd"), "jpeg_worst": ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd"),
+               "aa_worst": ("fgsm", "pgd", "apgd", "autoattack")}  # fmt: skip
 # key -> (the attack making its inputs, None for the clean images; whether the inputs then go through JPEG)
 _INPUTS = {"clean": (None, False), "fgsm": ("fgsm", False), "pgd": ("pgd", False), "apgd": ("apgd", False),
            "jpeg": (None, True), "jpeg_fgsm": ("fgsm", True), "jpeg_pgd": ("pgd", True), "bpda_pgd": ("bpda", True),

@@ -76,7 +76,7 @@ def digits_ckpt(digits_model, tmp_path_factory) -> Path:
     from robust.module import AdversarialClassifier
 
     module = AdversarialClassifier(num_classes=10, class_names=list(DIGIT_NAMES), mean=(0.5,) * 3, std=(0.5,) * 3,
-                                   attack="none", schedule="constant", eps=0.1)  # fmt: skip
+                                   attack="none", lr_scheduler=None, eps=0.1)  # fmt: skip
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, accelerator="cpu",
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, datamodule=Digits(batch_size=64))

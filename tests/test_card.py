@@ -26,7 +26,7 @@ def fitted(tmp_path_factory) -> tuple[Path, AdversarialClassifier]:
     """An FGSM-RS module fitted for one batch of 16×16 digits, its step then changed as a guard rollback does,
     saved by its trainer (no checkpoint callback: no monitored best score)."""
     L.seed_everything(0)
-    module = AdversarialClassifier(num_classes=10, class_names=list(DIGIT_NAMES), eps=0.1, schedule="constant")
+    module = AdversarialClassifier(num_classes=10, class_names=list(DIGIT_NAMES), eps=0.1, lr_scheduler=None)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, accelerator="cpu",
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, datamodule=Digits(batch_size=16, image_size=16))
@@ -52,7 +52,7 @@ def test_json_round_trip_and_schema():
         ({"class_names": ["a", "b", 3]}, r"'class_names' must be list\[str\]"),
         ({"data": 7}, "'data' must be str | None"),
         ({"format": "other"}, "format 'other' version 1"),
-        ({"std": [0.2, 0.2]}, "mean and std need 3 values"),
+        ({"std": [0.2, 0.2]}, "mean and std need 3 value"),
     ],
 )
 def test_from_dict_checks_the_annotated_types(changes, message):
@@ -77,8 +77,10 @@ def test_checkpoint_without_a_card_is_described_by_its_hyper_parameters(fitted, 
     ckpt["robust_data"] = {"name": "Digits", "class_names": list(DIGIT_NAMES), "image_size": 16, "resize": 16}
     torch.save(ckpt, tmp_path / "old.ckpt")
     model = load_model(tmp_path / "old.ckpt")
-    # What the hyper-parameters hold: the configured step and steps (None: the attack's default), no init record.
-    assert model.card.training == {**stored["training"], "alpha": None, "attack_steps": None, "init": None}
+    # What the hyper-parameters hold: the configured step and steps (None: the attack's default), no init record, no
+    # seed or optimizer (recorded at save time only).
+    assert model.card.training == {**stored["training"], "alpha": None, "attack_steps": None, "init": None,
+                                   "seed": None, "optimizer": None, "lr_scheduler": None}  # fmt: skip
     assert dataclasses.replace(model.card, training=stored["training"]).to_dict() == stored
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():

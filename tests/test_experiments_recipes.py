@@ -67,9 +67,10 @@ def assert_paper_settings(cli, name: str) -> None:
         assert module.beta == beta
     if noise is not None:
         assert module.hparams.nfgsm_noise == noise
-    shared = yaml.safe_load(recipes.CONFIG.read_text())["model"]
+    shared = yaml.safe_load(recipes.CONFIG.read_text())["model"]["optimizer"]["init_args"]
     expected = OPTIMIZER.get(name, (shared["lr"], shared["weight_decay"]))
-    assert (module.hparams.lr, module.hparams.weight_decay) == expected
+    optimizer = module.optimizer(module.parameters())
+    assert (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]) == expected
     guard = guard_of(cli)
     assert guard.action == "warn" and guard.active(module)  # forced on: every run is watched, none stopped
     assert cli.trainer.limit_val_batches == 0  # the test images choose nothing
@@ -102,7 +103,7 @@ def test_finetune_pretrains_clean_then_fine_tunes_from_that_checkpoint_for_the_r
     second = built([str(weights) if a == recipes.PREVIOUS_CKPT else a for a in tune.args])
     assert_paper_settings(second, "finetune")
     assert second.trainer.max_epochs == 10 and second.model.hparams.backbone_lr_scale == 0.1
-    assert second.model.weights_init["kind"] == "torchvision" and second.model.weights_init["fresh"] == []
+    assert second.model.weights_init["kind"] == "state_dict" and second.model.weights_init["fresh"] == []
     assert [cb.decay for cb in weight_averages(second.trainer)] == [recipes.ema_decay(10 * 41)]  # of its own steps
 
 

@@ -116,9 +116,12 @@ def test_model_card_has_every_documented_field(trained, exported):
     assert card["mean"] == [0.5] * 3 and card["std"] == [0.5] * 3
     assert card["training"] == {"attack": "fgsm_rs", "switched_from": None, "target": "none", "eps": 0.1,
                                 "alpha": trained[1].alpha, "adv_ratio": 1.0, "attack_steps": 7, "nfgsm_noise": 2.0,
-                                "objective": "ce", "beta": None, "ema_decay": None,
+                                "clamp_start": True, "objective": "ce", "beta": None, "ema_decay": None,
                                 "init": {"weights": None, "kind": "scratch", "sha256": None, "classes": None,
-                                         "fresh": []}}  # fmt: skip
+                                         "fresh": []}, "seed": card["training"]["seed"],
+                                "optimizer": card["training"]["optimizer"],
+                                "lr_scheduler": card["training"]["lr_scheduler"]}  # fmt: skip
+    assert card["training"]["optimizer"]["class"] == "torch.optim.sgd.SGD" and card["channels"] == 3
     assert trained[1].alpha == pytest.approx(0.125)  # the step in force: FGSM-RS's default 1.25·eps
     rob = card["robustness"]
     assert set(VAL_KEYS) <= set(rob["metrics"])

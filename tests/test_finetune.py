@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from robust.export import export_model
 from robust.loading import load_model
 from robust.models import build_model
 from robust.module import AdversarialClassifier
+from robust.optim import Cosine, OneCycle
 
 DIGITS = {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # the fixtures' normalization (torchvision stem)
 
@@ -29,7 +31,7 @@ def sources(digits_model, digits_ckpt, tmp_path_factory) -> dict[str, tuple[Path
     folder = tmp_path_factory.mktemp("sources")
     torch.save(digits_model.backbone.state_dict(), folder / "digits.pth")
     export = export_model(digits_ckpt, folder / "export")
-    return {"torchvision": (folder / "digits.pth", folder / "digits.pth"), "checkpoint": (digits_ckpt, digits_ckpt),
+    return {"state_dict": (folder / "digits.pth", folder / "digits.pth"), "checkpoint": (digits_ckpt, digits_ckpt),
             "export": (export, export / "model.safetensors")}  # fmt: skip
 
 
@@ -41,7 +43,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("kind", ["torchvision", "checkpoint", "export"])
+@pytest.mark.parametrize("kind", ["state_dict", "checkpoint", "export"])
 def test_each_source_kind_loads_the_source_model(kind, sources, digits_model, digits_val):
     spec, hashed = sources[kind]
     module = fine_tune_module(spec).eval()
@@ -52,7 +54,7 @@ def test_each_source_kind_loads_the_source_model(kind, sources, digits_model, di
                                    "fresh": []}  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["torchvision", "checkpoint", "export"])
+@pytest.mark.parametrize("kind", ["state_dict", "checkpoint", "export"])
 def test_a_different_class_count_gets_a_fresh_head(kind, sources, digits_model, caplog):
     with caplog.at_level(logging.INFO):
         module = fine_tune_module(sources[kind][0], num_classes=5)
@@ -81,12 +83,12 @@ def test_torchvision_stem_weights_get_a_fresh_cifar_stem_and_the_reverse_is_refu
 @pytest.mark.parametrize(
     ("case", "match"),
     [
-        ("resnet34.pth", r"does not fit a torchvision ResNet: missing \[\], unexpected \['layer1.2"),
+        ("resnet34.pth", r"does not fit a resnet34: missing \[\], unexpected \['layer1.2"),
         ("ckpt as resnet34", "holds a resnet18, not a resnet34: set arch resnet18"),
         ("other mean", r"was trained with normalization mean \[0.5, 0.5, 0.5\], not \[0.4, 0.4, 0.4\]"),
-        ("missing", "not found: give a torchvision .pth file, a .ckpt, an export folder or 'imagenet'"),
+        ("missing", "not found: give an export folder, a .ckpt file, a state dict file with its arch"),
         ("garbage.pth", "is not a readable torch weights file"),
-        ("ckpt as .pth", "is a Lightning checkpoint, not a torchvision state dict: name it"),
+        ("ckpt as .pth", "is a Lightning checkpoint, not a plain state dict: name it"),
     ],
 )
 def test_bad_sources_are_one_line_errors(case, match, digits_ckpt, tmp_path):
@@ -112,13 +114,14 @@ def test_bad_sources_are_one_line_errors(case, match, digits_ckpt, tmp_path):
 
 
 def test_hf_arch_refuses_weights():
-    with pytest.raises(RobustError, match="weights are for torchvision archs"):
+    with pytest.raises(RobustError, match="weights are for the archs of robust.archs"):
         AdversarialClassifier(arch="hf:org/name", weights="imagenet")
 
 
-@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+@pytest.mark.parametrize("schedule", [OneCycle, Cosine])
 def test_backbone_and_head_groups_get_scaled_and_full_lr(schedule):
-    module = AdversarialClassifier(num_classes=4, lr=0.2, backbone_lr_scale=0.1, schedule=schedule, attack="none")
+    module = AdversarialClassifier(num_classes=4, optimizer=partial(torch.optim.SGD, lr=0.2), backbone_lr_scale=0.1,
+                                   lr_scheduler=schedule, attack="none")  # fmt: skip
     module.trainer = SimpleNamespace(estimated_stepping_batches=10)
     config = module.configure_optimizers()
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -126,12 +129,13 @@ def test_backbone_and_head_groups_get_scaled_and_full_lr(schedule):
     assert (backbone["name"], head["name"]) == ("backbone", "head")
     assert [id(p) for p in head["params"]] == [id(module.model.backbone.fc.weight), id(module.model.backbone.fc.bias)]
     assert len(backbone["params"]) + 2 == len(list(module.parameters()))
-    peaks = [g["max_lr"] for g in opt.param_groups] if schedule == "onecycle" else sched.base_lrs
+    peaks = [g["max_lr"] for g in opt.param_groups] if schedule is OneCycle else sched.base_lrs
     assert peaks == pytest.approx([0.02, 0.2])
 
 
 def test_default_scale_keeps_one_group():
-    module = AdversarialClassifier(num_classes=4, lr=0.2, schedule="constant", attack="none")
+    module = AdversarialClassifier(num_classes=4, optimizer=partial(torch.optim.SGD, lr=0.2), lr_scheduler=None,
+                                   attack="none")  # fmt: skip
     (group,) = module.configure_optimizers().param_groups
     assert group["lr"] == 0.2 and len(group["params"]) == len(list(module.parameters()))
     assert module.weights_init == {"weights": None, "kind": "scratch", "sha256": None, "classes": None, "fresh": []}
@@ -139,7 +143,7 @@ def test_default_scale_keeps_one_group():
 
 def test_train_cli_fine_tunes_a_checkpoint_with_a_smaller_backbone_lr(digits_ckpt, digits_model, tmp_path):
     args = tiny_fit_args(tmp_path, "--model.weights", str(digits_ckpt), "--model.cifar_stem", "false",
-                         "--model.backbone_lr_scale", "0.1", "--model.lr", "0.05")  # fmt: skip
+                         "--model.backbone_lr_scale", "0.1", "--model.optimizer.lr", "0.05")  # fmt: skip
     cli = train.main(args)
     assert cli.trainer.global_step == 1
     opt = cli.trainer.optimizers[0]

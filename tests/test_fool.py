@@ -142,14 +142,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 USAGE_ERRORS = {
     "eps above 1": (["report", "--checkpoint", "m.ckpt", "--data", "digits", "--eps", "1.5"], "eps must be in [0, 1]"),
-    "eps below 0": (["fool", "--image", "a.png", "--out", "o", "--weights", "imagenet", "--eps=-0.1"], "eps must be"),
-    "eps NaN": (["fool", "--image", "a.png", "--out", "o", "--weights", "imagenet", "--eps", "nan"], "not a finite"),
+    "eps below 0": (["fool", "--image", "a.png", "--out", "o", "--model", "imagenet", "--eps=-0.1"], "eps must be"),
+    "eps NaN": (["fool", "--image", "a.png", "--out", "o", "--model", "imagenet", "--eps", "nan"], "not a finite"),
     "eps not a number": (["report", "--model", "m.ckpt", "--data", "digits", "--eps", "big"], "not a number"),
     "steps 0": (["report", "--checkpoint", "m.ckpt", "--data", "digits", "--steps", "0"], "steps must be at least 1"),
     "quality 0": (["report", "--checkpoint", "m.ckpt", "--data", "digits", "--quality", "0"], "quality must be"),
-    "quality 101": (["fool", "--image", "a", "--out", "o", "--weights", "imagenet", "--quality", "101"], "1..100"),
-    "no model": (["fool", "--image", "a.png", "--out", "o"], "--checkpoint/--model --weights is required"),
-    "two models": (["fool", "--image", "a", "--out", "o", "--model", "m", "--weights", "imagenet"], "not allowed"),
+    "quality 101": (["fool", "--image", "a", "--out", "o", "--model", "imagenet", "--quality", "101"], "1..100"),
+    "no model": (["fool", "--image", "a.png", "--out", "o"], "--checkpoint/--model"),
     "unknown attack": (["fool", "--image", "a", "--out", "o", "--model", "m", "--attack", "cw"], "invalid choice"),
     "no subcommand": ([], "required"),
 }

@@ -41,7 +41,7 @@ def test_bad_arguments_fail_before_torch_is_imported():
     assert proc.stderr == (
         "error: argument --eps: eps must be in [0, 1] (pixel units, e.g. 8/255 = 0.0314), got 2.0 (see --help)\n"
     )
-    proc = run("-c", BLOCKED_CLI, "fool", "--image", "a.png", "--out", "o", "--weights", "imagenet", "--steps", "x")
+    proc = run("-c", BLOCKED_CLI, "fool", "--image", "a.png", "--out", "o", "--model", "imagenet", "--steps", "x")
     assert proc.returncode == 2
     assert proc.stderr == "error: argument --steps: steps must be a whole number, got 'x' (see --help)\n"
     # Control: valid arguments do reach the torch import, so the blocker really guards it.

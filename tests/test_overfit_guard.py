@@ -5,6 +5,7 @@ A real collapse depends on the seed, thread count and CPU; it is an experiment: 
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from types import SimpleNamespace
 
 import lightning as L
@@ -31,8 +32,9 @@ def one_thread():
 
 
 def small_module(attack: str = "fgsm_rs", **kw) -> AdversarialClassifier:
-    return AdversarialClassifier(attack=attack, eps=EPS, mean=(0.5,) * 3, std=(0.5,) * 3, optimizer="sgd", lr=0.05,
-                                 schedule="constant", **kw)  # fmt: skip
+    return AdversarialClassifier(attack=attack, eps=EPS, mean=(0.5,) * 3, std=(0.5,) * 3, lr_scheduler=None,
+                                 optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True,
+                                                   weight_decay=5e-4), **kw)  # fmt: skip
 
 
 def small_data() -> Digits:
@@ -275,7 +277,8 @@ def test_real_healthy_fgsm_rs_run_is_measured_and_not_flagged(tmp_path):
     """Real FGSM-RS training on digits with the real guard: robustness on the probe grows, no false alarm."""
     torch.manual_seed(0)
     module = AdversarialClassifier(attack="fgsm_rs", eps=EPS, mean=(0.5,) * 3, std=(0.5,) * 3, cifar_stem=True,
-                                   optimizer="adamw", lr=1e-3, schedule="constant")  # fmt: skip
+                                   optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=5e-4),
+                                   lr_scheduler=None)  # fmt: skip
     guard = CatastrophicOverfittingGuard(n=64, pgd_steps=5)
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="g"),
                         callbacks=[guard], limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,

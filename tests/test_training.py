@@ -46,8 +46,8 @@ def train(tmp: Path, *extra: str) -> tuple[int, str, str, train_cli.RobustCLI | 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("logs")
-    code, stdout, stderr, _ = train(tmp, "--trainer.max_epochs", "2", "--model.adv_ratio", "0.5", "--model.schedule",
-                                 "constant")  # fmt: skip
+    code, stdout, stderr, _ = train(tmp, "--trainer.max_epochs", "2", "--model.adv_ratio", "0.5",
+                                    "--model.lr_scheduler", "null")  # fmt: skip
     assert code == 0, stderr[-3000:]
     assert "Best checkpoint" in stdout and "tensorboard --logdir" in stdout
     return tmp / "digits" / "version_0"
@@ -107,7 +107,7 @@ def test_resume_from_last(run, tmp_path):
     shutil.copytree(run.parent, tmp_path / "digits")
     # Train one epoch longer than the first run (a one-cycle schedule could not be extended; constant can).
     code, _, stderr, cli = train(tmp_path, "--trainer.max_epochs", "3", "--model.adv_ratio", "0.5",
-                                 "--model.schedule", "constant", "--ckpt_path", "last")  # fmt: skip
+                                 "--model.lr_scheduler", "null", "--ckpt_path", "last")  # fmt: skip
     assert code == 0, stderr[-3000:]
     last = tmp_path / "digits" / "version_0" / "checkpoints" / "last.ckpt"
     assert cli.trainer.ckpt_path == str(last) and load_checkpoint(last)["epoch"] == 2
@@ -137,7 +137,10 @@ def test_a_diverged_run_stops_at_the_first_nan_loss_with_one_line_and_no_checkpo
         head_of(cli.model.model).weight.fill_(float("nan"))
     with pytest.raises(RobustError) as caught:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert str(caught.value) == "the training loss is nan at step 0 (epoch 0): training diverged; lower --model.lr"
+    assert str(caught.value) == (
+        "the training loss is nan at step 0 (epoch 0): training diverged; lower the learning "
+        "rate (--model.optimizer.lr)"
+    )
     assert not list(tmp_path.rglob("*.ckpt"))
 
 

@@ -1,0 +1,221 @@
+"""Reproduce Wong, Rice & Kolter 2020's MNIST table: train the papers' two runs, evaluate them and the authors' released
+models with the same report, and write ``docs/results/mnist.md`` (+ ``mnist.json``).
+
+    python experiments/mnist.py [--seeds 0 1 2] [--pgd-epochs 100] [--threads 1] [--no-autoattack]
+
+Rows: ours, ``configs/mnist_fgsm.yaml`` (FGSM with a random start, 10 epochs) once per seed, then their mean and
+range; the authors' ``fgsm.pth``; ours, ``configs/mnist_pgd.yaml`` (PGD-40, ``--pgd-epochs`` of the paper's 100;
+0 skips it); the authors' ``pgd_madry.pth``. Each model is the run's final weights (``last.ckpt``: the paper
+evaluates the model its script saves last) and is measured by ``evaluate.py report`` with the paper's protocol
+(``evaluate_mnist.py``): eps 0.3, PGD-50 with step 0.01 and 10 random restarts (an example counts as broken if any
+restart breaks it), APGD-CE with as many steps and restarts, and AutoAttack (standard), on all 10,000 test images,
+plus the per-example worst case over them all. The authors' models are plain ``mnist_net`` state dicts, read with
+``weights_only=True`` from ``--authors`` (downloaded there from their repository when missing, sha256-checked).
+
+Every row is kept in ``--work``/rows as soon as it is done, so a killed run picks up where it stopped (``--fresh``
+starts over). Figures are from this machine (its line heads the table): a training trajectory moves with the CPU and
+thread count, so the seeds' range is part of the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.common import machine  # noqa: E402
+from robust.files import atomic_write_files, sha256_hex  # noqa: E402
+
+AUTHORS_URL = "https://github.com/locuslab/fast_adversarial/raw/master/MNIST/models/{name}.pth"
+AUTHORS_SHA256 = {"fgsm": "07536ed24c714dac89507d38ffc0090f110de3cd70c40d02d8d56491e187905b",
+                  "pgd_madry": "877b74b1d2bf22a2ea958f7d8c892c02710e7c84627d14b44b1c67046fcd5a79"}  # fmt: skip
+# The paper's own figures (clean, PGD at eps 0.3 with 50 steps × 10 restarts), as the AutoAttack leaderboard
+# (fra31/auto-attack README, MNIST L-inf) quotes Wong et al. 2020; the PGD-40 row's are not quoted there.
+PAPER = {"fgsm": {"clean": 0.9850, "pgd": 0.8877, "autoattack": 0.8293}}
+PROTOCOL = ["--eps", "0.3", "--steps", "50", "--alpha", "0.01", "--restarts", "10", "--threats", "clean", "pgd", "apgd",
+            "pgd_worst"]  # fmt: skip
+COLUMNS = (("clean", "Clean"), ("pgd", "PGD-50×10"), ("apgd", "APGD-CE-50×10"), ("autoattack", "AutoAttack"),
+           ("worst", "Worst case"))  # fmt: skip
+
+
+def authors_model(name: str, folder: Path) -> Path:
+    """The authors' ``<name>.pth`` in ``folder``, downloaded from their repository when missing; sha256-checked."""
+    path = folder / f"{name}.pth"
+    if not path.is_file():
+        import torch.hub
+
+        folder.mkdir(parents=True, exist_ok=True)
+        url = AUTHORS_URL.format(name=name)
+        try:
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except OSError as exc:
+            raise SystemExit(f"error: {path} is missing and {url} could not be downloaded ({exc})") from None
+    if sha256_hex(path.read_bytes()) != AUTHORS_SHA256[name]:
+        raise SystemExit(f"error: {path} is not the authors' {name}.pth (sha256 differs)")
+    return path
+
+
+def run(cmd: list[str], env: dict, log: Path) -> float:
+    """Run ``cmd`` (output to ``log``); its wall time in seconds; exit with its log's tail when it fails."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} failed ({code}); see {log}:\n{log.read_text()[-2000:]}")
+    return time.perf_counter() - start
+
+
+def train(config: str, name: str, seed: int, extra: list[str], work: Path, env: dict) -> tuple[Path, float]:
+    """Train ``config`` under ``seed``; the final checkpoint and the wall time."""
+    save_dir = work / "logs"
+    cmd = [sys.executable, "train.py", "fit", "--config", config, "--seed_everything", str(seed),
+           "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", name,
+           "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+    seconds = run(cmd, env, work / f"{name}.train.log")
+    return save_dir / name / "version_0" / "checkpoints" / "last.ckpt", seconds
+
+
+def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, env: dict) -> tuple[dict, float]:
+    """The report's figures for ``model`` under the paper's protocol, and its wall time."""
+    out = args.work / "reports" / name
+    cmd = [sys.executable, "evaluate.py", "report", "--model", str(model), *arch, "--data", "mnist", *PROTOCOL,
+           "--batch-size", "500", "--out", str(out), *(["--autoattack"] if args.autoattack else []),
+           *(["--limit", str(args.limit)] if args.limit else [])]  # fmt: skip
+    seconds = run(cmd, env, args.work / f"{name}.report.log")
+    report = json.loads((out / "report.json").read_text())
+    row = report["rows"][0]
+    figures = {key: row.get(key) for key, _ in COLUMNS[:-1]}
+    figures["worst"] = row.get("aa_worst", row.get("pgd_worst"))
+    return {"figures": figures, "n": report["n"], "report": str(out / "report.json")}, seconds
+
+
+def measure_row(name: str, args: argparse.Namespace, env: dict, make) -> dict:
+    """The row ``name``, from ``--work``/rows when already measured, else ``make()``'s and kept there."""
+    path = args.work / "rows" / f"{name}.json"
+    if path.is_file() and not args.fresh:
+        return json.loads(path.read_text())
+    row = {"name": name, **make()}
+    atomic_write_files(path.parent, {path.name: (json.dumps(row, indent=2) + "\n").encode()})
+    print(f"ROW {json.dumps(row)}", flush=True)
+    return row
+
+
+def ours(config: str, name: str, seed: int, extra: list[str], args, env) -> dict:
+    ckpt, train_s = train(config, name, seed, extra, args.work, env)
+    result, eval_s = evaluate(ckpt, name, [], args, env)
+    return {"source": f"ours, {config}", "seed": seed, "checkpoint": str(ckpt), "train_s": round(train_s, 1),
+            "eval_s": round(eval_s, 1), **result}  # fmt: skip
+
+
+def theirs(name: str, args, env) -> dict:
+    path = authors_model(name, args.authors)
+    result, eval_s = evaluate(path, f"authors_{name}", ["--arch", "mnist_net"], args, env)
+    return {"source": f"authors' {name}.pth", "seed": None, "checkpoint": str(path), "train_s": None,
+            "eval_s": round(eval_s, 1), **result}  # fmt: skip
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """Mean and range over seeds of each figure and of the training time."""
+    out = {"name": "fgsm_mean", "figures": {}, "range": {}}
+    for key, _ in COLUMNS:
+        values = [r["figures"][key] for r in rows if r["figures"].get(key) is not None]
+        if values:
+            out["figures"][key] = statistics.fmean(values)
+            out["range"][key] = (min(values), max(values))
+    out["train_s"] = statistics.fmean(r["train_s"] for r in rows)
+    return out
+
+
+def table(rows: list[dict], mean: dict | None, args: argparse.Namespace, line: str) -> str:
+    head = "| Model | " + " | ".join(title for _, title in COLUMNS) + " | Training | Paper (clean / PGD / AA) |"
+    lines = [head, "|---|" + "---:|" * (len(COLUMNS) + 2)]
+
+    def add(label: str, row: dict, paper: str = "", spread: dict | None = None) -> None:
+        cells = []
+        for key, _ in COLUMNS:
+            value = pct(row["figures"].get(key))
+            if spread and key in spread:
+                value += f" ({pct(spread[key][0])}–{pct(spread[key][1])})"
+            cells.append(value)
+        minutes = "-" if row.get("train_s") is None else f"{row['train_s'] / 60:.1f} min"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {minutes} | {paper} |")
+
+    paper = PAPER["fgsm"]
+    paper_fgsm = f"{pct(paper['clean'])} / {pct(paper['pgd'])} / {pct(paper['autoattack'])}"
+    for row in rows:
+        if row["name"].startswith("fgsm_seed"):
+            add(f"ours FGSM-RS, seed {row['seed']}", row)
+    if mean is not None:
+        add(f"**ours FGSM-RS, mean of {len(args.seeds)} seeds** (range)", mean, paper_fgsm, mean["range"])
+    for row in rows:
+        if row["name"] == "authors_fgsm":
+            add("authors' `fgsm.pth`", row, paper_fgsm)
+        elif row["name"].startswith("pgd_"):
+            add(f"ours PGD-40, {row['epochs']} of 100 epochs", row)
+        elif row["name"] == "authors_pgd_madry":
+            add("authors' `pgd_madry.pth` (100 epochs)", row)
+    n = rows[0]["n"] if rows else 0
+    return "\n".join([f"Measured {line}.", "", *lines, "", f"Accuracy (%) on {n:,} MNIST test images at eps 0.3."])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the FGSM-RS row")
+    parser.add_argument("--pgd-epochs", type=int, default=100, help="epochs of the PGD-40 row (paper: 100; 0: skip)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's)")
+    parser.add_argument("--no-autoattack", dest="autoattack", action="store_false", help="skip AutoAttack")
+    parser.add_argument("--limit", type=int, help="evaluate this many test images only (smoke tests)")
+    parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
+                        help="extra train.py arguments for every run (smoke tests), last on the line")  # fmt: skip
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "mnist", help="logs, checkpoints, reports")
+    parser.add_argument("--authors", type=Path, default=ROOT / ".cache" / "fast_adversarial",
+                        help="where the authors' released models are (or are downloaded to)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="where mnist.md/json go")
+    parser.add_argument("--fresh", action="store_true", help="measure every row again")
+    args = parser.parse_args(argv)
+    if args.pgd_epochs < 0 or any(s < 0 for s in args.seeds):
+        parser.error("--pgd-epochs and --seeds must be 0 or more")
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
+    (args.work / "rows").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        rows.append(measure_row(f"fgsm_seed{seed}", args, env,
+                                lambda s=seed: ours("configs/mnist_fgsm.yaml", f"fgsm_seed{s}", s, args.train_args,
+                                                    args, env)))  # fmt: skip
+    rows.append(measure_row("authors_fgsm", args, env, lambda: theirs("fgsm", args, env)))
+    if args.pgd_epochs:
+        name = f"pgd_{args.pgd_epochs}ep"
+        extra = ["--trainer.max_epochs", str(args.pgd_epochs), *args.train_args]
+        row = measure_row(name, args, env, lambda: ours("configs/mnist_pgd.yaml", name, 0, extra, args, env))
+        rows.append({**row, "epochs": args.pgd_epochs})
+    rows.append(measure_row("authors_pgd_madry", args, env, lambda: theirs("pgd_madry", args, env)))
+    mean = mean_row([r for r in rows if r["name"].startswith("fgsm_seed")]) if args.seeds else None
+    line = machine()
+    command = "python experiments/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = table(rows, mean, args, line)
+    doc = {"machine": line, "command": command.strip(), "rows": rows, "fgsm_mean": mean}
+    atomic_write_files(args.out, {"mnist.json": (json.dumps(doc, indent=2) + "\n").encode(),
+                                  "mnist.table.md": (text + "\n").encode()})  # fmt: skip
+    print(text)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

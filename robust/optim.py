@@ -1,0 +1,79 @@
+"""Optimizers and learning-rate schedules for :class:`robust.module.AdversarialClassifier`, as LightningCLI callables.
+
+The module takes ``optimizer`` (``params -> Optimizer``, any ``torch.optim`` class path with its ``init_args``) and
+``lr_scheduler`` (``(optimizer, total_steps) -> LRScheduler``, stepped once per optimizer step). ``total_steps`` is
+the run's length (Lightning's ``estimated_stepping_batches``), so a schedule is written as fractions of the run and
+fits any ``max_epochs``. The schedules here each take ``(optimizer, total_steps)``:
+
+- :class:`OneCycle`: torch's one-cycle, linear, peaking at each parameter group's ``lr`` (the project default).
+- :class:`Cyclic`: Wong et al. 2020's cyclic schedule: linear from 0 to the peak ``lr`` at ``peak_at`` of the run,
+  back to 0 at its end (``locuslab/fast_adversarial`` ``MNIST/train_mnist.py``'s ``lr_schedule``).
+- :class:`Cosine`: cosine annealing to 0 over the run.
+
+``lr_scheduler: null`` keeps the optimizer's ``lr`` throughout (Madry et al.'s flat schedule). The defaults are
+:data:`DEFAULT_OPTIMIZER` and :data:`DEFAULT_SCHEDULER`, in LightningCLI's ``class_path`` form.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR
+
+OptimizerFactory = Callable[[Iterable], Optimizer]
+SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
+
+DEFAULT_OPTIMIZER = {"class_path": "torch.optim.SGD",
+                     "init_args": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}}  # fmt: skip
+DEFAULT_SCHEDULER = {"class_path": "robust.optim.OneCycle", "init_args": {"peak_at": 0.4}}
+
+
+class OneCycle(OneCycleLR):
+    """torch's ``OneCycleLR`` with a linear ramp: each parameter group peaks at its own ``lr`` at ``peak_at`` of the
+    run (up from ``lr / 25``, down to ``lr / 25e4``; SGD momentum cycled 0.95 -> 0.85 -> 0.95, torch's defaults)."""
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, peak_at: float = 0.4) -> None:
+        super().__init__(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+                         pct_start=peak_at, anneal_strategy="linear")  # fmt: skip
+
+
+class Cyclic(LambdaLR):
+    """Wong et al. 2020's cyclic schedule: ``lr × interp(t, [0, peak_at, 1], [0, 1, 0])`` where ``t`` is the
+    fraction of the run done after this step (their ``np.interp([epoch + (i + 1) / len(loader)], [0, epochs·2//5,
+    epochs], [0, lr_max, 0])``). No momentum cycling (their optimizer is Adam with its defaults)."""
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, peak_at: float = 0.4) -> None:
+        self.total_steps, self.peak_at = int(total_steps), float(peak_at)
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        """The multiple of the peak lr for optimizer step ``step`` (0-based)."""
+        return float(np.interp((step + 1) / self.total_steps, [0.0, self.peak_at, 1.0], [0.0, 1.0, 0.0]))
+
+
+class Cosine(CosineAnnealingLR):
+    """Cosine annealing from each group's ``lr`` to 0 over the run."""
+
+    def __init__(self, optimizer: Optimizer, total_steps: int) -> None:
+        super().__init__(optimizer, T_max=total_steps)
+
+
+def from_class_path(spec: dict) -> Callable:
+    """A ``{"class_path", "init_args"}`` dict as the callable LightningCLI would make of it: the class with its
+    ``init_args`` bound, taking the remaining (positional) arguments."""
+    module, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return lambda *args: cls(*args, **spec.get("init_args", {}))
+
+
+def default_optimizer(params: Iterable) -> Optimizer:
+    """:data:`DEFAULT_OPTIMIZER` on ``params``."""
+    return from_class_path(DEFAULT_OPTIMIZER)(params)
+
+
+def default_scheduler(optimizer: Optimizer, total_steps: int) -> LRScheduler:
+    """:data:`DEFAULT_SCHEDULER` for ``optimizer`` over ``total_steps``."""
+    return from_class_path(DEFAULT_SCHEDULER)(optimizer, total_steps)
