@@ -177,7 +177,7 @@ def run_fool(args: argparse.Namespace) -> None:
     from robust.report import pick_device
 
     model = load_model(args.model, **external_options(args)).to(pick_device(args.device))
-    x = load_image(args.image, model.card.image_size, model.card.resize)
+    x = load_image(args.image, model.card.image_size, model.card.resize, model.card.channels)
     result = fool(model, x, args.target, args.attack, args.eps, args.steps, args.alpha, args.quality, args.seed)
     paths = write_fool(result, args.out)
     print(summary(result))

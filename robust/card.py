@@ -65,7 +65,7 @@ class ModelCard:
     files: dict = _doc("sha256 (hex) of each file of an export (model.safetensors always)", default_factory=dict)
     onnx: dict | None = _doc(
         "the export's model.onnx (null without one): opset, input and output (tensor names), input_shape "
-        "(['batch', 3, S, S], float32 in [0, 1], normalization inside), check (the onnxruntime run against torch at "
+        "(['batch', C, S, S], float32 in [0, 1], normalization inside), check (the onnxruntime run against torch at "
         "export: provider, data, max_abs_logit_diff, tolerance)",
         default=None,
     )

@@ -240,10 +240,14 @@ class CIFAR10(_Base):
         self.val_set = self._limited(datasets.CIFAR10(self.root, False, plain))
 
 
-def folder_transform(image_size: int, resize: int | None = None, augment: bool = False) -> v2.Compose:
-    """PIL image -> ``3×S×S`` float [0, 1]: resize the short side to ``resize`` (default ``image_size``),
-    center-crop ``image_size``; ``augment`` adds padded random crop and horizontal flip."""
-    steps = [v2.Resize(resize or image_size, antialias=True), v2.CenterCrop(image_size)]
+def folder_transform(
+    image_size: int, resize: int | None = None, augment: bool = False, channels: int = 3
+) -> v2.Compose:
+    """PIL image -> ``C×S×S`` float [0, 1]: resize the short side to ``resize`` (default ``image_size``),
+    center-crop ``image_size``; ``augment`` adds padded random crop and horizontal flip; ``channels`` 1 converts
+    to grayscale (ITU-R 601-2 luma)."""
+    steps = [v2.Grayscale(1)] if channels == 1 else []
+    steps += [v2.Resize(resize or image_size, antialias=True), v2.CenterCrop(image_size)]
     if augment:
         steps += [v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
     return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True)])

@@ -5,7 +5,7 @@
 - ``model.safetensors``: the state dict of the model (keys ``normalize.mean``, ``normalize.std``,
   ``backbone.<torchvision key>``), float32; no pickle, so loading it can never run code;
 - ``model.json``: the model card, :class:`robust.card.ModelCard` (fields and meanings: ``ModelCard.schema()``);
-- ``model.pt2`` (``torch_export=True``): a ``torch.export`` program, input ``N×3×image_size×image_size`` in [0, 1];
+- ``model.pt2`` (``torch_export=True``): a ``torch.export`` program, input ``N×C×image_size×image_size`` in [0, 1];
 - ``model.onnx`` (``onnx=True``, the ``onnx`` extra): the same model in ONNX (:mod:`robust.onnx_export`), checked in
   onnxruntime against torch before anything is written; the card's ``onnx`` field records the check.
 """
@@ -44,9 +44,9 @@ def _versions(onnx: bool) -> dict[str, str]:
     return versions | ({name: importlib.metadata.version(name) for name in ONNX_PACKAGES} if onnx else {})
 
 
-def _torch_export(model: nn.Module, image_size: int, path: Path) -> None:
+def _torch_export(model: nn.Module, image_size: int, channels: int, path: Path) -> None:
     """Save ``model`` as a ``torch.export`` program with a dynamic batch dimension."""
-    example = torch.rand(2, 3, image_size, image_size)
+    example = torch.rand(2, channels, image_size, image_size)
     try:
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as exc:
@@ -111,7 +111,7 @@ def export_model(
     try:
         atomic_write_bytes(tmp / WEIGHTS_FILE, weights)
         if torch_export:
-            _torch_export(model, card.image_size, tmp / PROGRAM_FILE)
+            _torch_export(model, card.image_size, card.channels, tmp / PROGRAM_FILE)
             card.files[PROGRAM_FILE] = sha256_hex((tmp / PROGRAM_FILE).read_bytes())
         if onnx:
             atomic_write_bytes(tmp / ONNX_FILE, onnx_model)

@@ -30,7 +30,8 @@ FILES = ("adversarial.png", "perturbation.png", "figure.png")
 
 @dataclass
 class FoolResult:
-    """Images are ``1×3×S×S`` in [0, 1]; ``top`` maps each panel to its top-3 ``(class name, probability)``."""
+    """Images are ``1×C×S×S`` in [0, 1] (C = the model's channels); ``top`` maps each panel to its top-3
+    ``(class name, probability)``."""
 
     x: Tensor
     x_adv: Tensor
@@ -79,7 +80,7 @@ def fool(
     quality: int = 75,
     seed: int = 0,
 ) -> FoolResult:
-    """Attack ``model``'s prediction of one image ``x`` (``1×3×S×S`` in [0, 1]) and JPEG the result.
+    """Attack ``model``'s prediction of one image ``x`` (``1×C×S×S`` in [0, 1]) and JPEG the result.
 
     Untargeted (``target=None``) pushes away from the model's own prediction; otherwise ``target`` is a class
     name or id of the model card's ``class_names`` (ids only, for a model without a card). ``attack`` is ``fgsm``
@@ -92,7 +93,7 @@ def fool(
     check_budget(eps, alpha, steps)
     check_quality(quality)
     if x.dim() != 4 or x.shape[0] != 1:
-        raise RobustError(f"fool takes one image 1×3×H×W, got shape {tuple(x.shape)}")
+        raise RobustError(f"fool takes one image 1×C×H×W, got shape {tuple(x.shape)}")
     check_images(x)
     card = card_of(model)
     model.eval()
@@ -140,7 +141,7 @@ def summary(result: FoolResult) -> str:
 
 
 def perturbation_image(result: FoolResult) -> Tensor:
-    """``x_adv - x`` amplified to the full grey range around mid-grey: ``1×3×S×S`` in [0, 1]."""
+    """``x_adv - x`` amplified to the full grey range around mid-grey: ``1×C×S×S`` in [0, 1]."""
     delta = result.x_adv - result.x
     peak = float(delta.abs().max())
     return (0.5 + delta / (2 * peak)).clamp(0, 1) if peak > 0 else torch.full_like(delta, 0.5)
@@ -159,7 +160,11 @@ def figure_png(result: FoolResult) -> bytes:
               (f"JPEG q{r.quality} of adversarial", r.x_jpeg, r.top["jpeg"])]  # fmt: skip
     for i, (title, img, top) in enumerate(panels):
         ax = fig.add_subplot(1, 4, i + 1)
-        ax.imshow(img[0].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        pixels = img[0].permute(1, 2, 0).cpu().numpy()
+        if pixels.shape[-1] == 1:
+            ax.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(pixels, interpolation="nearest")
         lines = [f"{name[:28]}: {p:.1%}" for name, p in top] if top else []
         ax.set_title("\n".join([title, *lines]), fontsize=8)
         ax.axis("off")

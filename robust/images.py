@@ -3,8 +3,10 @@
 :func:`open_image` decodes any common file with PIL (JPEG, PNG, GIF, BMP, TIFF, WebP; greyscale, palette,
 RGBA, CMYK, 16-bit; animated files give their first frame; EXIF rotation applied) into an 8-bit RGB image,
 and turns every bad file (missing, empty, truncated, not an image, over PIL's decompression-bomb pixel limit)
-into a :class:`RobustError`. :func:`to_model_input` applies a model card's preprocessing (its ``image_size``
-and ``resize``) and returns a ``1×3×S×S`` float tensor in [0, 1] whose values lie exactly on the 1/255 grid.
+into a :class:`RobustError`. :func:`to_model_input` applies a model card's preprocessing (its ``image_size``,
+``resize`` and ``channels``) and returns a ``1×C×S×S`` float tensor in [0, 1] whose values lie exactly on the
+1/255 grid. A grayscale model takes grayscale files (and colour files whose pixels are all grey); a colour image
+for it is a one-line error, not a silent conversion. An RGB model takes any file (grey as R = G = B).
 """
 
 from __future__ import annotations
@@ -90,9 +92,16 @@ def open_image(path: str | Path) -> Image.Image:
     return _to_rgb(img, path)
 
 
-def to_model_input(img: Image.Image, image_size: int, resize: int | None = None) -> Tensor:
-    """RGB PIL image -> ``1×3×S×S`` float [0, 1] with ``S = image_size`` (values on the 1/255 grid); a model
-    card's ``image_size`` and ``resize`` give the model's input.
+def is_grey(img: Image.Image) -> bool:
+    """Whether an RGB image holds grey pixels only (R = G = B everywhere)."""
+    pixels = np.asarray(img.convert("RGB"))
+    return bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
+
+
+def to_model_input(img: Image.Image, image_size: int, resize: int | None = None, channels: int = 3) -> Tensor:
+    """RGB PIL image -> ``1×C×S×S`` float [0, 1] with ``S = image_size``, ``C = channels`` (values on the 1/255
+    grid); a model card's ``image_size``, ``resize`` and ``channels`` give the model's input. ``channels`` 1 needs
+    a grey image (:func:`is_grey`).
 
     An image already ``S×S`` is used as is. Otherwise, when ``resize`` exceeds ``S`` (ImageNet-style models:
     256 then 224) the short side is resized to ``resize`` and the centre ``S×S`` cropped; else (e.g. 32×32
@@ -102,6 +111,11 @@ def to_model_input(img: Image.Image, image_size: int, resize: int | None = None)
     resize = int(resize or size)
     to_float = v2.functional.to_dtype
     img = img if img.mode == "RGB" else img.convert("RGB")
+    if channels == 1:
+        if not is_grey(img):
+            raise RobustError("the image is in colour; the model takes grayscale (1-channel) images: convert it to "
+                              "grayscale first")  # fmt: skip
+        img = img.convert("L")
     if img.size == (size, size):
         x = to_float(v2.functional.pil_to_tensor(img), torch.float32, scale=True)
     elif resize > size:
@@ -120,14 +134,20 @@ def check_images(x: Tensor) -> None:
         raise RobustError(f"input images must be in [0, 1], got values in [{x.min():.3g}, {x.max():.3g}]")
 
 
-def load_image(path: str | Path, image_size: int, resize: int | None = None) -> Tensor:
-    """:func:`open_image` then :func:`to_model_input`: a ``1×3×S×S`` model input in [0, 1]."""
-    return to_model_input(open_image(path), image_size, resize)
+def load_image(path: str | Path, image_size: int, resize: int | None = None, channels: int = 3) -> Tensor:
+    """:func:`open_image` then :func:`to_model_input`: a ``1×C×S×S`` model input in [0, 1]."""
+    try:
+        return to_model_input(open_image(path), image_size, resize, channels)
+    except RobustError as exc:
+        raise RobustError(f"{path}: {exc}") from None
 
 
 def png_bytes(x: Tensor) -> bytes:
-    """A ``3×H×W`` (or ``1×3×H×W``) [0, 1] image as lossless 8-bit RGB PNG bytes (rounded to uint8)."""
+    """A ``C×H×W`` (or ``1×C×H×W``) [0, 1] image as lossless 8-bit PNG bytes (rounded to uint8): RGB for C = 3,
+    grayscale for C = 1."""
     pixels = to_uint8(x.squeeze(0)).permute(1, 2, 0).cpu().numpy()
+    if pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from robust.archs import get_arch
+from robust.archs import build_arch, get_arch
 from robust.card import ModelCard
 from robust.errors import RobustError
 from robust.files import load_checkpoint, sha256_hex
@@ -38,6 +38,7 @@ from robust.models import (
     imagenet_class_names,
     imagenet_state,
     imagenet_weights_file,
+    load_pretrained,
     load_state,
     normalized,
     read_state_dict,
@@ -91,7 +92,8 @@ def initialize_classifier(
         model = build_model(arch, num_classes, None, mean, std, cifar_stem, channels)
         return model, _init_record(None, "scratch", None, None, [])
     kind, state, digest = _pretrained_state(str(weights), arch, mean, std)
-    backbone, fresh = build_backbone(arch, num_classes, state, cifar_stem, channels)
+    backbone = build_arch(arch, num_classes, channels, cifar_stem)
+    fresh = load_pretrained(backbone, arch, state, str(weights))
     classes = int(state[f"{get_arch(arch).head}.weight"].shape[0])
     return normalized(backbone, mean, std), _init_record(str(weights), kind, digest, classes, fresh)
 

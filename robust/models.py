@@ -52,6 +52,13 @@ class CardedModel(nn.Sequential):
         self.card = card
         self.training = model.training  # the layers keep their own modes
 
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and x.shape[1] != self.card.channels:
+            kind = {1: "grayscale", 3: "RGB"}
+            raise RobustError(f"the images have {x.shape[1]} channel(s) ({kind.get(x.shape[1], '?')}); the model "
+                              f"takes {self.card.channels} ({kind[self.card.channels]})")  # fmt: skip
+        return super().forward(x)
+
 
 def card_of(model: nn.Module) -> ModelCard | None:
     """The card a :class:`CardedModel` carries; ``None`` for any other network."""

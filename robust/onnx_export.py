@@ -1,6 +1,6 @@
 """ONNX export of a classifier, checked in onnxruntime against the torch model (needs the ``onnx`` extra).
 
-The graph takes ``images``: ``N×3×S×S`` float32 in [0, 1] with a dynamic batch ``N`` (normalization is inside,
+The graph takes ``images``: ``N×C×S×S`` float32 in [0, 1] with a dynamic batch ``N`` (normalization is inside,
 as in every model here) and returns ``logits``: ``N×num_classes`` float32. No Lightning import.
 """
 
@@ -40,10 +40,10 @@ def require_onnx() -> None:
                           "(pip install 'robust[onnx]', or uv sync --extra onnx)")  # fmt: skip
 
 
-def to_onnx(model: torch.nn.Module, image_size: int) -> tuple[bytes, int]:
-    """``model`` (``N×3×S×S`` in [0, 1] -> logits, ``S = image_size``) as a serialized ONNX model with a dynamic
-    batch, by torch's default (dynamo) exporter; and the opset it used."""
-    example = torch.rand(2, 3, image_size, image_size)
+def to_onnx(model: torch.nn.Module, image_size: int, channels: int = 3) -> tuple[bytes, int]:
+    """``model`` (``N×C×S×S`` in [0, 1] -> logits, ``S = image_size``, ``C = channels``) as a serialized ONNX model
+    with a dynamic batch, by torch's default (dynamo) exporter; and the opset it used."""
+    example = torch.rand(2, channels, image_size, image_size)
     try:
         program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)  # fmt: skip
@@ -67,20 +67,21 @@ def onnx_session(onnx_model: bytes | str | Path) -> InferenceSession:
 
 
 def onnx_logits(session: InferenceSession, x: Tensor) -> Tensor:
-    """Logits (``N×K``) an :func:`onnx_session` computes for images ``x`` (``N×3×S×S`` in [0, 1])."""
+    """Logits (``N×K``) an :func:`onnx_session` computes for images ``x`` (``N×C×S×S`` in [0, 1])."""
     (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().cpu().float().numpy()})
     return torch.from_numpy(logits)
 
 
 def check_batch(card: ModelCard, data: str | None = None) -> tuple[Tensor, dict]:
-    """``CHECK_IMAGES`` images (``N×3×S×S`` in [0, 1], the card's size) to compare the runtimes on, and what they
-    are. ``data``: ``digits``, ``cifar10`` or an image folder, read as :func:`robust.report.eval_data` reads it;
-    by default the embedded digits for a model trained on them, else uniform noise images drawn with seed 0."""
+    """``CHECK_IMAGES`` images (``N×C×S×S`` in [0, 1], the card's size and channels) to compare the runtimes on, and
+    what they are. ``data``: ``digits``, ``mnist``, ``cifar10`` or an image folder, read as
+    :func:`robust.report.eval_data` reads it; by default the embedded digits for a model trained on them, else
+    uniform noise images drawn with seed 0."""
     if data is None and card.data == "Digits":
         data = "digits"
     if data is None:
         size = card.image_size
-        x = torch.rand(CHECK_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
+        x = torch.rand(CHECK_IMAGES, card.channels, size, size, generator=torch.Generator().manual_seed(0))
         return x, {"name": "random", "distribution": "uniform [0, 1]", "seed": 0, "n": CHECK_IMAGES}
     from robust.report import eval_data
 
@@ -92,7 +93,7 @@ def export_onnx(model: CardedModel, data: str | None = None) -> tuple[bytes, dic
     """``model`` as serialized ONNX and the card's ``onnx`` record, after running it in onnxruntime on
     :func:`check_batch` ``(card, data)``: RobustError when any logit differs from torch's by more than TOLERANCE."""
     card = model.card
-    onnx_model, opset = to_onnx(model, card.image_size)
+    onnx_model, opset = to_onnx(model, card.image_size, card.channels)
     x, identity = check_batch(card, data)
     with torch.no_grad():
         expected = model(x)
@@ -104,7 +105,7 @@ def export_onnx(model: CardedModel, data: str | None = None) -> tuple[bytes, dic
         )
     record = {
         "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
-        "input_shape": ["batch", 3, card.image_size, card.image_size],
+        "input_shape": ["batch", card.channels, card.image_size, card.image_size],
         "check": {"provider": PROVIDER, "data": identity, "max_abs_logit_diff": diff, "tolerance": TOLERANCE},
     }  # fmt: skip
     return onnx_model, record

@@ -146,7 +146,7 @@ def eval_data(
         from torchvision import datasets
 
         CIFAR10(root=cifar10_root).prepare_data()
-        base = datasets.CIFAR10(cifar10_root, train=False, transform=folder_transform(size, resize))
+        base = datasets.CIFAR10(cifar10_root, train=False, transform=folder_transform(size, resize, channels=channels))
         match = _align_labels(base, CIFAR10_NAMES, card)
         ds = _spread(base, limit)
         identity = {"name": "cifar10", "root": str(Path(cifar10_root).resolve()), "split": "test"}
@@ -154,7 +154,7 @@ def eval_data(
         root = Path(data)
         if not root.is_dir():
             raise RobustError(f"--data must be digits, mnist, cifar10 or an image folder; {data!r} is none of these")
-        base = image_folder(root, folder_transform(size, resize))
+        base = image_folder(root, folder_transform(size, resize, channels=channels))
         match = _align_labels(base, base.classes, card)
         identity = {"name": "folder", "path": str(root.resolve()), "classes": list(base.classes),
                     "fingerprint": _folder_fingerprint(root, base.samples)}  # fmt: skip

@@ -83,7 +83,7 @@ def test_torchvision_stem_weights_get_a_fresh_cifar_stem_and_the_reverse_is_refu
 @pytest.mark.parametrize(
     ("case", "match"),
     [
-        ("resnet34.pth", r"does not fit a resnet34: missing \[\], unexpected \['layer1.2"),
+        ("resnet34.pth", r"resnet34.pth does not fit a resnet18: missing \[\], unexpected \['layer1.2"),
         ("ckpt as resnet34", "holds a resnet18, not a resnet34: set arch resnet18"),
         ("other mean", r"was trained with normalization mean \[0.5, 0.5, 0.5\], not \[0.4, 0.4, 0.4\]"),
         ("missing", "not found: give an export folder, a .ckpt file, a state dict file with its arch"),
