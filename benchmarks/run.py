@@ -17,7 +17,6 @@ import argparse
 import datetime
 import io
 import json
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from robust.data import shared_data_dir
 from robust.defenses import jpeg, to_uint8
 from robust.errors import RobustError
 from robust.files import atomic_write_bytes
+from robust.machine import machine
 from robust.models import CIFAR10_MEAN, CIFAR10_STD
 from robust.module import AdversarialClassifier
 
@@ -232,12 +232,6 @@ def bench_jpeg(x: Tensor, run: dict) -> tuple[list[Row], float, bool]:
             Row(f"JPEG q75 {size}, PIL loop", "1 thread", t["pil"], len(x))], ratio, identical  # fmt: skip
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
-
-
 def print_table(rows: list[Row]) -> None:
     head = f"{'benchmark':<38} {'variant':<20} {'ms/batch':>10} {'images/s':>10} {'ratio':>7}  goal"
     print(head)
@@ -277,7 +271,7 @@ def run_benchmarks(
             rows += new_rows
     print_table(rows)
     record.update({
-        "device": device_name(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "device": machine(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup, "batch": sizes.batch,
         "image_size": sizes.image, "pgd_steps": sizes.pgd_steps, "jpeg_sizes": [sizes.jpeg_small, sizes.jpeg_large],

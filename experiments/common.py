@@ -4,26 +4,12 @@ smoke tests' batch limit and the eps check made before any training."""
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-
-import torch
 
 from robust.errors import RobustError
+from robust.machine import machine
 from robust.threats import ThreatSpec
 
-
-def machine(device: torch.device | None = None) -> str:
-    """Date, CPU model, torch version, the CPU capability torch dispatches to, thread count; and the GPU when
-    ``device`` is a CUDA device."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device is not None and device.type == "cuda" else ""
-    capability, threads = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
-    return f"{datetime.date.today()}, {cpu}, torch {torch.__version__}, capability {capability}, {threads} threads{gpu}"
+__all__ = ["check_eps", "fmt", "limit_args", "machine"]
 
 
 def fmt(value: float | None) -> str:

@@ -42,8 +42,8 @@ AUTHORS_SHA256 = {"fgsm": "07536ed24c714dac89507d38ffc0090f110de3cd70c40d02d8d56
 PAPER = {"fgsm": {"clean": 0.9850, "pgd": 0.8877, "autoattack": 0.8293}}
 PROTOCOL = ["--eps", "0.3", "--steps", "50", "--alpha", "0.01", "--restarts", "10", "--threats", "clean", "pgd", "apgd",
             "pgd_worst"]  # fmt: skip
-COLUMNS = (("clean", "Clean"), ("pgd", "PGD-50×10"), ("apgd", "APGD-CE-50×10"), ("autoattack", "AutoAttack"),
-           ("worst", "Worst case"))  # fmt: skip
+COLUMNS = (("clean", "Clean"), ("pgd", "PGD-50×10"), ("apgd", "APGD-CE"), ("pgd_worst", "FGSM, PGD, APGD worst"),
+           ("autoattack", "AutoAttack†"), ("worst", "Worst case†"))  # fmt: skip
 
 
 def authors_model(name: str, folder: Path) -> Path:
@@ -73,53 +73,67 @@ def run(cmd: list[str], env: dict, log: Path) -> float:
     return time.perf_counter() - start
 
 
-def train(config: str, name: str, seed: int, extra: list[str], work: Path, env: dict) -> tuple[Path, float]:
-    """Train ``config`` under ``seed``; the final checkpoint and the wall time."""
-    save_dir = work / "logs"
-    cmd = [sys.executable, "train.py", "fit", "--config", config, "--seed_everything", str(seed),
-           "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", name,
-           "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
-    seconds = run(cmd, env, work / f"{name}.train.log")
-    return save_dir / name / "version_0" / "checkpoints" / "last.ckpt", seconds
-
-
-def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, env: dict) -> tuple[dict, float]:
-    """The report's figures for ``model`` under the paper's protocol, and its wall time."""
-    out = args.work / "reports" / name
-    cmd = [sys.executable, "evaluate.py", "report", "--model", str(model), *arch, "--data", "mnist", *PROTOCOL,
-           "--batch-size", "500", "--out", str(out), *(["--autoattack"] if args.autoattack else []),
-           *(["--limit", str(args.limit)] if args.limit else [])]  # fmt: skip
-    seconds = run(cmd, env, args.work / f"{name}.report.log")
-    report = json.loads((out / "report.json").read_text())
-    row = report["rows"][0]
-    figures = {key: row.get(key) for key, _ in COLUMNS[:-1]}
-    figures["worst"] = row.get("aa_worst", row.get("pgd_worst"))
-    return {"figures": figures, "n": report["n"], "report": str(out / "report.json")}, seconds
-
-
-def measure_row(name: str, args: argparse.Namespace, env: dict, make) -> dict:
-    """The row ``name``, from ``--work``/rows when already measured, else ``make()``'s and kept there."""
+def kept(name: str, args: argparse.Namespace, make) -> dict:
+    """``make()``'s result, kept in ``--work``/rows/``name``.json: a rerun (without ``--fresh``) reads it back."""
     path = args.work / "rows" / f"{name}.json"
     if path.is_file() and not args.fresh:
         return json.loads(path.read_text())
-    row = {"name": name, **make()}
-    atomic_write_files(path.parent, {path.name: (json.dumps(row, indent=2) + "\n").encode()})
-    print(f"ROW {json.dumps(row)}", flush=True)
-    return row
+    result = make()
+    atomic_write_files(path.parent, {path.name: (json.dumps(result, indent=2) + "\n").encode()})
+    print(f"KEPT {name} {json.dumps(result)}", flush=True)
+    return result
+
+
+def train(config: str, name: str, seed: int, extra: list[str], args: argparse.Namespace, env: dict) -> dict:
+    """Train ``config`` under ``seed`` (or take the run kept in ``--work``): its final checkpoint and wall time."""
+
+    def fit() -> dict:
+        save_dir = args.work / "logs"
+        cmd = [sys.executable, "train.py", "fit", "--config", config, "--seed_everything", str(seed),
+               "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", name,
+               "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false",
+               *extra]  # fmt: skip
+        seconds = run(cmd, env, args.work / f"{name}.train.log")
+        ckpt = save_dir / name / "version_0" / "checkpoints" / "last.ckpt"
+        return {"config": config, "seed": seed, "checkpoint": str(ckpt), "train_s": round(seconds, 1)}
+
+    return kept(f"{name}.train", args, fit)
+
+
+def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, env: dict) -> dict:
+    """The paper's protocol on all test images, then AutoAttack (and the worst case over every attack) on
+    ``--aa-limit`` of them, evenly spaced; each report kept in ``--work``."""
+
+    def report(kind: str, extra: list[str]) -> dict:
+        out = args.work / "reports" / f"{name}-{kind}"
+        cmd = [sys.executable, "evaluate.py", "report", "--model", str(model), *arch, "--data", "mnist", *PROTOCOL,
+               "--batch-size", "500", "--out", str(out), *extra]  # fmt: skip
+        seconds = run(cmd, env, args.work / f"{name}-{kind}.report.log")
+        result = json.loads((out / "report.json").read_text())
+        return {"row": result["rows"][0], "n": result["n"], "eval_s": round(seconds, 1), "report": str(out)}
+
+    full = kept(f"{name}.eval", args, lambda: report("protocol", ["--limit", str(args.limit)] if args.limit else []))
+    figures = {key: full["row"].get(key) for key in ("clean", "pgd", "apgd", "pgd_worst")}
+    out = {"figures": figures, "n": full["n"], "eval_s": full["eval_s"], "reports": [full["report"]]}
+    if args.autoattack:
+        aa = kept(f"{name}.aa", args, lambda: report("autoattack", ["--autoattack", "--limit", str(args.aa_limit)]))
+        figures.update(autoattack=aa["row"]["autoattack"], worst=aa["row"]["aa_worst"],
+                       aa_pgd_worst=aa["row"]["pgd_worst"])  # fmt: skip
+        out.update(aa_n=aa["n"], aa_eval_s=aa["eval_s"], reports=[full["report"], aa["report"]])
+    return out
 
 
 def ours(config: str, name: str, seed: int, extra: list[str], args, env) -> dict:
-    ckpt, train_s = train(config, name, seed, extra, args.work, env)
-    result, eval_s = evaluate(ckpt, name, [], args, env)
-    return {"source": f"ours, {config}", "seed": seed, "checkpoint": str(ckpt), "train_s": round(train_s, 1),
-            "eval_s": round(eval_s, 1), **result}  # fmt: skip
+    trained = train(config, name, seed, extra, args, env)
+    row = {"name": name, "source": f"ours, {config}", **trained, "figures": {}}
+    return row if args.train_only else {**row, **evaluate(Path(trained["checkpoint"]), name, [], args, env)}
 
 
 def theirs(name: str, args, env) -> dict:
     path = authors_model(name, args.authors)
-    result, eval_s = evaluate(path, f"authors_{name}", ["--arch", "mnist_net"], args, env)
-    return {"source": f"authors' {name}.pth", "seed": None, "checkpoint": str(path), "train_s": None,
-            "eval_s": round(eval_s, 1), **result}  # fmt: skip
+    row = {"name": f"authors_{name}", "source": f"authors' {name}.pth", "seed": None, "checkpoint": str(path),
+           "train_s": None, "figures": {}}  # fmt: skip
+    return row if args.train_only else {**row, **evaluate(path, f"authors_{name}", ["--arch", "mnist_net"], args, env)}
 
 
 def pct(value: float | None) -> str:
@@ -198,6 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's)")
     parser.add_argument("--no-autoattack", dest="autoattack", action="store_false", help="skip AutoAttack")
     parser.add_argument("--limit", type=int, help="evaluate this many test images only (smoke tests)")
+    parser.add_argument("--aa-limit", type=int, default=1000,
+                        help="AutoAttack (and the worst case over every attack) on this many test images, evenly "
+                        "spaced (default 1000: AutoAttack's Square costs hours on all 10,000 on a CPU)")  # fmt: skip
+    parser.add_argument("--train-only", action="store_true", help="train (or keep) the runs, evaluate nothing")
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                         help="extra train.py arguments for every run (smoke tests), last on the line")  # fmt: skip
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "mnist", help="logs, checkpoints, reports")
@@ -217,16 +235,15 @@ def main(argv: list[str] | None = None) -> dict:
     (args.work / "rows").mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
-        rows.append(measure_row(f"fgsm_seed{seed}", args, env,
-                                lambda s=seed: ours("configs/mnist_fgsm.yaml", f"fgsm_seed{s}", s, args.train_args,
-                                                    args, env)))  # fmt: skip
-    rows.append(measure_row("authors_fgsm", args, env, lambda: theirs("fgsm", args, env)))
+        rows.append(ours("configs/mnist_fgsm.yaml", f"fgsm_seed{seed}", seed, args.train_args, args, env))
+    rows.append(theirs("fgsm", args, env))
     if args.pgd_epochs:
         name = f"pgd_{args.pgd_epochs}ep"
         extra = ["--trainer.max_epochs", str(args.pgd_epochs), *args.train_args]
-        row = measure_row(name, args, env, lambda: ours("configs/mnist_pgd.yaml", name, 0, extra, args, env))
-        rows.append({**row, "epochs": args.pgd_epochs})
-    rows.append(measure_row("authors_pgd_madry", args, env, lambda: theirs("pgd_madry", args, env)))
+        rows.append({**ours("configs/mnist_pgd.yaml", name, 0, extra, args, env), "epochs": args.pgd_epochs})
+    rows.append(theirs("pgd_madry", args, env))
+    if args.train_only:
+        return {"rows": rows}
     mean = mean_row([r for r in rows if r["name"].startswith("fgsm_seed")]) if args.seeds else None
     line = machine()
     command = "python experiments/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])

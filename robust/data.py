@@ -38,6 +38,15 @@ def data_root(default: str = "data") -> str:
     return os.environ.get("ROBUST_DATA") or default
 
 
+def evenly_spaced(ds: Dataset, limit: int | None) -> Dataset:
+    """``limit`` evenly spaced examples of ``ds`` (all of it for None): every class of a class-sorted folder stays
+    represented."""
+    if limit is None or limit >= len(ds):
+        return ds
+    step = len(ds) / limit
+    return Subset(ds, [int(i * step) for i in range(limit)])
+
+
 def check_channels(channels: int) -> int:
     """``channels`` if it is 1 (grayscale) or 3 (RGB); one-line RobustError otherwise."""
     if channels not in (1, 3):
@@ -81,11 +90,7 @@ class _Base(L.LightningDataModule):
                 "resize": getattr(self, "resize", None) or size}  # fmt: skip
 
     def _limited(self, ds: Dataset) -> Dataset:
-        if self.limit is None or self.limit >= len(ds):
-            return ds
-        # Evenly spaced, so every class of a class-sorted folder stays represented.
-        step = len(ds) / self.limit
-        return Subset(ds, [int(i * step) for i in range(self.limit)])
+        return evenly_spaced(ds, self.limit)
 
     def _loader(self, shuffle: bool) -> DataLoader:
         if self.train_set is None:

@@ -76,3 +76,17 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 def sha256_hex(data: bytes) -> str:
     """The sha256 of ``data`` as 64 hex digits (what export cards record for each file)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """The sha256 of a file's bytes, or of a folder (each file's relative path, a NUL, its bytes, in sorted
+    order), read in 1 MiB chunks: 64 hex digits."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

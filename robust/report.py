@@ -22,7 +22,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 
 from robust.card import ModelCard
 from robust.checks import check_at_least_one
@@ -34,11 +34,12 @@ from robust.data import (
     Digits,
     class_folders,
     data_root,
+    evenly_spaced,
     folder_transform,
     image_folder,
 )
 from robust.errors import RobustError
-from robust.files import atomic_write_files
+from robust.files import atomic_write_files, sha256_path
 from robust.hf import HF_PREFIX
 from robust.images import check_images
 from robust.models import card_of
@@ -57,14 +58,6 @@ FILES = ("report.json", "report.md", "robustness_curve.png")
 
 
 # ---- data ----------------------------------------------------------------------------------------
-
-
-def _spread(ds: Dataset, limit: int | None) -> Dataset:
-    """``limit`` evenly spaced examples of ``ds`` (every class of a class-sorted folder stays represented)."""
-    if limit is None or limit >= len(ds):
-        return ds
-    step = len(ds) / limit
-    return Subset(ds, [int(i * step) for i in range(limit)])
 
 
 def _align_labels(ds, data_names: Sequence[str], card: ModelCard) -> str:
@@ -140,7 +133,7 @@ def eval_data(
         dm = MNIST(root=mnist_root or data_root(), limit=None, download=True, channels=channels)
         dm.setup()
         match = _align_labels(dm.val_set, DIGIT_NAMES, card)
-        ds = _spread(dm.val_set, limit)
+        ds = evenly_spaced(dm.val_set, limit)
         identity = {"name": "mnist", "root": str(Path(dm.root).resolve()), "split": "test"}
     elif data == "cifar10":
         from torchvision import datasets
@@ -148,7 +141,7 @@ def eval_data(
         CIFAR10(root=cifar10_root).prepare_data()
         base = datasets.CIFAR10(cifar10_root, train=False, transform=folder_transform(size, resize, channels=channels))
         match = _align_labels(base, CIFAR10_NAMES, card)
-        ds = _spread(base, limit)
+        ds = evenly_spaced(base, limit)
         identity = {"name": "cifar10", "root": str(Path(cifar10_root).resolve()), "split": "test"}
     else:
         root = Path(data)
@@ -158,7 +151,7 @@ def eval_data(
         match = _align_labels(base, base.classes, card)
         identity = {"name": "folder", "path": str(root.resolve()), "classes": list(base.classes),
                     "fingerprint": _folder_fingerprint(root, base.samples)}  # fmt: skip
-        ds = _spread(base, limit)
+        ds = evenly_spaced(base, limit)
     identity.update(labels=match, limit=limit, n=len(ds))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers), identity
 
@@ -267,18 +260,6 @@ def honesty_flags(rows: Sequence[dict]) -> list[str]:
 # ---- identity --------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_identity(spec: str | Path, model: nn.Module) -> dict:
     """Which model was evaluated: the spec, and for a file or folder (a checkpoint, an export, a local Hugging Face
     model) its absolute path and sha256; arch and card. ``imagenet`` is torchvision's fixed published weights."""
@@ -287,7 +268,7 @@ def model_identity(spec: str | Path, model: nn.Module) -> dict:
     info = {"spec": text, "arch": None if card is None else card.arch, "card": None if card is None else card.to_dict()}
     path = None if text == "imagenet" else Path(text.removeprefix(HF_PREFIX))
     if path is not None and path.exists():
-        info.update(path=str(path.resolve()), sha256=_sha256(path))
+        info.update(path=str(path.resolve()), sha256=sha256_path(path))
     return info
 
 

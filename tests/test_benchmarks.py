@@ -48,7 +48,8 @@ def test_quick_run_prints_table_and_json_with_every_ratio(tmp_path):
     for key in ratios:
         assert math.isfinite(record[key]) and record[key] > 0, key
     assert record["jpeg_batched_over_pil_pixels_identical"] and record["jpeg_batched_over_pil_224_pixels_identical"]
-    assert record["device"].startswith("cpu") and record["torch"] == torch.__version__ and record["threads"] == 1
+    assert "capability" in record["device"] and "GPU" not in record["device"]
+    assert record["torch"] == torch.__version__ and record["threads"] == 1
     assert record["batch"] == 2 and len(record["images_per_s"]) == 4 * 6 + 4
 
 
