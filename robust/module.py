@@ -40,6 +40,12 @@ class AdversarialClassifier(L.LightningModule):
             ``weights`` (fine-tuning): ``imagenet``, a torchvision ``.pth``, one of our ``.ckpt`` files or an export
             folder; a new head when its class count differs (logged in one line; recorded in the card's
             ``training["init"]``).
+        arch: torchvision architecture name (``resnet18``).
+        num_classes: outputs of the classifier; linked from the data.
+        weights: initial weights for fine-tuning (see above; default: random initialization).
+        mean: per-channel mean of the normalization inside the model (images stay in [0, 1] outside it).
+        std: per-channel standard deviation of that normalization.
+        cifar_stem: a 3×3 stride-1 first convolution and no max-pool, for small (32×32 and under) images.
         class_names: names for the ``num_classes`` outputs (image grids, exports); linked from the data.
         channels_last: keep activations in channels-last memory format (faster on GPUs with AMP).
         attack: training attack: ``none``, ``fgsm``, ``fgsm_rs`` (random start, Wong et al. 2020), ``nfgsm``
@@ -49,18 +55,28 @@ class AdversarialClassifier(L.LightningModule):
             2019) or ``mart`` (Wang et al. 2020), each with its own adversarial examples (:mod:`robust.objectives`);
             ``beta``: their trade-off weight (default: the official script's, 6 and 5).
         target: ``none`` (untargeted), ``random`` or ``least_likely`` target class; labels stay true.
-        eps: L-inf budget in [0, 1] pixel units. alpha: step (default :func:`robust.threats.training_alpha`:
-            1.25·eps for fgsm_rs, eps for fgsm and nfgsm, eps/4 for pgd; trades/mart: 0.007/0.031·eps);
-            changed only by :meth:`set_attack_step`. attack_steps: PGD training steps (default 7; 10 for
-            trades/mart, as their official scripts).
+        eps: L-inf budget in [0, 1] pixel units.
+        alpha: step (default :func:`robust.threats.training_alpha`: 1.25·eps for fgsm_rs, eps for fgsm and nfgsm,
+            eps/4 for pgd; trades/mart: 0.007/0.031·eps); changed only by :meth:`set_attack_step`.
+        attack_steps: PGD training steps (default 7; 10 for trades/mart, as their official scripts).
+        nfgsm_noise: N-FGSM's noise, uniform in ±``nfgsm_noise``·eps.
+        beta: TRADES / MART trade-off weight (default: the official script's, 6 and 5).
         adv_ratio: fraction of each batch replaced by adversarial examples, in [0, 1]; 0 = clean training.
         attack_bn_mode: BatchNorm mode while making training attacks (``eval`` uses running stats).
         optimizer: ``sgd`` (momentum, nesterov) or ``adamw``. schedule: ``onecycle`` (peak ``lr``),
             ``cosine`` or ``constant``. backbone_lr_scale: the learning rate of every parameter but the head's
             (:func:`robust.models.head_of`) is ``lr × backbone_lr_scale`` (for fine-tuning; 1 = one group at ``lr``).
-        val_eps, val_steps, val_alpha: validation threat (default eps; PGD-10 with step eps/4), as
-            :attr:`val_spec`.
-        jpeg_quality: JPEG defense quality, 1..100. val_seed: seed of validation random starts and targets.
+        lr: learning rate (the one-cycle schedule's peak).
+        momentum: SGD momentum.
+        nesterov: SGD with Nesterov momentum.
+        weight_decay: weight decay of the optimizer.
+        schedule: learning-rate schedule over the run: ``onecycle``, ``cosine`` or ``constant``.
+        backbone_lr_scale: the learning rate of all but the head is ``lr × backbone_lr_scale`` (see above).
+        val_eps: validation eps (default: ``eps``).
+        val_steps: validation PGD steps (default 10).
+        val_alpha: validation PGD step (default eps/4).
+        jpeg_quality: JPEG defense quality, 1..100.
+        val_seed: seed of validation random starts and targets.
     """
 
     def __init__(
