@@ -26,9 +26,11 @@ from robust.errors import RobustError
 
 # How long a run is: may differ between a run and its resume.
 RUN_LENGTH = ("trainer.max_epochs", "trainer.max_steps", "trainer.min_epochs", "trainer.min_steps", "trainer.max_time")
-# Not settings of the run: where it resumes from, which folder it logs to, how the console looks.
-NOT_SETTINGS = ("config", "ckpt_path", "accept_config_changes", "trainer.logger.init_args.version",
-                "trainer.enable_progress_bar", "trainer.enable_model_summary")  # fmt: skip
+# Not settings of the run: where it resumes from, where its folder is (it may have moved), how the console looks.
+NOT_SETTINGS = (
+    "config", "ckpt_path", "accept_config_changes", "trainer.logger.init_args.version",
+    "trainer.logger.init_args.save_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+)  # fmt: skip
 ACCEPT_FLAG = "--accept_config_changes true"
 
 
