@@ -69,6 +69,18 @@ def _align_labels(ds, data_names: Sequence[str], card: ModelCard) -> str:
     )
 
 
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
+
+
+def _check_not_a_split_root(root: Path, classes: Sequence[str]) -> None:
+    """An image-folder root whose "classes" are its splits (``train/``, ``test/``): say which folder to pass."""
+    splits = [c for c in classes if c.lower() in SPLIT_NAMES]
+    if splits and len(splits) == len(classes):
+        held_out = next((c for c in classes if c.lower() != "train"), classes[0])
+        raise RobustError(f"{root} holds the splits {', '.join(classes)}, not class folders: pass one split, "
+                          f"e.g. --data {root / held_out} (the held-out images)")  # fmt: skip
+
+
 def _folder_fingerprint(root: Path, samples: Iterable[tuple[str, int]]) -> str:
     """sha256 over the sorted relative paths and sizes of the folder's image files (cheap, content-sensitive)."""
     digest = hashlib.sha256()
@@ -115,6 +127,7 @@ def eval_data(
         if not root.is_dir():
             raise RobustError(f"--data must be 'digits', 'cifar10' or an image folder; {data!r} is none of these")
         base = image_folder(root, folder_transform(size, resize))
+        _check_not_a_split_root(root, base.classes)
         match = _align_labels(base, base.classes, card)
         identity = {"name": "folder", "path": str(root.resolve()), "classes": list(base.classes),
                     "fingerprint": _folder_fingerprint(root, base.samples)}  # fmt: skip
