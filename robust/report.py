@@ -391,7 +391,8 @@ CURVE_STYLE = {
 
 def curve_png(report: dict) -> bytes:
     """``robustness_curve.png``: accuracy vs eps, one line per threat (each its own colour, line style and marker;
-    worst cases thick, clean drawn on top), and the targeted attack's success rate on a panel of its own."""
+    worst cases thick, clean drawn on top, ringed by JPEG's larger hollow marker where the two coincide), and the
+    targeted attack's success rate on a panel of its own."""
     fig = Figure(figsize=(11, 6), dpi=120)
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(1, 2, width_ratios=(3, 1))
@@ -403,7 +404,7 @@ def curve_png(report: dict) -> bytes:
         ax = success if key == "targeted_success" else acc
         width = 2.6 if key in WORST_CASES else 1.4
         ax.plot(eps, [r[key] for r in report["rows"]], linestyle=style, color=color, marker=marker, linewidth=width,
-                markersize=6 if key != "clean" else 7, label=name, zorder=5 if key == "clean" else 3,
+                markersize={"clean": 7, "jpeg": 11}.get(key, 6), label=name, zorder=5 if key == "clean" else 3,
                 markerfacecolor="none" if key in ("jpeg", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd") else color)  # fmt: skip
     for ax in (acc, success):
         ax.set_xlabel("ε (L∞, pixel units in [0, 1])")
