@@ -5,16 +5,40 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import yaml
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from robust.averaging import WeightEMA
-from robust.callbacks import AdversarialImages
+from robust.callbacks import AdversarialImages, ValidateAtEnd
 from robust.errors import RobustError
 from robust.guard import CatastrophicOverfittingGuard
 from robust.module import AdversarialClassifier
 from robust.precision import resolve_precision
+from robust.resume import RunLengthSchedule, check_resume_config, run_folder
+from robust.runfiles import resolve_data_root, run_summary
+
+FIT_HELP = """Train a robust classifier. The options most runs change (every other one is listed below):
+
+  --config configs/X.yaml           the recipe (digits.yaml: the default; imagefolder.yaml: your own images)
+  --data.init_args.root DIR         an image-folder root holding train/ and test/ (or set ROBUST_DATA)
+  --trainer.max_epochs N            how long to train
+  --model.attack / --model.eps      the training attack (fgsm_rs, nfgsm, pgd, fgsm, none) and its L-inf budget
+  --model.adv_ratio R               fraction of each batch made adversarial (0: clean training)
+  --ema.decay D                     validate and keep an average of the weights (e.g. 0.999)
+  --trainer.accelerator / devices   gpu, cpu; how many
+  --ckpt_path last                  resume the latest run of this config (--accept_config_changes true: with
+                                    other settings than it was trained with)
+  --print_config                    print the resolved config and exit"""
+
+
+class KeepLines(DefaultHelpFormatter):
+    """jsonargparse's help formatter, keeping the line breaks of the description and epilog (:data:`FIT_HELP`)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 class RobustCLI(LightningCLI):
@@ -41,42 +65,56 @@ class RobustCLI(LightningCLI):
         parser.add_lightning_class_args(CatastrophicOverfittingGuard, "overfit_guard")
         # After image_grid: callbacks run in this order, and the grid must be drawn before the average is swapped out.
         parser.add_lightning_class_args(WeightEMA, "ema")
+        parser.add_argument(
+            "--accept_config_changes", type=bool, default=False,
+            help="with --ckpt_path: resume a run although settings other than its length (max_epochs, max_steps) "
+            "differ from those it was trained with (default: refused, naming them)",
+        )  # fmt: skip
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         # --ema.decay null or 0 (the default): no averaging, so no callback at all
         trainer.callbacks = [cb for cb in trainer.callbacks if not (isinstance(cb, WeightEMA) and cb.decay is None)]
+        # Before the checkpoint callbacks, which Lightning runs last anyway.
+        trainer.callbacks[:0] = [RunLengthSchedule(), ValidateAtEnd()]
         return trainer
 
     def before_instantiate_classes(self) -> None:
-        """Resolve the precision for this machine; with ``--ckpt_path last``, log into the latest run's version
-        folder so Lightning finds its last.ckpt."""
+        """Resolve the precision for this machine and the data folder (``$ROBUST_DATA``); on a resume, log into the
+        resumed run's version folder (for ``--ckpt_path last``, the latest one, so Lightning finds its last.ckpt) and
+        check that only the run length differs from the settings it was trained with."""
         config = self.config.get(self.subcommand, self.config)
         trainer = config["trainer"]
         trainer["precision"], notice = resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
         if notice:
             print(notice)
-        if config.get("ckpt_path") != "last":
+        data = config.get("data")
+        init = getattr(data, "init_args", None)
+        if init is not None and "root" in init:
+            init["root"], notice = resolve_data_root(init["root"], downloads=bool(init.get("download")))
+            if notice:
+                print(notice)
+        if self.subcommand != "fit" or config.get("ckpt_path") is None:
             return
-        logger = config["trainer"].get("logger")
-        init = getattr(logger, "init_args", None) or {}
-        root = Path(init.get("save_dir", "lightning_logs")) / (init.get("name") or "")
-        runs = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: int(p.parts[-3].split("_")[1]))
-        if not runs:
-            raise RobustError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints to resume from")
-        init["version"] = int(runs[-1].parts[-3].split("_")[1])
+        logger = trainer.get("logger")
+        log_init = getattr(logger, "init_args", None) or {}
+        folder = run_folder(Path(log_init.get("save_dir", "lightning_logs")) / (log_init.get("name") or ""),
+                            config["ckpt_path"])  # fmt: skip
+        if folder is None:
+            return
+        if config["ckpt_path"] == "last":
+            log_init["version"] = int(folder.name.split("_")[1])
+        given = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_validation=True))
+        notice = check_resume_config(folder, given, bool(config.get("accept_config_changes")))
+        if notice:
+            print(notice)
 
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        ckpt = trainer.checkpoint_callback
-        last = next((cb for cb in trainer.checkpoint_callbacks if cb is not ckpt), ckpt)
         log_dir = trainer.logger.log_dir if trainer.logger else None  # not trainer.log_dir: it is a collective call
-        print(f"\nTensorBoard logs: {log_dir}   (view: tensorboard --logdir {log_dir})")
-        if ckpt is not None and ckpt.best_model_path:
-            print(f"Best checkpoint ({ckpt.monitor} = {float(ckpt.best_model_score):.4f}): {ckpt.best_model_path}")
-            print(f"Last checkpoint: {last.best_model_path}")
+        print("\n" + "\n".join(run_summary(trainer, log_dir)))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
@@ -99,6 +137,11 @@ def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
                 "plugins": [{"class_path": "robust.checkpointing.AtomicCheckpointIO"}],
             },  # fmt: skip
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "formatter_class": KeepLines,
+                "description": __doc__,
+                "fit": {"description": FIT_HELP, "epilog": FIT_HELP},
+            },
             args=args,
             run=run,
         )

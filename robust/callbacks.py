@@ -1,4 +1,5 @@
-"""Callbacks: what the model sees, as an image grid in TensorBoard (the overfitting guard is in robust.guard)."""
+"""Callbacks: what the model sees, as an image grid in TensorBoard, and a validation at the end of every run (the
+overfitting guard is in robust.guard)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ class AdversarialImages(L.Callback):
 
     Rows: original, perturbation (amplified to the full grey range), PGD adversarial, JPEG of adversarial;
     each titled with its true / predicted class names.
+
+    Args:
+        n: images in the grid (the first ones of the first validation batch).
     """
 
     def __init__(self, n: int = 8) -> None:
@@ -65,3 +69,27 @@ class AdversarialImages(L.Callback):
         fig.suptitle(f"PGD-{spec.steps}, eps={eps:.4f}; titles: true→predicted", fontsize=9)
         fig.tight_layout()
         return fig
+
+
+class ValidateAtEnd(L.Callback):
+    """Validate the last epoch of every run, whatever ``check_val_every_n_epoch`` says.
+
+    ``configs/digits.yaml`` validates every 10 epochs (its validation costs about three epochs): a shorter run, or a
+    resumed one that ends between two multiples, would otherwise end without any validation, hence without a best
+    checkpoint. This turns the interval to 1 for the last epoch (by ``max_epochs``) only; validation switched off
+    (``limit_val_batches 0``) stays off."""
+
+    def __init__(self) -> None:
+        self._interval: int | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        every, last = trainer.check_val_every_n_epoch, trainer.max_epochs
+        if every is None or every <= 1 or last is None or last < 1 or trainer.current_epoch != last - 1:
+            return
+        if (trainer.current_epoch + 1) % every:
+            self._interval = every
+            trainer.check_val_every_n_epoch = 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._interval is not None:
+            trainer.check_val_every_n_epoch, self._interval = self._interval, None

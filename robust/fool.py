@@ -123,20 +123,28 @@ def _label(top: list[tuple[str, float]]) -> str:
 
 
 def summary(result: FoolResult) -> str:
-    """What happened, in a few printed lines: original, adversarial and after-JPEG predictions."""
+    """What happened, in a few printed lines: original, adversarial and after-JPEG predictions, and a verdict on
+    each: fooled or ``not fooled`` (the attack left the prediction as it was), the target reached or not, and
+    whether JPEG restored the original prediction (only asked when there was something to restore)."""
     r = result
+    fooled = r.pred["adversarial"] != r.pred["original"]
     if r.target is None:
-        verdict = "fooled" if r.pred["adversarial"] != r.pred["original"] else "NOT fooled"
+        verdict = "fooled" if fooled else "not fooled"
     else:
         reached = r.pred["adversarial"] == r.target
-        verdict = f"target {r.class_names[r.target]!r} {'reached' if reached else 'NOT reached'}"
-    restored = r.pred["jpeg"] == r.pred["original"]
+        verdict = f"target {r.class_names[r.target]!r} {'reached' if reached else 'not reached'}"
+        verdict += "" if fooled or reached else ": not fooled"
+    if not fooled:
+        after = "nothing to restore: not fooled"
+    elif r.pred["jpeg"] == r.pred["original"]:
+        after = "original prediction restored"
+    else:
+        after = "original prediction not restored"
     return "\n".join([
         f"original prediction:    {_label(r.top['original'])}",
         f"adversarial prediction: {_label(r.top['adversarial'])}   [{r.attack.upper()}, eps {format_eps(r.eps)}, "
         f"L-inf {r.linf * 255:.0f}/255: {verdict}]",
-        f"after JPEG q{r.quality}:        {_label(r.top['jpeg'])}   "
-        f"[{'original prediction restored' if restored else 'original prediction not restored'}]",
+        f"after JPEG q{r.quality}:        {_label(r.top['jpeg'])}   [{after}]",
     ])  # fmt: skip
 
 

@@ -58,6 +58,24 @@ class CatastrophicOverfittingGuard(L.Callback):
     ``force``; it goes on watching after a switch to N-FGSM. The scalar state (best accuracies, rollbacks) is saved
     in checkpoints and restored on resume (the module keeps the attack and step in force, in its card); the kept
     weights are not (after a resume, the first healthy check keeps the weights then in force).
+
+    Args:
+        action: what a collapse does: ``stop`` (restore the most robust weights and stop), ``rollback`` (restore
+            them and go on as ``on_collapse`` says) or ``warn`` (only log).
+        on_collapse: with ``action: rollback``: ``shrink_step`` (multiply the attack step by ``alpha_factor``) or
+            ``switch_to_nfgsm`` (train with N-FGSM from then on).
+        n: training images in the fixed probe each check measures.
+        every_n_steps: check every this many optimizer steps instead of once per epoch (null: per epoch).
+        pgd_steps: PGD steps of each check's attack.
+        min_drop: a collapse needs probe PGD accuracy more than this far (in [0, 1]) below the best seen...
+        drop_ratio: ...and below this fraction of the best.
+        fgsm_tolerance: ...while FGSM accuracy stays within this of its value at the best (or rises).
+        alpha_factor: ``shrink_step``'s factor on the attack step, in (0, 1).
+        max_rollbacks: rollbacks allowed before a collapse stops the run instead.
+        batch_size: batch size of the probe's attacks.
+        seed: seed of the probe's choice and of its attacks' random starts.
+        check_at_start: also check when training starts (a baseline; also right after a resume).
+        force: watch any training attack, not only ``fgsm`` and ``fgsm_rs``.
     """
 
     FGSM_ATTACKS = ("fgsm", "fgsm_rs")

@@ -38,16 +38,19 @@ class AdversarialClassifier(L.LightningModule):
     """Classifier trained on a mix of clean and adversarial examples.
 
     Args:
-        arch: the network, a name of :data:`robust.archs.ARCHS` (``resnet18``, ``mnist_net``, ``preact_resnet18``,
-            ...) or ``hf:<model id>``.
-        num_classes, class_names: the outputs and their names (image grids, exports); linked from the data.
+        arch: the network: a name of :data:`robust.archs.ARCHS` (``resnet18``, ``mnist_net``,
+            ``preact_resnet18``, ...) or ``hf:<model id>``.
+        num_classes: outputs of the classifier; linked from the data.
+        class_names: names for the ``num_classes`` outputs (image grids, exports); linked from the data.
         channels: input channels, 1 (grayscale) or 3 (RGB); linked from the data.
-        weights: initial weights (fine-tuning): ``imagenet``, a state dict file of ``arch`` (``.pth``), one of our
+        weights: initial weights for fine-tuning: ``imagenet``, a state dict file of ``arch`` (``.pth``), one of our
             ``.ckpt`` files or an export folder; a new head when its class count differs (logged in one line;
             recorded in the card's ``training["init"]``). Default: random initialization.
-        mean, std: the normalization inside the model, one value per channel in [0, 1] pixel units (default:
-            ImageNet's for RGB, none for grayscale). cifar_stem: 3×3 stride-1 first convolution, no max-pool
-            (torchvision ResNets on 32×32 images).
+        mean: per-channel mean of the normalization inside the model, [0, 1] pixel units (default: ImageNet's for
+            RGB, 0 for grayscale); images stay in [0, 1] outside it.
+        std: per-channel standard deviation of that normalization (default: ImageNet's for RGB, 1 for grayscale).
+        cifar_stem: a 3×3 stride-1 first convolution and no max-pool, for small (32×32 and under) images
+            (torchvision ResNets).
         channels_last: keep activations in channels-last memory format (faster on GPUs with AMP).
         attack: training attack: ``none``, ``fgsm``, ``fgsm_rs`` (random start, Wong et al. 2020), ``nfgsm``
             (noise ``nfgsm_noise``·eps, no projection, de Jorge et al. 2022), ``pgd``; the one in force is
@@ -56,23 +59,27 @@ class AdversarialClassifier(L.LightningModule):
             2019) or ``mart`` (Wang et al. 2020), each with its own adversarial examples (:mod:`robust.objectives`);
             ``beta``: their trade-off weight (default: the official script's, 6 and 5).
         target: ``none`` (untargeted), ``random`` or ``least_likely`` target class; labels stay true.
-        eps: L-inf budget in [0, 1] pixel units. alpha: step (default :func:`robust.threats.training_alpha`:
-            1.25·eps for fgsm_rs, eps for fgsm and nfgsm, eps/4 for pgd; trades/mart: 0.007/0.031·eps);
-            changed only by :meth:`set_attack_step`. attack_steps: PGD training steps (default 7; 10 for
-            trades/mart, as their official scripts).
+        eps: L-inf budget in [0, 1] pixel units.
+        alpha: step (default :func:`robust.threats.training_alpha`: 1.25·eps for fgsm_rs, eps for fgsm and nfgsm,
+            eps/4 for pgd; trades/mart: 0.007/0.031·eps); changed only by :meth:`set_attack_step`.
+        attack_steps: PGD training steps (default 7; 10 for trades/mart, as their official scripts).
+        nfgsm_noise: N-FGSM's noise, uniform in ±``nfgsm_noise``·eps.
         clamp_start: clip ``fgsm_rs``'s random start to [0, 1] before its gradient (false: Wong et al.'s MNIST code).
+        beta: TRADES / MART trade-off weight (default: the official script's, 6 and 5).
         adv_ratio: fraction of each batch replaced by adversarial examples, in [0, 1]; 0 = clean training.
         attack_bn_mode: BatchNorm mode while making training attacks (``eval`` uses running stats).
         optimizer: ``params -> Optimizer``: a ``torch.optim`` class path with its ``init_args`` (default
-            :data:`robust.optim.DEFAULT_OPTIMIZER`: SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4).
+            :func:`robust.optim.default_optimizer`: SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4).
         lr_scheduler: ``(optimizer, total_steps) -> LRScheduler``, stepped every optimizer step: a schedule of
             :mod:`robust.optim` (default ``OneCycle`` peaking at the optimizer's lr; ``Cyclic``, Wong et al.'s;
             ``Cosine``) or null for a constant lr.
         backbone_lr_scale: the learning rate of every parameter but the head's (:func:`robust.models.head_of`)
             is the optimizer's ``lr × backbone_lr_scale`` (for fine-tuning; 1 = one group).
-        val_eps, val_steps, val_alpha: validation threat (default eps; PGD-10 with step eps/4), as
-            :attr:`val_spec`.
-        jpeg_quality: JPEG defense quality, 1..100. val_seed: seed of validation random starts and targets.
+        val_eps: validation eps (default: ``eps``).
+        val_steps: validation PGD steps (default 10).
+        val_alpha: validation PGD step (default eps/4).
+        jpeg_quality: JPEG defense quality, 1..100.
+        val_seed: seed of validation random starts and targets.
     """
 
     def __init__(

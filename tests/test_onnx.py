@@ -186,9 +186,9 @@ def readme_snippet() -> str:
 
 
 def run_snippet(folder: Path, image: Path, cwd: Path) -> str:
-    """The README's snippet in a fresh Python (no torch imported) with ``model/`` and ``image.png`` in ``cwd``."""
+    """The README's snippet in a fresh Python (no torch imported) with ``model/`` and ``digit.png`` in ``cwd``."""
     (cwd / "model").symlink_to(folder)
-    shutil.copy(image, cwd / "image.png")
+    shutil.copy(image, cwd / "digit.png")
     done = subprocess.run([sys.executable, "-c", readme_snippet()], cwd=cwd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()

@@ -94,8 +94,12 @@ def test_report_files_are_valid_and_consistent(report_dir, report):
     markdown = (out / "report.md").read_text()
     assert markdown == markdown_table(report)  # the JSON round-trips to the same table
     assert markdown in stdout  # the table is printed too
-    header, rule, *rows = markdown.splitlines()[: 2 + len(EPS)]
-    assert header.count("|") == rule.count("|") == len(DEFAULT_THREATS) + 2  # eps + every threat but AutoAttack's
+    assert markdown.startswith("# Robustness of `")
+    tables = [block.splitlines() for block in markdown.split("\n\n") if block.startswith("| ε")]
+    assert len(tables) == 2  # what to claim, then per attack
+    header, rule, *rows = tables[1]
+    # eps and every threat but AutoAttack's (not run) and the summary's three (clean, the two worst cases), in bars
+    assert header.count("|") == rule.count("|") == (len(DEFAULT_THREATS) - 3) + 2
     for line, row in zip(rows, report["rows"], strict=True):
         assert f"| {100 * row['pgd']:.1f} |" in line and line.startswith(f"| {row['eps']:.4g}")
     with Image.open(out / "robustness_curve.png") as img:
