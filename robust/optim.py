@@ -9,6 +9,8 @@ fits any ``max_epochs``. The schedules here each take ``(optimizer, total_steps)
 - :class:`Cyclic`: Wong et al. 2020's cyclic schedule: linear from 0 to the peak ``lr`` at ``peak_at`` of the run,
   back to 0 at its end (``locuslab/fast_adversarial`` ``MNIST/train_mnist.py``'s ``lr_schedule``).
 - :class:`Cosine`: cosine annealing to 0 over the run.
+- :class:`Piecewise`: the lr times ``gamma`` at each milestone (fractions of the run): Madry et al.'s and Rice et
+  al. 2020's step decay (0.1 -> 0.01 -> 0.001 at 1/2 and 3/4 of 200 epochs).
 
 ``lr_scheduler: null`` keeps the optimizer's ``lr`` throughout (Madry et al.'s flat schedule). The defaults are
 :data:`DEFAULT_OPTIMIZER` and :data:`DEFAULT_SCHEDULER`, in LightningCLI's ``class_path`` form.
@@ -52,6 +54,20 @@ class Cyclic(LambdaLR):
     def factor(self, step: int) -> float:
         """The multiple of the peak lr for optimizer step ``step`` (0-based)."""
         return float(np.interp((step + 1) / self.total_steps, [0.0, self.peak_at, 1.0], [0.0, 1.0, 0.0]))
+
+
+class Piecewise(LambdaLR):
+    """Step decay: ``lr × gamma^k`` after the ``k``-th of ``milestones`` (fractions of the run, ascending)."""
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75),
+                 gamma: float = 0.1) -> None:  # fmt: skip
+        self.total_steps, self.milestones, self.gamma = int(total_steps), tuple(milestones), float(gamma)
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        """The multiple of the initial lr for optimizer step ``step`` (0-based)."""
+        passed = sum(step >= m * self.total_steps for m in self.milestones)
+        return self.gamma**passed
 
 
 class Cosine(CosineAnnealingLR):
