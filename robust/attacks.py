@@ -65,6 +65,15 @@ def _check_active(active: Tensor | None, x: Tensor) -> Tensor:
     return active.to(x.device)
 
 
+def _check_exit(model: nn.Module, seek: Tensor) -> None:
+    """Early exit drops examples from the batch: refuse it where that changes the others' results (BatchNorm layers in
+    train mode; a wrapper's own mode says nothing)."""
+    batch_norm_training = any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    if batch_norm_training and seek.any():
+        raise RobustError("early exit needs the model in eval mode: in train mode BatchNorm makes each example's "
+                          "output depend on the batch around it")  # fmt: skip
+
+
 def _logits_and_grad(model: nn.Module, x: Tensor, y: Tensor, targeted: bool, n: int) -> tuple[Tensor, Tensor]:
     """The model's logits at ``x`` and the gradient w.r.t. ``x`` of the attacker's objective (ascent direction): the
     summed cross-entropy divided by ``n``, the size of the whole batch, so that an example's gradient does not depend
@@ -213,6 +222,7 @@ def pgd_run(
     if restarts < 1:
         raise RobustError(f"restarts must be at least 1, got {restarts}")
     seek, full = _check_active(seek, x), _check_active(full, x)
+    _check_exit(model, seek)
     x, n = x.detach(), len(x)
     first, last = x.clone(), x.clone()
     pred = torch.full_like(y, -1)
@@ -295,6 +305,232 @@ def pgd(
     run = pgd_run(model, x, y, eps, alpha, steps, seek=active if early_exit else none,
                   full=none if early_exit else active, targeted=targeted, random_start=random_start,
                   restarts=restarts, norm=norm)  # fmt: skip
+    return run.first if early_exit else run.last
+
+
+# ---- APGD (Croce & Hein 2020), as torchattacks implements it, per example ----------------------------------
+
+
+def _dlr_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """Per-example Difference-of-Logits-Ratio loss (Croce & Hein 2020), torchattacks' formulas: untargeted, or
+    targeted toward ``target`` (needs at least 4 classes). ``N×K`` logits -> ``N``."""
+    z, rows = logits.sort(dim=1)[0], torch.arange(len(y), device=y.device)
+    if target is not None:
+        return -(logits[rows, y] - logits[rows, target]) / (z[:, -1] - 0.5 * z[:, -3] - 0.5 * z[:, -4] + 1e-12)
+    top_is_y = (logits.argmax(1) == y).to(logits.dtype)
+    return -(logits[rows, y] - z[:, -2] * top_is_y - z[:, -1] * (1.0 - top_is_y)) / (z[:, -1] - z[:, -3] + 1e-12)
+
+
+def _apgd_start(x: Tensor, eps: float, norm: str) -> Tensor:
+    """APGD's random start as torchattacks draws it (on the CPU generator, then moved: the same start on every
+    device): on the surface of the eps-ball (L-inf: a uniform direction scaled to max-norm eps; L2: a Gaussian
+    direction scaled to norm eps), clamped to [0, 1]."""
+    if norm == "l2":
+        t = torch.randn(x.shape).to(x.device)
+        return (x + eps * t / ((t**2).sum(dim=(1, 2, 3), keepdim=True).sqrt() + 1e-12)).clamp(0.0, 1.0)
+    t = 2 * torch.rand(x.shape).to(x.device) - 1
+    return (x + eps * t / t.reshape([len(t), -1]).abs().max(dim=1, keepdim=True)[0].reshape([-1, 1, 1, 1])).clamp(0, 1)
+
+
+def _apgd_step(x_adv: Tensor, x: Tensor, grad: Tensor, grad2: Tensor, step: Tensor, eps: float, a: float, norm: str):
+    """One APGD update with momentum ``a`` (torchattacks' arithmetic, operation for operation)."""
+    if norm == "l2":
+        x1 = x_adv + step * grad / ((grad**2).sum(dim=(1, 2, 3), keepdim=True).sqrt() + 1e-12)
+        d = x1 - x
+        dn = (d**2).sum(dim=(1, 2, 3), keepdim=True).sqrt()
+        x1 = torch.clamp(x + d / (dn + 1e-12) * torch.min(eps * torch.ones_like(x), dn), 0.0, 1.0)
+        x1 = x_adv + (x1 - x_adv) * a + grad2 * (1 - a)
+        d = x1 - x
+        dn = (d**2).sum(dim=(1, 2, 3), keepdim=True).sqrt()
+        return torch.clamp(x + d / (dn + 1e-12) * torch.min(eps * torch.ones_like(x), dn + 1e-12), 0.0, 1.0)
+    x1 = torch.clamp(torch.min(torch.max(x_adv + step * torch.sign(grad), x - eps), x + eps), 0.0, 1.0)
+    return torch.clamp(torch.min(torch.max(x_adv + (x1 - x_adv) * a + grad2 * (1 - a), x - eps), x + eps), 0.0, 1.0)
+
+
+class _ApgdOut(NamedTuple):
+    fooled: Tensor  # N bool: misclassified at some iterate
+    first: Tensor  # N×C×H×W: the first such iterate (x where never)
+    pred: Tensor  # N: the prediction there (y where never)
+    last: Tensor  # N×C×H×W: the last such iterate (x where never; the first where the example left early)
+
+
+def _apgd_single(model, x, y, target, eps, steps, norm, loss, rho, start, may_exit) -> _ApgdOut:
+    """One APGD run from ``start``, every example attacked: the schedule of torchattacks' ``APGD.attack_single_run``
+    (step 2·eps, halved at checkpoints where the loss oscillated or stalled, the example then going back to its best
+    point; momentum 0.75), every quantity per example but the checkpoint schedule, which depends on ``steps`` alone.
+    ``may_exit`` (``N`` bool): those examples leave the batch at their first misclassified iterate."""
+    steps_2, steps_min, size_decr = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+    n = len(x)
+    idx = torch.arange(n, device=x.device)
+    fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+    first, last, pred = x.clone(), x.clone(), y.clone()
+
+    def objective(x_adv, y_, target_):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x_adv)
+            if loss == "ce" and target_ is None:
+                per_example = F.cross_entropy(logits, y_, reduction="none")
+            else:  # APGD-T's loss is the targeted DLR whatever ``loss`` says
+                per_example = _dlr_loss(logits, y_, target_)
+            (g,) = torch.autograd.grad(per_example.sum(), x_adv)
+        return logits.detach(), per_example.detach(), g.detach()
+
+    def record(x_adv, logits, y_, idx_):
+        p = logits.argmax(1)
+        wrong = p != y_
+        new = wrong & ~fooled[idx_]
+        first[idx_[new]], pred[idx_[new]] = x_adv[new], p[new]
+        last[idx_[wrong]] = x_adv[wrong]
+        fooled[idx_[wrong]] = True
+        return wrong
+
+    x_adv = start.clone()
+    logits, loss_now, grad = objective(x_adv, y, target)
+    wrong = record(x_adv, logits, y, idx)
+    x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss_now.clone()
+    step = 2.0 * eps * torch.ones([n, 1, 1, 1], dtype=x.dtype, device=x.device)
+    x_old = x_adv.clone()
+    history = torch.zeros([steps, n], dtype=loss_now.dtype, device=x.device)  # the loss at each iterate
+    loss_at_check, reduced_at_check = loss_best.clone(), torch.ones(n, dtype=torch.bool, device=x.device)
+    k, since_check = steps_2, 0
+    state = [x, y, target, x_adv, x_old, x_best, grad, grad_best, loss_best, step, loss_at_check, reduced_at_check,
+             may_exit]  # fmt: skip
+    for i in range(steps):
+        leaving = wrong & state[-1]
+        if leaving.any():
+            stay = ~leaving
+            idx, history, wrong = idx[stay], history[:, stay], wrong[stay]
+            state = [t if t is None else t[stay] for t in state]
+            if not len(idx):
+                break
+        x, y, target, x_adv, x_old, x_best, grad, grad_best, loss_best, step, loss_at_check, reduced_at_check, _ = state
+        with torch.no_grad():
+            grad2, x_old = x_adv - x_old, x_adv.clone()
+            x_adv = _apgd_step(x_adv, x, grad, grad2, step, eps, 0.75 if i > 0 else 1.0, norm)
+        logits, loss_now, grad = objective(x_adv, y, target)
+        wrong = record(x_adv, logits, y, idx)
+        history[i] = loss_now
+        better = loss_now > loss_best
+        x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss_now[better]
+        since_check += 1
+        if since_check == k:
+            rising = torch.zeros_like(loss_best)
+            for c in range(k):  # index -1 wraps around to the last row, as in torchattacks' numpy check
+                rising += (history[i - c] > history[i - c - 1]).to(rising.dtype)
+            halve = (rising <= k * rho) | (~reduced_at_check & (loss_at_check >= loss_best))
+            reduced_at_check, loss_at_check = halve.clone(), loss_best.clone()
+            step[halve] /= 2.0
+            x_adv[halve], grad[halve] = x_best[halve], grad_best[halve]
+            since_check, k = 0, max(k - size_decr, steps_min)
+        state[:12] = [x, y, target, x_adv, x_old, x_best, grad, grad_best, loss_best, step, loss_at_check,
+                      reduced_at_check]  # fmt: skip
+    return _ApgdOut(fooled, first, pred, last)
+
+
+def apgd_run(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    *,
+    seek: Tensor,
+    full: Tensor,
+    restarts: int = 1,
+    norm: str = "linf",
+    loss: str = "ce",
+    targets: int = 0,
+    rho: float = 0.75,
+) -> PgdRun:
+    """APGD (Croce & Hein 2020: APGD-CE, APGD-DLR, APGD-T) with torchattacks' arithmetic and :func:`pgd_run`'s two
+    roles: ``seek`` examples leave at their first misclassified iterate, ``full`` ones run every step. Only the
+    examples of a role are attacked (torchattacks also skips the ones the model already gets wrong: callers pass
+    the examples worth attacking).
+
+    ``loss``: ``"ce"`` or ``"dlr"``. ``targets > 0`` is APGD-T: for each of the ``targets`` classes the model finds
+    most likely after the top one on the clean image, in turn, a run with the targeted DLR loss toward it (success
+    is still a misclassification). A restart, or the next target, runs only on the examples still standing; random
+    starts are drawn for the whole batch every run (:func:`_apgd_start`) and losses are per example, so an example's
+    result does not depend on which others run (it is torchattacks' own when every example is attacked).
+
+    Args: as :func:`pgd_run`; ``eps`` in ``norm``'s pixel units, ``steps >= 1``, ``rho`` the step-halving threshold.
+    Returns a :class:`PgdRun`: ``first`` and ``pred``, the first misclassified iterate and the prediction there
+    (``x`` and ``y`` where never fooled); ``last``, the last misclassified iterate of the run that fooled it, which is
+    what torchattacks returns (``x`` where never fooled).
+    """
+    _check_batch(x, y)
+    check_budget(eps, None, steps, norm=norm, dims=x[0].numel())
+    if restarts < 1:
+        raise RobustError(f"restarts must be at least 1, got {restarts}")
+    if loss not in ("ce", "dlr"):
+        raise RobustError(f"APGD loss must be ce or dlr, got {loss!r}")
+    seek, full = _check_active(seek, x), _check_active(full, x)
+    _check_exit(model, seek)
+    x = x.detach()
+    first, last, pred = x.clone(), x.clone(), y.clone()
+    standing = seek | full
+    ranked = None
+    if targets:
+        with torch.no_grad():
+            logits = model(x[standing]) if standing.any() else None
+        if logits is None:
+            return PgdRun(first, pred, last)
+        if logits.shape[1] < 4 or not 1 <= targets <= logits.shape[1] - 1:
+            raise RobustError(f"APGD-T needs 4 classes or more (its loss uses the 4 largest logits) and 1 <= targets "
+                              f"<= classes - 1, got {targets} targets for {logits.shape[1]} classes")  # fmt: skip
+        # the classes in torchattacks' order: its target_class-th largest clean logit, ties as its ascending sort
+        ranked = torch.zeros(len(x), targets + 1, dtype=torch.long, device=x.device)
+        ranked[standing] = logits.sort(dim=1)[1][:, -(targets + 1) :].flip(1)
+    for rank in range(1, targets + 1) if targets else [None]:
+        for _ in range(restarts):
+            start = _apgd_start(x, eps, norm)
+            idx = standing.nonzero().squeeze(1)
+            if not len(idx):
+                continue
+            target = None if rank is None else ranked[idx, rank]
+            out = _apgd_single(model, x[idx], y[idx], target, eps, int(steps), norm, loss, rho, start[idx],
+                               may_exit=seek[idx] & ~full[idx])  # fmt: skip
+            won = idx[out.fooled]
+            first[won], pred[won], last[won] = out.first[out.fooled], out.pred[out.fooled], out.last[out.fooled]
+            standing[won] = False
+    return PgdRun(first, pred, last)
+
+
+def apgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    *,
+    restarts: int = 1,
+    norm: str = "linf",
+    loss: str = "ce",
+    targets: int = 0,
+    early_exit: bool = False,
+    active: Tensor | None = None,
+) -> Tensor:
+    """APGD-CE / APGD-DLR / APGD-T (:func:`apgd_run`) on the examples of ``active`` (default all) that the model
+    classifies correctly, as torchattacks' ``APGD`` / ``APGDT``: images in [0, 1] within ``eps`` in ``norm``.
+
+    ``early_exit=False``: torchattacks' result (the last misclassified iterate, ``x`` where the attack fails), equal
+    to it when the same seed is set and every example starts correct. ``early_exit=True``: the first misclassified
+    iterate, at less cost; the same examples are fooled either way. Random starts come from torch's global RNG:
+    run under :func:`seeded_rng` for a reproducible result.
+
+    Args: ``x`` ``N×C×H×W`` in [0, 1]; ``y`` ``N`` labels; ``steps >= 1``; ``targets`` for APGD-T (classes - 3 at
+    most). Returns: detached ``N×C×H×W`` images.
+    """
+    _check_batch(x, y)
+    active = _check_active(active, x)
+    with torch.no_grad():
+        correct = torch.zeros_like(active)
+        if active.any():
+            correct[active] = model(x[active]).argmax(1) == y[active]
+    none = torch.zeros_like(correct)
+    run = apgd_run(model, x, y, eps, steps, seek=correct if early_exit else none, full=none if early_exit else correct,
+                   restarts=restarts, norm=norm, loss=loss, targets=targets)  # fmt: skip
     return run.first if early_exit else run.last
 
 

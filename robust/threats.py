@@ -4,7 +4,7 @@ A threat is a key of :data:`THREATS`; its predictions are ``N`` class ids, score
 (``targeted_success`` against the random target: the fraction reaching it, lower is better):
 
 - ``clean``; ``fgsm``, ``pgd`` (PGD-``steps``, random start), ``apgd`` (APGD-CE, AutoAttack's first component,
-  via torchattacks) made against the bare model;
+  :func:`robust.attacks.apgd_run`: torchattacks' arithmetic, per example) made against the bare model;
 - ``jpeg`` (clean images through JPEG); ``jpeg_fgsm``, ``jpeg_pgd`` (those adversarial examples, transferred
   through JPEG); ``bpda_pgd`` (PGD through the straight-through JPEG, then JPEG: the adaptive attack);
 - ``autoattack`` (torchattacks' standard AutoAttack, slow, opt-in); ``targeted_success`` (targeted PGD);
@@ -38,7 +38,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from robust.attacks import check_budget, default_step, fgsm, pgd_run, random_other_class, seeded_rng
+from robust.attacks import apgd as _apgd
+from robust.attacks import apgd_run, check_budget, default_step, fgsm, pgd_run, random_other_class, seeded_rng
 from robust.checks import check_norm
 from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
@@ -142,21 +143,11 @@ def apgd(
     *,
     norm: str = "linf",
 ) -> Tensor:
-    """APGD-CE (Croce & Hein 2020) via torchattacks: ``N×C×H×W`` [0, 1] -> adversarial images within ``eps`` in
-    ``norm`` (``linf`` or ``l2``).
-
-    Where it fails, an image comes back unchanged. torchattacks reseeds torch's global RNG with ``seed`` and draws
-    its random start for the examples it is given (the ones the model classifies correctly), so an example's
-    start depends on which others are in the batch. Call it under :func:`robust.attacks.seeded_rng` to leave the
-    caller's stream alone."""
-    import torchattacks
-
-    if len(x) == 0:
-        return x.detach().clone()
-    check_budget(eps, norm=norm, dims=x[0].numel())
-    attack = torchattacks.APGD(model, norm=_torchattacks_norm(norm), eps=eps, steps=steps, n_restarts=restarts,
-                               loss="ce", seed=seed)  # fmt: skip
-    return attack(x, y).detach()
+    """APGD-CE (Croce & Hein 2020; :func:`robust.attacks.apgd`, torchattacks' arithmetic) seeded with ``seed`` under
+    a fork of the RNG: ``N×C×H×W`` [0, 1] -> adversarial images within ``eps`` in ``norm`` (``linf`` or ``l2``);
+    where it fails, or the model is already wrong, an image comes back unchanged."""
+    with seeded_rng(seed, x.device):
+        return _apgd(model, x, y, eps, steps, restarts=restarts, norm=norm)
 
 
 def _autoattack(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, num_classes: int) -> Tensor:
@@ -218,18 +209,18 @@ class _Suite:
     def seeded(self):
         return seeded_rng(self.spec.seed, self.x.device)
 
-    def pgd_run(
-        self, model: nn.Module, y: Tensor, attack: Tensor, targeted: bool = False, transfer: Tensor | None = None
-    ):
-        """PGD on ``model``: the ``attack`` examples with early exit (all steps when early exit is off), the
-        ``transfer`` ones all steps."""
+    def run(self, engine, model: nn.Module, y: Tensor, attack: Tensor, transfer: Tensor | None = None, **kwargs):
+        """``engine`` (:func:`robust.attacks.pgd_run` or :func:`robust.attacks.apgd_run`) on ``model``, seeded: the
+        ``attack`` examples with early exit (all steps when early exit is off), the ``transfer`` ones all steps."""
         s = self.spec
         seek, full = (attack, self.nobody) if self.fast else (self.nobody, attack)
         if transfer is not None:
             full = full | transfer
+        if engine is pgd_run:
+            kwargs["alpha"] = s.step
         with self.seeded():
-            return pgd_run(model, self.x, y, s.eps, s.step, s.steps, seek=seek, full=full, targeted=targeted,
-                           restarts=s.restarts, norm=s.norm)  # fmt: skip
+            return engine(model, self.x, y, eps=s.eps, steps=s.steps, seek=seek, full=full, restarts=s.restarts,
+                          norm=s.norm, **kwargs)  # fmt: skip
 
     def gate(self, key: str) -> tuple[Tensor, Tensor]:
         """The examples ``key``'s attack must run on, and the predictions of the others: with early exit, those
@@ -291,19 +282,17 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
         gates = {k: suite.gate(k) for k in ("pgd", "jpeg_pgd") if k in wanted}
         if gates:
             bare, transfer = gates.get("pgd", (suite.nobody,))[0], gates.get("jpeg_pgd", (suite.nobody,))[0]
-            run = suite.pgd_run(model, y, bare, transfer=transfer)
+            run = suite.run(pgd_run, model, y, bare, transfer=transfer)
             for key, (mask, fallback) in gates.items():
                 preds[key] = suite.attacked(key, run, mask, fallback, q if key == "jpeg_pgd" else None)
 
         if "apgd" in wanted:
             mask, fallback = suite.gate("apgd")
-            with suite.seeded():
-                made = apgd(model, x[mask], y[mask], spec.eps, spec.steps, spec.restarts, spec.seed, norm=spec.norm)
-            preds["apgd"] = _predict(model, made, mask, fallback)
+            preds["apgd"] = suite.attacked("apgd", suite.run(apgd_run, model, y, mask), mask, fallback)
 
         if "bpda_pgd" in wanted:
             mask, fallback = suite.gate("bpda_pgd")
-            run = suite.pgd_run(JpegDefended(model, q, straight_through=True), y, mask)
+            run = suite.run(pgd_run, JpegDefended(model, q, straight_through=True), y, mask)
             preds["bpda_pgd"] = suite.attacked("bpda_pgd", run, mask, fallback, q)
 
         if "autoattack" in wanted:
@@ -315,7 +304,7 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
         if "targeted_success" in wanted:
             # An example the model already puts in the target class has succeeded: it is not attacked.
             mask = preds["clean"] != target if fast else suite.everyone
-            run = suite.pgd_run(model, target, mask, targeted=True)
+            run = suite.run(pgd_run, model, target, mask, targeted=True)
             preds["targeted_success"] = suite.attacked("targeted_success", run, mask, preds.get("clean", y))
 
     for key, parts in WORST_CASES.items():

@@ -118,9 +118,10 @@ def test_fgm_is_one_normalized_gradient_step_then_projection(targeted):
         lambda m, x, y: fgsm(m, x, y, EPS, alpha=5 * EPS, norm="l2", targeted=True),
         lambda m, x, y: pgd(m, x, y, EPS, 0.5, 3, norm="l2"),
         lambda m, x, y: pgd(m, x, y, EPS, 0.5, 3, norm="l2", restarts=2),
-        lambda m, x, y: pgd(m, x, y, EPS, 0.5, 3, norm="l2", early_exit=True, restarts=2),
+        lambda m, x, y: pgd(m, x, y, EPS, 0.5, 3, norm="l2", random_start=False),
+        lambda m, x, y: apgd(m, x, y, EPS, 3, norm="l2"),
     ],
-    ids=["fgm", "fgm_rs", "fgm_long_targeted", "pgd", "pgd_restarts", "pgd_early_exit"],
+    ids=["fgm", "fgm_rs", "fgm_long_targeted", "pgd", "pgd_restarts", "pgd_no_start", "apgd"],
 )
 def test_l2_bounds_and_no_side_effects(digits_model, batch, attack):
     model = digits_model
@@ -143,6 +144,14 @@ def test_l2_bounds_and_no_side_effects(digits_model, batch, attack):
     finally:
         frozen.requires_grad_(True)
         model.eval()
+
+
+def test_l2_early_exit_stays_in_the_ball(digits_model, batch):
+    x, y = batch
+    with torch.random.fork_rng():
+        for made in (pgd(digits_model, x, y, EPS, 0.5, 3, norm="l2", early_exit=True, restarts=2),
+                     attacks.apgd(digits_model, x, y, EPS, 3, norm="l2", early_exit=True)):  # fmt: skip
+            assert l2_dist(made, x).max().item() <= EPS + 1e-6 and made.min() >= 0 and made.max() <= 1
 
 
 @pytest.mark.parametrize(
