@@ -37,12 +37,42 @@ def check_at_least_one(value: int, what: str) -> None:
         raise RobustError(f"{what} must be at least 1, got {value}")
 
 
-def check_budget(eps: float, alpha: float | None = None, steps: int | None = None) -> None:
-    """Raise unless ``0 <= eps <= 1``, ``0 < alpha <= 1`` and ``steps >= 1`` (pixel units; ``None`` skips a check)."""
-    if not 0.0 <= float(eps) <= 1.0:
-        raise RobustError(f"eps must be in [0, 1] (pixel units, e.g. 8/255 = 0.0314), got {eps}")
-    if alpha is not None and not 0.0 < float(alpha) <= 1.0:
-        raise RobustError(f"alpha (step size) must be in (0, 1] pixel units, got {alpha}")
+NORMS = ("linf", "l2")
+
+
+def check_norm(norm: str) -> str:
+    """``norm`` itself when it is a known threat model (``linf``, ``l2``); else raise."""
+    if norm not in NORMS:
+        raise RobustError(f"unknown norm {norm!r}: choose one of {', '.join(NORMS)}")
+    return norm
+
+
+def check_l2_eps(eps: float, dims: int | None = None) -> None:
+    """Raise unless ``0 <= eps`` and, given ``dims`` (C·H·W of one image), ``eps <= sqrt(dims)``: the L2 distance
+    of an all-black and an all-white image, the largest two [0, 1] images can have, so a larger budget means
+    nothing (usually a value meant for another norm or another image size)."""
+    if not (math.isfinite(float(eps)) and float(eps) >= 0.0):
+        raise RobustError(f"L2 eps must be a finite number >= 0 (pixel units, e.g. 0.5), got {eps}")
+    if dims is not None and float(eps) > math.sqrt(dims):
+        raise RobustError(f"L2 eps {eps} is above {math.sqrt(dims):.4g} = sqrt(C·H·W) for {dims} values per image, "
+                          "the largest L2 distance two [0, 1] images can have")  # fmt: skip
+
+
+def check_budget(
+    eps: float, alpha: float | None = None, steps: int | None = None, *, norm: str = "linf", dims: int | None = None
+) -> None:
+    """Raise unless the budget is valid in ``norm`` (pixel units; ``None`` skips a check): L-inf ``0 <= eps <= 1``
+    and ``0 < alpha <= 1``; L2 ``eps`` as :func:`check_l2_eps` (``dims``: C·H·W, when known) and a finite
+    ``alpha > 0``; ``steps >= 1``."""
+    if check_norm(norm) == "l2":
+        check_l2_eps(eps, dims)
+        if alpha is not None and not (math.isfinite(float(alpha)) and float(alpha) > 0.0):
+            raise RobustError(f"alpha (L2 step size) must be a finite number > 0 (pixel units), got {alpha}")
+    else:
+        if not 0.0 <= float(eps) <= 1.0:
+            raise RobustError(f"eps must be in [0, 1] (pixel units, e.g. 8/255 = 0.0314), got {eps}")
+        if alpha is not None and not 0.0 < float(alpha) <= 1.0:
+            raise RobustError(f"alpha (step size) must be in (0, 1] pixel units, got {alpha}")
     if steps is not None:
         check_at_least_one(steps, "steps")
 

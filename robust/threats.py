@@ -4,7 +4,7 @@ A threat is a key of :data:`THREATS`; its predictions are ``N`` class ids, score
 (``targeted_success`` against the random target: the fraction reaching it, lower is better):
 
 - ``clean``; ``fgsm``, ``pgd`` (PGD-``steps``, random start), ``apgd`` (APGD-CE, AutoAttack's first component,
-  via torchattacks) made against the bare model;
+  :func:`robust.attacks.apgd_run`: torchattacks' arithmetic, per example) made against the bare model;
 - ``jpeg`` (clean images through JPEG); ``jpeg_fgsm``, ``jpeg_pgd`` (those adversarial examples, transferred
   through JPEG); ``bpda_pgd`` (PGD through the straight-through JPEG, then JPEG: the adaptive attack);
 - ``autoattack`` (torchattacks' standard AutoAttack, slow, opt-in) and ``aa_worst`` (the per-example worst case of
@@ -14,7 +14,19 @@ A threat is a key of :data:`THREATS`; its predictions are ``N`` class ids, score
   ``bpda_pgd``) is: the figures to claim. Their predictions equal the label only where every part is correct
   (else the first wrong part's prediction), so accuracy metrics work unchanged for every key.
 
-Images are ``N×C×H×W`` floats in [0, 1]; eps and steps are in pixel units. Default step sizes live here.
+Every threat runs in the spec's threat model (``norm``: L-inf or L2). How much is attacked is the spec's choice:
+
+- ``early_exit`` (default): attack only what still stands. An example the model already gets wrong is not attacked
+  (its prediction under every attack is the clean one; for the threats through JPEG, the defended model's clean
+  prediction ``jpeg``), and PGD drops an example at the step it is fooled (:func:`robust.attacks.pgd_run`). The
+  transferred attacks (``jpeg_fgsm``, ``jpeg_pgd``) still get the all-steps images: they are judged through JPEG,
+  not by the model attacked. Accuracy is never above the all-steps figure.
+- ``cascade``: each worst case's parts run in order (:data:`WORST_CASES`), each on the examples the earlier ones
+  left standing, as AutoAttack does. A part's figure is then the accuracy *after* it and the parts before it
+  (measured on survivors: ``ThreatSpec.mode`` says so), and the last part's is the worst case.
+
+Images are ``N×C×H×W`` floats in [0, 1]; eps and steps are in pixel units. Default steps come from
+:data:`robust.attacks.ATTACKS`.
 """
 
 from __future__ import annotations
@@ -27,7 +39,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from robust.attacks import FGSM_RS_STEP, check_budget, fgsm, pgd, random_other_class, seeded_rng
+from robust.attacks import apgd as _apgd
+from robust.attacks import apgd_run, check_budget, default_step, fgsm, pgd_run, random_other_class, seeded_rng
+from robust.checks import check_norm
 from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
 
@@ -35,25 +49,26 @@ THREATS = ("clean", "fgsm", "pgd", "apgd", "pgd_worst", "jpeg", "jpeg_fgsm", "jp
            "autoattack", "aa_worst", "targeted_success")  # fmt: skip
 AUTOATTACK_THREATS = ("autoattack", "aa_worst")  # slow: opt-in
 DEFAULT_THREATS = tuple(k for k in THREATS if k not in AUTOATTACK_THREATS)
+# Each worst case's parts, in the order the cascade runs them: cheap and strong first, so the costly ones see few.
 WORST_CASES = {"pgd_worst": ("fgsm", "pgd", "apgd"), "jpeg_worst": ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd"),
                "aa_worst": ("fgsm", "pgd", "apgd", "autoattack")}  # fmt: skip
-# key -> (the attack making its inputs, None for the clean images; whether the inputs then go through JPEG)
-_INPUTS = {"clean": (None, False), "fgsm": ("fgsm", False), "pgd": ("pgd", False), "apgd": ("apgd", False),
-           "jpeg": (None, True), "jpeg_fgsm": ("fgsm", True), "jpeg_pgd": ("pgd", True), "bpda_pgd": ("bpda", True),
-           "autoattack": ("autoattack", False), "targeted_success": ("targeted", False)}  # fmt: skip
+_PREVIOUS = {part: parts[i - 1] for parts in WORST_CASES.values() for i, part in enumerate(parts) if i}
+_THROUGH_JPEG = ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd")  # judged by the defended model: its clean prediction is jpeg
+_ATTACKED = ("fgsm", "pgd", "apgd", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "autoattack", "targeted_success")
 
 
-def default_alpha(eps: float) -> float:
-    """Evaluation PGD step when none is given: eps/4; 1/255 for eps = 0, where any step is void."""
-    return eps / 4 if eps > 0 else 1 / 255
+def default_alpha(eps: float, *, norm: str = "linf", steps: int = 10) -> float:
+    """Evaluation PGD step when none is given (:data:`robust.attacks.ATTACKS`): L-inf eps/4, L2 2.5·eps/steps;
+    1/255 at eps = 0, where any step is void."""
+    return default_step("pgd", eps, norm=norm, steps=steps)
 
 
-def training_alpha(attack: str, eps: float) -> float:
-    """Training attack step when none is given: 1.25·eps for ``fgsm_rs`` (Wong et al. 2020), eps/4 for ``pgd``,
-    eps for ``fgsm``."""
-    if attack == "pgd":
-        return default_alpha(eps)
-    return FGSM_RS_STEP * eps if attack == "fgsm_rs" else eps
+def training_alpha(attack: str, eps: float, *, norm: str = "linf", steps: int = 7) -> float:
+    """Training attack step when none is given (:data:`robust.attacks.ATTACKS`): 1.25·eps for ``fgsm_rs`` (Wong et
+    al. 2020), eps for ``fgsm`` and ``nfgsm``, eps/4 for ``pgd`` (L2: 2.5·eps/steps); eps for ``none``."""
+    if attack == "none":
+        return eps
+    return default_step(attack, eps, norm=norm, steps=steps, training=True)
 
 
 @contextmanager
@@ -69,9 +84,13 @@ def bn_mode(model: nn.Module, mode: Literal["eval", "train"]) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ThreatSpec:
-    """What to measure: L-inf budget ``eps`` in [0, 1] pixel units; PGD ``steps`` of ``alpha`` (default
-    :func:`default_alpha`) with ``restarts`` random restarts (for ``pgd``, ``bpda_pgd``, the targeted attack and
-    APGD); JPEG ``quality``; ``seed`` of random starts and targets; the ``threats`` (keys of :data:`THREATS`)."""
+    """What to measure: budget ``eps`` in pixel units in the threat model ``norm`` (``linf``: [0, 1]; ``l2``: >= 0,
+    at most sqrt(C·H·W), checked against the images); PGD ``steps`` of ``alpha`` (default :func:`default_alpha`)
+    with ``restarts`` random restarts (for ``pgd``, ``bpda_pgd``, the targeted attack and APGD); JPEG ``quality``;
+    ``seed`` of random starts and targets; the ``threats`` (keys of :data:`THREATS`). ``early_exit``: attack only
+    the examples still standing (default; False: every example, every step, for comparison); ``cascade``: run each
+    worst case's parts on the survivors of the parts before (the module docstring says what the figures then
+    mean)."""
 
     eps: float
     alpha: float | None = None
@@ -80,10 +99,14 @@ class ThreatSpec:
     quality: int = 75
     seed: int = 0
     threats: tuple[str, ...] = DEFAULT_THREATS
+    norm: str = "linf"
+    early_exit: bool = True
+    cascade: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threats", tuple(self.threats))
-        check_budget(self.eps, self.step, self.steps)
+        check_norm(self.norm)
+        check_budget(self.eps, self.step, self.steps, norm=self.norm)
         if self.restarts < 1:
             raise RobustError(f"restarts must be at least 1, got {self.restarts}")
         check_quality(self.quality)
@@ -93,8 +116,14 @@ class ThreatSpec:
 
     @property
     def step(self) -> float:
-        """The PGD step in force: ``alpha``, else :func:`default_alpha` of ``eps``."""
-        return default_alpha(self.eps) if self.alpha is None else float(self.alpha)
+        """The PGD step in force: ``alpha``, else :func:`default_alpha` of ``eps`` (and ``steps``, for L2)."""
+        return default_alpha(self.eps, norm=self.norm, steps=self.steps) if self.alpha is None else float(self.alpha)
+
+    @property
+    def mode(self) -> str:
+        """How the worst cases' parts were measured, for reports: ``"cascade"`` (each on the survivors of the parts
+        before it; its figure is the accuracy after all of them) or ``"independent"`` (each on every example)."""
+        return "cascade" if self.cascade else "independent"
 
     def for_batch(self, index: int) -> ThreatSpec:
         """This spec for the ``index``-th batch of a pass: seeded ``seed + index``, so batches differ and every
@@ -102,38 +131,37 @@ class ThreatSpec:
         return replace(self, seed=self.seed + index)
 
 
-def apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int = 1, seed: int = 0) -> Tensor:
-    """APGD-CE (Croce & Hein 2020) via torchattacks: ``N×C×H×W`` [0, 1] -> adversarial images within ``eps``.
+def _torchattacks_norm(norm: str) -> str:
+    return {"linf": "Linf", "l2": "L2"}[check_norm(norm)]
 
-    Where it fails, an image comes back unchanged. torchattacks reseeds torch's global RNG with ``seed``: call it
-    under :func:`robust.attacks.seeded_rng` to leave the caller's stream alone."""
+
+def apgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    restarts: int = 1,
+    seed: int = 0,
+    *,
+    norm: str = "linf",
+) -> Tensor:
+    """APGD-CE (Croce & Hein 2020; :func:`robust.attacks.apgd`, torchattacks' arithmetic) seeded with ``seed`` under
+    a fork of the RNG: ``N×C×H×W`` [0, 1] -> adversarial images within ``eps`` in ``norm`` (``linf`` or ``l2``);
+    where it fails, or the model is already wrong, an image comes back unchanged."""
+    with seeded_rng(seed, x.device):
+        return _apgd(model, x, y, eps, steps, restarts=restarts, norm=norm)
+
+
+def _autoattack(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, num_classes: int) -> Tensor:
     import torchattacks
 
-    attack = torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=restarts, loss="ce", seed=seed)
+    if len(x) == 0:
+        return x.detach().clone()
+    check_budget(spec.eps, norm=spec.norm, dims=x[0].numel())
+    attack = torchattacks.AutoAttack(model, norm=_torchattacks_norm(spec.norm), eps=spec.eps, version="standard",
+                                     n_classes=num_classes, seed=spec.seed)  # fmt: skip
     return attack(x, y).detach()
-
-
-def _autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: int, seed: int) -> Tensor:
-    import torchattacks
-
-    attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed)
-    return attack(x, y).detach()
-
-
-def _attack(name: str, model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target, num_classes) -> Tensor:
-    """The adversarial images of attack ``name`` (a first element of :data:`_INPUTS`)."""
-    eps, alpha, steps, restarts = spec.eps, spec.step, spec.steps, spec.restarts
-    if name == "fgsm":
-        return fgsm(model, x, y, eps)
-    if name == "pgd":
-        return pgd(model, x, y, eps, alpha, steps, restarts=restarts)
-    if name == "bpda":
-        return pgd(JpegDefended(model, spec.quality, straight_through=True), x, y, eps, alpha, steps, restarts=restarts)
-    if name == "targeted":
-        return pgd(model, x, target, eps, alpha, steps, targeted=True, restarts=restarts)
-    if name == "apgd":
-        return apgd(model, x, y, eps, steps, restarts, spec.seed)
-    return _autoattack(model, x, y, eps, num_classes, spec.seed)
 
 
 def worst_case(y: Tensor, parts: list[Tensor]) -> Tensor:
@@ -145,41 +173,143 @@ def worst_case(y: Tensor, parts: list[Tensor]) -> Tensor:
     return worst
 
 
+def _wanted(spec: ThreatSpec) -> set[str]:
+    """The keys to compute for ``spec``: those asked, the parts of the worst cases asked and, in a cascade, every
+    part before a part asked (a part's figure is measured on its predecessors' survivors)."""
+    wanted = set(spec.threats)
+    for key, parts in WORST_CASES.items():
+        if key in wanted:
+            wanted.update(parts)
+    if spec.cascade:
+        for key in list(wanted):
+            while key in _PREVIOUS:
+                key = _PREVIOUS[key]
+                wanted.add(key)
+    return wanted
+
+
+def _predict(model: nn.Module, chosen: Tensor, mask: Tensor, fallback: Tensor, quality: int | None = None) -> Tensor:
+    """``fallback`` (``N`` class ids) with, where ``mask`` holds, the model's predictions on ``chosen`` (the
+    ``mask.sum()`` images of those examples, through JPEG of ``quality`` when given): one forward, masked images
+    only."""
+    out = fallback.clone()
+    if len(chosen):
+        with torch.no_grad():
+            out[mask] = model(jpeg(chosen, quality) if quality is not None else chosen).argmax(1)
+    return out
+
+
+class _Suite:
+    """One :func:`predictions` call: the spec, the batch, and the predictions made so far (``preds``)."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec) -> None:
+        self.model, self.x, self.y, self.spec = model, x, y, spec
+        self.fast = spec.early_exit
+        self.everyone = torch.ones(len(y), dtype=torch.bool, device=x.device)
+        self.nobody = torch.zeros_like(self.everyone)
+        self.preds: dict[str, Tensor] = {}
+
+    def seeded(self):
+        return seeded_rng(self.spec.seed, self.x.device)
+
+    def run(self, engine, model: nn.Module, y: Tensor, attack: Tensor, transfer: Tensor | None = None, **kwargs):
+        """``engine`` (:func:`robust.attacks.pgd_run` or :func:`robust.attacks.apgd_run`) on ``model``, seeded: the
+        ``attack`` examples with early exit (all steps when early exit is off), the ``transfer`` ones all steps."""
+        s = self.spec
+        seek, full = (attack, self.nobody) if self.fast else (self.nobody, attack)
+        if transfer is not None:
+            full = full | transfer
+        if engine is pgd_run:
+            kwargs["alpha"] = s.step
+        with self.seeded():
+            return engine(model, self.x, y, eps=s.eps, steps=s.steps, seek=seek, full=full, restarts=s.restarts,
+                          norm=s.norm, **kwargs)  # fmt: skip
+
+    def gate(self, key: str) -> tuple[Tensor, Tensor]:
+        """The examples ``key``'s attack must run on, and the predictions of the others: with early exit, those
+        the (defended, for the threats through JPEG) model gets wrong keep its clean prediction; in a cascade,
+        those an earlier part fooled keep that part's prediction."""
+        y = self.y
+        base = self.preds["jpeg" if key in _THROUGH_JPEG else "clean"] if self.fast else y
+        mask = base == y if self.fast else self.everyone
+        previous = _PREVIOUS.get(key) if self.spec.cascade else None
+        if previous is None:
+            return mask, base
+        return mask & (self.preds[previous] == y), self.preds[previous]
+
+    def attacked(self, key: str, run, mask: Tensor, fallback: Tensor, quality: int | None = None) -> Tensor:
+        """``key``'s predictions from a PGD run: the early-exit verdicts as they are, else a forward on the final
+        iterates (through JPEG of ``quality`` when given)."""
+        if self.fast and key != "jpeg_pgd":
+            return torch.where(mask, run.pred, fallback)
+        return _predict(self.model, run.last[mask], mask, fallback, quality)
+
+
 def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target: Tensor | None = None) -> dict:
     """Predictions (``N`` class ids) of ``model`` under each threat of ``spec``, plus ``"target"`` (the targets,
     when ``targeted_success`` is asked for: ``target``, else a random other class per example).
 
     ``x``: ``N×C×H×W`` in [0, 1]; ``y``: ``N`` true labels. Only the attacks the asked keys need run (worst cases
-    run their parts), each with the model in eval mode under its own fork of the RNG seeded with ``spec.seed``:
-    a key's figure does not depend on which other keys were asked for, and the caller's RNG and model mode are
-    left as they were.
+    run their parts; a cascade part runs the parts before it), each with the model in eval mode under its own fork
+    of the RNG seeded with ``spec.seed``: a key's figure does not depend on which other keys were asked for, and the
+    caller's RNG and model mode are left as they were. With ``spec.early_exit`` only the examples still standing
+    are attacked (the module docstring); with ``spec.cascade`` the worst cases' parts are measured on survivors.
     """
-    wanted = set(spec.threats)
-    for key, parts in WORST_CASES.items():
-        if key in wanted:
-            wanted.update(parts)
+    wanted = _wanted(spec)
+    suite = _Suite(model, x, y, spec)
+    preds, fast, q = suite.preds, spec.early_exit, spec.quality
     draw_target = "targeted_success" in wanted and target is None
-    made: dict[str | None, Tensor] = {None: x}
-    preds: dict[str, Tensor] = {}
     num_classes = None
     with bn_mode(model, "eval"), torch.enable_grad():
-        if draw_target or wanted & {"clean", "autoattack"}:
+        if draw_target or wanted & {"clean", "autoattack"} or (fast and wanted & (set(_ATTACKED) - set(_THROUGH_JPEG))):
             with torch.no_grad():
                 logits = model(x)
             num_classes, preds["clean"] = logits.shape[1], logits.argmax(1)
+        if "jpeg" in wanted or (fast and wanted & set(_THROUGH_JPEG)):
+            preds["jpeg"] = _predict(model, x, suite.everyone, y, q)
         if draw_target:
-            with seeded_rng(spec.seed, x.device):
+            with suite.seeded():
                 target = random_other_class(y, num_classes)
-        for key in THREATS:
-            if key not in wanted or key in WORST_CASES or key == "clean":
-                continue
-            attack, through_jpeg = _INPUTS[key]
-            if attack not in made:
-                with seeded_rng(spec.seed, x.device):
-                    made[attack] = _attack(attack, model, x, y, spec, target, num_classes)
-            with torch.no_grad():
-                inputs = jpeg(made[attack], spec.quality) if through_jpeg else made[attack]
-                preds[key] = model(inputs).argmax(1)
+
+        # One FGSM image serves the bare model and the transfer through JPEG.
+        gates = {k: suite.gate(k) for k in ("fgsm", "jpeg_fgsm") if k in wanted}
+        if gates:
+            with suite.seeded():
+                made = fgsm(
+                    model, x, y, spec.eps, norm=spec.norm, active=torch.stack([m for m, _ in gates.values()]).any(0)
+                )
+            for key, (mask, fallback) in gates.items():
+                preds[key] = _predict(model, made[mask], mask, fallback, q if key == "jpeg_fgsm" else None)
+
+        # One PGD run serves both: early exit for the bare model, all steps for the transfer through JPEG.
+        gates = {k: suite.gate(k) for k in ("pgd", "jpeg_pgd") if k in wanted}
+        if gates:
+            bare, transfer = gates.get("pgd", (suite.nobody,))[0], gates.get("jpeg_pgd", (suite.nobody,))[0]
+            run = suite.run(pgd_run, model, y, bare, transfer=transfer)
+            for key, (mask, fallback) in gates.items():
+                preds[key] = suite.attacked(key, run, mask, fallback, q if key == "jpeg_pgd" else None)
+
+        if "apgd" in wanted:
+            mask, fallback = suite.gate("apgd")
+            preds["apgd"] = suite.attacked("apgd", suite.run(apgd_run, model, y, mask), mask, fallback)
+
+        if "bpda_pgd" in wanted:
+            mask, fallback = suite.gate("bpda_pgd")
+            run = suite.run(pgd_run, JpegDefended(model, q, straight_through=True), y, mask)
+            preds["bpda_pgd"] = suite.attacked("bpda_pgd", run, mask, fallback, q)
+
+        if "autoattack" in wanted:
+            mask, fallback = suite.gate("autoattack")
+            with suite.seeded():
+                made = _autoattack(model, x[mask], y[mask], spec, num_classes)
+            preds["autoattack"] = _predict(model, made, mask, fallback)
+
+        if "targeted_success" in wanted:
+            # An example the model already puts in the target class has succeeded: it is not attacked.
+            mask = preds["clean"] != target if fast else suite.everyone
+            run = suite.run(pgd_run, model, target, mask, targeted=True)
+            preds["targeted_success"] = suite.attacked("targeted_success", run, mask, preds.get("clean", y))
+
     for key, parts in WORST_CASES.items():
         if key in wanted:
             preds[key] = worst_case(y, [preds[p] for p in parts])

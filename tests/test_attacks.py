@@ -7,7 +7,16 @@ import torch
 import torchattacks
 from torch import nn
 
-from robust.attacks import fgsm, fixed_class, least_likely_class, nfgsm, pgd, random_other_class, resolve_class
+from robust.attacks import (
+    apgd,
+    fgsm,
+    fixed_class,
+    least_likely_class,
+    nfgsm,
+    pgd,
+    random_other_class,
+    resolve_class,
+)
 from robust.errors import RobustError
 from robust.objectives import mart_pgd, trades_pgd
 
@@ -52,6 +61,35 @@ def test_targeted_pgd_matches_torchattacks_and_reaches_target(digits_model, batc
     assert reached >= 0.8, reached
 
 
+@pytest.mark.parametrize(
+    ("norm", "eps", "loss", "targets"),
+    [("linf", 0.03, "ce", 0), ("linf", 0.03, "dlr", 0), ("l2", 0.5, "ce", 0), ("linf", 0.03, "dlr", 1)],
+    ids=["ce", "dlr", "ce_l2", "apgd_t"],
+)
+def test_apgd_matches_torchattacks(digits_model, batch, norm, eps, loss, targets):
+    """Our per-example APGD is torchattacks' arithmetic: with every example correct to start with (torchattacks then
+    draws its start for the whole batch, as we do) and the same seed, the same images. APGD-T with one target is
+    torchattacks' APGDT with n_classes=2 (its targets are the classes ranked 2..n_classes)."""
+    x, y = batch
+    with torch.no_grad():
+        keep = digits_model(x).argmax(1) == y
+    x, y = x[keep][:32], y[keep][:32]
+    ta_norm = {"linf": "Linf", "l2": "L2"}[norm]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ours = apgd(digits_model, x, y, eps, 10, norm=norm, loss=loss, targets=targets)
+        torch.manual_seed(0)
+        early = apgd(digits_model, x, y, eps, 10, norm=norm, loss=loss, targets=targets, early_exit=True)
+        if targets:
+            ref = torchattacks.APGDT(digits_model, norm=ta_norm, eps=eps, steps=10, n_classes=targets + 1, seed=0)(x, y)
+        else:
+            ref = torchattacks.APGD(digits_model, norm=ta_norm, eps=eps, steps=10, loss=loss, seed=0)(x, y)
+    assert (ours - ref).abs().max().item() <= 1e-6
+    with torch.no_grad():
+        fooled, fooled_early = digits_model(ours).argmax(1) != y, digits_model(early).argmax(1) != y
+    assert torch.equal(fooled, fooled_early) and 0 < fooled.sum() < len(y)  # early exit: same verdicts
+
+
 def test_attacks_lower_accuracy_by_a_large_margin(digits_model, digits_val):
     x, y = digits_val
     clean = accuracy(digits_model, x, y)
@@ -71,11 +109,24 @@ def test_attacks_lower_accuracy_by_a_large_margin(digits_model, digits_val):
         lambda m, x, y: fgsm(m, x, y, EPS, targeted=True),
         lambda m, x, y: pgd(m, x, y, EPS, EPS / 4, 3),
         lambda m, x, y: pgd(m, x, y, EPS, EPS / 4, 3, restarts=2),
+        lambda m, x, y: apgd(m, x, y, EPS, 3),
+        lambda m, x, y: apgd(m, x, y, EPS, 3, loss="dlr", restarts=2),
         lambda m, x, y: nfgsm(m, x, y, EPS / 3),  # its bound noise·eps + alpha is EPS here
         lambda m, x, y: trades_pgd(m, x, EPS, EPS / 4, 1),
         lambda m, x, y: mart_pgd(m, x, y, EPS, EPS / 4, 1),
     ],
-    ids=["fgsm", "fgsm_rs", "fgsm_targeted", "pgd", "pgd_restarts", "nfgsm", "trades_pgd", "mart_pgd"],
+    ids=[
+        "fgsm",
+        "fgsm_rs",
+        "fgsm_targeted",
+        "pgd",
+        "pgd_restarts",
+        "apgd",
+        "apgd_dlr",
+        "nfgsm",
+        "trades_pgd",
+        "mart_pgd",
+    ],
 )
 def test_bounds_dtype_device_and_no_side_effects(digits_model, batch, attack, dtype):
     model = digits_model.to(dtype)
@@ -117,12 +168,45 @@ def test_bounds_dtype_device_and_no_side_effects(digits_model, batch, attack, dt
         lambda m, x, y: fgsm(m, x, y[:3], 0.1),
         lambda m, x, y: nfgsm(m, x, y, 0.1, noise=-1.0),
         lambda m, x, y: nfgsm(m, x, y, 0.1, alpha=0.0),
+        lambda m, x, y: apgd(m, x, y, 0.1, 5, loss="cw"),
+        lambda m, x, y: apgd(m, x, y, 0.1, 5, targets=10),
+        lambda m, x, y: pgd(m, x, y, 0.1, 0.01, 5, active=torch.ones(3, dtype=torch.bool)),
     ],
-    ids=["eps<0", "eps>1", "steps0", "alpha0", "restarts0", "not4d", "label_shape", "nfgsm_noise<0", "nfgsm_alpha0"],
+    ids=[
+        "eps<0",
+        "eps>1",
+        "steps0",
+        "alpha0",
+        "restarts0",
+        "not4d",
+        "label_shape",
+        "nfgsm_noise<0",
+        "nfgsm_alpha0",
+        "apgd_loss",
+        "apgd_targets",
+        "active_shape",
+    ],
 )
 def test_bad_budget_or_shape_is_a_clear_error(digits_model, batch, call):
     with pytest.raises(RobustError):
         call(digits_model, *batch)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, y: pgd(m, x, y, EPS, EPS / 4, 2, early_exit=True),
+        lambda m, x, y: apgd(m, x, y, EPS, 2, early_exit=True),
+    ],
+    ids=["pgd", "apgd"],
+)
+def test_early_exit_refuses_train_mode(digits_model, batch, call):
+    digits_model.train()
+    try:
+        with pytest.raises(RobustError, match="eval mode"):
+            call(digits_model, *batch)
+    finally:
+        digits_model.eval()
 
 
 def test_target_helpers(digits_model, batch):

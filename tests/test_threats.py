@@ -87,12 +87,19 @@ def test_a_key_does_not_depend_on_the_others_asked_and_is_seeded(digits_model, b
 def test_only_the_attacks_asked_for_run(digits_model, batch):
     x, y = batch
     calls = []
-    hook = digits_model.register_forward_hook(lambda *_: calls.append(1))
+    hook = digits_model.register_forward_hook(lambda mod, inp, out: calls.append(len(inp[0])))
     try:
+        # every example, every step: one forward per attack step and one per prediction, as many as asked
         for threats, forwards in [(("fgsm",), 2), (("pgd", "fgsm"), 5 + 1 + 2), (("clean", "jpeg"), 2)]:
             calls.clear()
+            predictions(digits_model, x, y, ThreatSpec(EPS, steps=5, threats=threats, early_exit=False))
+            assert calls == [len(y)] * forwards, threats
+        # early exit: one clean forward first, then attacks on the examples still standing, never more forwards
+        # than steps + 1 for PGD (its last verdict is its prediction), on shrinking batches
+        for threats, most in [(("fgsm",), 1 + 2), (("pgd", "fgsm"), 1 + 2 + 5 + 1), (("clean", "jpeg"), 2)]:
+            calls.clear()
             predictions(digits_model, x, y, ThreatSpec(EPS, steps=5, threats=threats))
-            assert len(calls) == forwards, threats
+            assert calls[0] == len(y) and len(calls) <= most and calls[1:] == sorted(calls[1:], reverse=True), calls
     finally:
         hook.remove()
 
