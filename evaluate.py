@@ -47,15 +47,18 @@ def _count(what: str):
     return _checked(lambda text: parse_int(text, what), lambda value: check_at_least_one(value, what))
 
 
-_eps = _checked(parse_fraction, check_budget)
-_alpha = _checked(parse_fraction, lambda alpha: check_budget(0.0, alpha))
+# eps is checked against its norm once the norm is known (L∞ in [0, 1], L2 up to sqrt(C·H·W)): here only >= 0.
+_eps = _checked(parse_fraction, lambda eps: check_budget(eps, norm="l2"))
+_alpha = _checked(parse_fraction, lambda alpha: check_budget(0.0, alpha, norm="l2"))  # against eps's norm later
 _number = _checked(parse_fraction, lambda value: None)
 _quality = _checked(lambda text: parse_int(text, "JPEG quality"), check_quality)
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--steps", type=_count("steps"), default=10, help="PGD steps (default 10)")
-    sub.add_argument("--alpha", type=_alpha, help="PGD step size, e.g. 2/255 (default eps/4)")
+    sub.add_argument("--norm", choices=["linf", "l2"],
+                     help="threat model (default: the one the model was trained in, else linf)")  # fmt: skip
+    sub.add_argument("--alpha", type=_alpha, help="PGD step size, e.g. 2/255 (default L∞ eps/4, L2 2.5·eps/steps)")
     sub.add_argument("--quality", type=_quality, default=75, help="JPEG defense quality 1..100 (default 75)")
     sub.add_argument("--seed", type=int, default=0, help="seed of random starts and targets (default 0)")
     sub.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default auto)")
@@ -98,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(report)
     report.add_argument("--data", required=True,
                         help="digits, mnist, cifar10 or an image folder (one sub-folder per class)")  # fmt: skip
-    report.add_argument("--eps", type=_eps, nargs="+", help="L-inf budgets, e.g. 0.05 8/255 (default: training eps)")
+    report.add_argument("--eps", type=_eps, nargs="+",
+                        help="budgets in --norm's units, e.g. 0.05 8/255 (L∞) or 0.5 2.0 (L2); default: training eps")
     report.add_argument("--restarts", type=_count("restarts"), default=1, help="PGD random restarts")
+    report.add_argument("--apgd-steps", type=_count("APGD steps"), help="APGD-CE steps (default --steps; "
+                        "AutoAttack's standard APGD-CE: 100)")  # fmt: skip
+    report.add_argument("--apgd-restarts", type=_count("APGD restarts"), help="APGD-CE restarts (default --restarts)")
     report.add_argument("--limit", type=_count("limit"), help="evaluate N images spread evenly over the data")
     report.add_argument("--batch-size", type=_count("batch size"), default=128)
     report.add_argument("--num-workers", type=int, default=0, help="data loading processes (default 0)")
@@ -125,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(fool)
     fool.add_argument("--target", help="target class name or id (default: untargeted)")
     fool.add_argument("--attack", choices=["fgsm", "pgd"], default="pgd")
-    fool.add_argument("--eps", type=_eps, default=8 / 255, help="L-inf budget, e.g. 0.03 or 8/255 (default 8/255)")
+    fool.add_argument("--eps", type=_eps, default=8 / 255,
+                      help="budget in --norm's units, e.g. 0.03 or 8/255 (L∞; default 8/255), 2.0 (L2)")  # fmt: skip
     _common(fool)
     fool.set_defaults(func=run_fool)
 
@@ -139,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the digits for a digits model, else seeded random images)")  # fmt: skip
     export.set_defaults(func=run_export)
     return parser
+
+
+def threat_model(args: argparse.Namespace, card, default_eps) -> tuple[str, list[float] | None]:
+    """The norm (``--norm``, else the one the model was trained in) and the eps list (``--eps``, else the training
+    eps when the norms agree), each eps checked against its norm."""
+    trained = card.training.get("norm") or "linf"
+    norm = args.norm or trained
+    eps = args.eps if isinstance(args.eps, list) else [args.eps]
+    if args.eps is None and default_eps is not None:
+        if norm != trained:
+            raise RobustError(f"the model was trained in {trained}: give --eps for its {norm} evaluation")
+        eps = [default_eps(card)]
+    for value in eps:
+        check_budget(value, args.alpha, norm=norm, dims=card.channels * card.image_size**2)
+    return norm, eps
 
 
 def run_report(args: argparse.Namespace) -> None:
@@ -156,12 +179,13 @@ def run_report(args: argparse.Namespace) -> None:
         loader, data_info = rep.eval_data(
             args.data, model.card, args.limit, args.batch_size, args.num_workers, args.cifar10_root, args.data_root
         )
-    eps = args.eps or [rep.default_eps(model.card)]
+    norm, eps = threat_model(args, model.card, rep.default_eps)
     out = args.out or rep.default_out(args.model, args.data)
     model_info = rep.model_identity(args.model, model)
     journal = rep.report_journal(out, model_info, data_info, args.batch_size, world.device, args.resume)
     results = rep.evaluate(model, loader, eps, args.steps, args.alpha, args.restarts, args.quality, args.autoattack,
-                           args.seed, world=world, journal=journal, threats=args.threats)  # fmt: skip
+                           args.seed, world=world, journal=journal, threats=args.threats, norm=norm,
+                           apgd_steps=args.apgd_steps, apgd_restarts=args.apgd_restarts)  # fmt: skip
     if world.rank == 0:
         report = rep.build_report(results, model_info, data_info)
         paths = rep.write_report(report, out)
@@ -178,7 +202,8 @@ def run_fool(args: argparse.Namespace) -> None:
 
     model = load_model(args.model, **external_options(args)).to(pick_device(args.device))
     x = load_image(args.image, model.card.image_size, model.card.resize, model.card.channels)
-    result = fool(model, x, args.target, args.attack, args.eps, args.steps, args.alpha, args.quality, args.seed)
+    norm, _ = threat_model(args, model.card, None)
+    result = fool(model, x, args.target, args.attack, args.eps, args.steps, args.alpha, args.quality, args.seed, norm)
     paths = write_fool(result, args.out)
     print(summary(result))
     print("wrote: " + ", ".join(str(p) for p in paths))

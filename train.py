@@ -15,7 +15,7 @@ from robust.averaging import WeightEMA
 from robust.callbacks import AdversarialImages, ValidateAtEnd
 from robust.errors import RobustError
 from robust.guard import CatastrophicOverfittingGuard
-from robust.module import AdversarialClassifier
+from robust.module import AdversarialClassifier, val_tag
 from robust.precision import resolve_precision
 from robust.resume import RunLengthSchedule, check_resume_config, run_folder
 from robust.runfiles import resolve_data_root, run_summary
@@ -94,6 +94,7 @@ class RobustCLI(LightningCLI):
             init["root"], notice = resolve_data_root(init["root"], downloads=bool(init.get("download")))
             if notice:
                 print(notice)
+        monitor_the_norm(config)
         if self.subcommand != "fit" or config.get("ckpt_path") is None:
             return
         logger = trainer.get("logger")
@@ -115,6 +116,17 @@ class RobustCLI(LightningCLI):
             return
         log_dir = trainer.logger.log_dir if trainer.logger else None  # not trainer.log_dir: it is a collective call
         print("\n" + "\n".join(run_summary(trainer, log_dir)))
+
+
+def monitor_the_norm(config) -> None:
+    """Keep the best checkpoint by the worst case of the run's own threat model: under ``--model.norm l2`` the
+    default monitor ``val/pgd_worst`` (L∞) becomes ``val/l2/pgd_worst``, and its file name says so."""
+    norm, checkpoint = config["model"].get("norm", "linf"), config.get("checkpoint")
+    if norm == "linf" or checkpoint is None or checkpoint.get("monitor") != "val/pgd_worst":
+        return
+    tag = val_tag("pgd_worst", norm)
+    checkpoint["monitor"] = tag
+    checkpoint["filename"] = f"best-epoch{{epoch:03d}}-{norm}_pgd_worst{{{tag}:.4f}}"
 
 
 def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:

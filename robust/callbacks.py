@@ -46,18 +46,23 @@ class AdversarialImages(L.Callback):
         spec, names = pl_module.val_spec, pl_module.class_names
         eps = spec.eps
         with torch.enable_grad(), seeded_rng(0, pl_module.device):
-            x_adv = pgd(pl_module, x, y, eps, spec.step, spec.steps)
+            x_adv = pgd(pl_module, x, y, eps, spec.step, spec.steps, norm=spec.norm)
         x_jpeg = jpeg(x_adv, spec.quality)
-        perturbation = ((x_adv - x) / (2 * eps) + 0.5).clamp(0, 1) if eps > 0 else torch.full_like(x, 0.5)
-        rows = [("original", x), ("perturbation ×1/2eps", perturbation), ("adversarial", x_adv), ("JPEG(adv)", x_jpeg)]
+        peak = float((x_adv - x).abs().max())  # the largest pixel change: eps in L-inf, less in L2
+        perturbation = ((x_adv - x) / (2 * peak) + 0.5).clamp(0, 1) if peak > 0 else torch.full_like(x, 0.5)
+        rows = [("original", x), ("perturbation (scaled)", perturbation), ("adversarial", x_adv), ("JPEG(adv)", x_jpeg)]
         with torch.no_grad():
-            preds = {label: pl_module(imgs).argmax(1) for label, imgs in rows if label != "perturbation ×1/2eps"}
+            preds = {label: pl_module(imgs).argmax(1) for label, imgs in rows if label != "perturbation (scaled)"}
         n = len(x)
         fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.9 * len(rows)), squeeze=False)
         for r, (label, imgs) in enumerate(rows):
             for c in range(n):
                 ax = axes[r][c]
-                ax.imshow(imgs[c].float().permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+                pixels = imgs[c].float().permute(1, 2, 0).cpu().numpy()
+                if pixels.shape[-1] == 1:  # grayscale
+                    ax.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                else:
+                    ax.imshow(pixels, interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if label in preds:

@@ -50,11 +50,20 @@ class FoolResult:
         return float((self.x_adv - self.x).abs().max())
 
 
-def quantize_within(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-    """Round ``x_adv`` to uint8 grey levels, keeping every pixel within ``eps`` of ``x`` and in [0, 1].
+def quantize_within(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
+    """Round ``x_adv`` to uint8 grey levels, keeping it within ``eps`` of ``x`` in ``norm`` and in [0, 1].
 
-    The result is exactly what a uint8 PNG of it decodes to (same float values as ``to_dtype(uint8)``).
+    The result is exactly what a uint8 PNG of it decodes to (same float values as ``to_dtype(uint8)``). L2: the
+    perturbation is first shrunk to ``eps - 0.5·sqrt(d)/255`` (``d`` pixel values), the most rounding can add.
     """
+    if norm == "l2":
+        delta = x_adv - x
+        size = float(delta.flatten().norm())
+        room = max(0.0, eps - 0.5 * delta.numel() ** 0.5 / 255)
+        if size > room:
+            x_adv = x + delta * (room / size)
+        levels = torch.round(x_adv * 255).clamp(0, 255)
+        return v2.functional.to_dtype(levels.to(torch.uint8), torch.float32, scale=True)
     tol = 1e-4  # grey levels; absorbs float error in (x ± eps)·255 without leaving the ball measurably
     lo = torch.ceil((x - eps) * 255 - tol).clamp(0, 255)
     hi = torch.floor((x + eps) * 255 + tol).clamp(0, 255)
@@ -79,18 +88,19 @@ def fool(
     alpha: float | None = None,
     quality: int = 75,
     seed: int = 0,
+    norm: str = "linf",
 ) -> FoolResult:
     """Attack ``model``'s prediction of one image ``x`` (``1×C×S×S`` in [0, 1]) and JPEG the result.
 
     Untargeted (``target=None``) pushes away from the model's own prediction; otherwise ``target`` is a class
     name or id of the model card's ``class_names`` (ids only, for a model without a card). ``attack`` is ``fgsm``
-    or ``pgd`` (``steps`` of ``alpha``, default eps/4, random start seeded by ``seed``); ``eps`` in [0, 1] pixel
-    units.
+    or ``pgd`` (``steps`` of ``alpha``, default the registry's: L∞ eps/4, L2 2.5·eps/steps; random start seeded by
+    ``seed``); ``eps`` in pixel units of ``norm`` (``linf``: [0, 1]; ``l2``).
     """
     if attack not in ("fgsm", "pgd"):
         raise RobustError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
-    alpha = default_alpha(eps) if alpha is None else alpha
-    check_budget(eps, alpha, steps)
+    alpha = default_alpha(eps, norm=norm, steps=steps) if alpha is None else alpha
+    check_budget(eps, alpha, steps, norm=norm, dims=x[0].numel() if x.dim() == 4 else None)
     check_quality(quality)
     if x.dim() != 4 or x.shape[0] != 1:
         raise RobustError(f"fool takes one image 1×C×H×W, got shape {tuple(x.shape)}")
@@ -107,10 +117,10 @@ def fool(
     y = torch.tensor([pred["original"] if target_id is None else target_id], device=x.device)
     with seeded_rng(seed, x.device):
         if attack == "fgsm":
-            x_adv = fgsm(model, x, y, eps, targeted=target_id is not None)
+            x_adv = fgsm(model, x, y, eps, targeted=target_id is not None, norm=norm)
         else:
-            x_adv = pgd(model, x, y, eps, alpha, steps, targeted=target_id is not None)
-    x_adv = quantize_within(x_adv, x, eps)
+            x_adv = pgd(model, x, y, eps, alpha, steps, targeted=target_id is not None, norm=norm)
+    x_adv = quantize_within(x_adv, x, eps, norm)
     x_jpeg = jpeg(x_adv, quality)
     pred["adversarial"], top["adversarial"] = _top(model, x_adv, names)
     pred["jpeg"], top["jpeg"] = _top(model, x_jpeg, names)

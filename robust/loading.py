@@ -48,9 +48,9 @@ WEIGHTS_FILE, CARD_FILE, PROGRAM_FILE, ONNX_FILE = "model.safetensors", "model.j
 CARD_KEY = "robust_card"  # where a checkpoint keeps its card (a dict, ModelCard.to_dict())
 # A user's own network: ``package.module:function`` (LightningCLI's class_path convention), called with no arguments.
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-TRAINING_KEYS = ("attack", "switched_from", "target", "eps", "alpha", "adv_ratio", "attack_steps", "nfgsm_noise",
-                 "clamp_start", "objective", "beta", "ema_decay", "init", "seed", "optimizer",
-                 "lr_scheduler")  # fmt: skip
+TRAINING_KEYS = ("attack", "switched_from", "target", "norm", "eps", "alpha", "adv_ratio", "attack_steps",
+                 "attack_early_exit", "nfgsm_noise", "clamp_start", "objective", "beta", "ema_decay", "init", "seed",
+                 "optimizer", "lr_scheduler")  # fmt: skip
 
 
 def initialize_classifier(
@@ -171,6 +171,7 @@ def training_card(
     names = hp.get("class_names") or data.get("class_names") or [str(i) for i in range(num_classes)]
     robustness = {
         "metrics": {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")},
+        "norm": hp.get("norm", "linf"),
         "eps": hp.get("eps") if hp.get("val_eps") is None else hp["val_eps"], "steps": hp.get("val_steps"),
         "jpeg_quality": hp.get("jpeg_quality"), "best": best, "epoch": epoch, "global_step": global_step,
     }  # fmt: skip

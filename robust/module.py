@@ -5,8 +5,9 @@ Training (per batch ``x`` ``N×3×H×W`` in [0, 1], ``y`` ``N``): the first ``ro
 the overfitting guard switched it, :meth:`AdversarialClassifier.set_attack`), made with input gradients only, with
 BatchNorm in ``attack_bn_mode``; then one cross-entropy step on the mixed batch, true labels.
 
-Validation runs the threat suite of :mod:`robust.threats` and logs accuracies in [0, 1] under ``val/<key>`` (keys in
-:data:`VAL_KEYS`), computed with torchmetrics so they are synced across DDP processes.
+Validation runs the threat suite of :mod:`robust.threats` in the module's threat model and logs accuracies in [0, 1]
+under ``val/<key>`` for L∞ and ``val/l2/<key>`` for L2 (:func:`val_tag`; keys in :data:`VAL_KEYS`), computed with
+torchmetrics so they are synced across DDP processes.
 """
 
 from __future__ import annotations
@@ -21,17 +22,23 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from robust.attacks import check_budget, least_likely_class, random_other_class
+from robust.attacks import ATTACKS, check_budget, default_step, least_likely_class, random_other_class
 from robust.averaging import EMA_DECAY_KEY
 from robust.errors import RobustError
 from robust.loading import CARD_KEY, describe_init, initialize_classifier, training_card
 from robust.models import default_normalization, head_of
 from robust.objectives import check_objective, objective_loss, training_attack
 from robust.optim import OptimizerFactory, SchedulerFactory, default_optimizer, default_scheduler
-from robust.threats import DEFAULT_THREATS, ThreatSpec, bn_mode, labels_for, predictions, training_alpha
+from robust.threats import DEFAULT_THREATS, ThreatSpec, bn_mode, labels_for, predictions
 
-VAL_KEYS = DEFAULT_THREATS  # validation runs every threat but AutoAttack
-TrainAttack = Literal["none", "fgsm", "fgsm_rs", "nfgsm", "pgd"]  # robust.objectives.TRAIN_ATTACKS
+VAL_KEYS = DEFAULT_THREATS  # validation runs every threat but AutoAttack's
+
+
+def val_tag(key: str, norm: str) -> str:
+    """The logged name of threat ``key``'s validation accuracy: ``val/<key>`` in L∞, ``val/l2/<key>`` in L2, so no
+    figure can be read in the wrong norm."""
+    return f"val/{key}" if norm == "linf" else f"val/{norm}/{key}"
+TrainAttack = Literal[("none", *ATTACKS)]  # robust.objectives.TRAIN_ATTACKS: the attack registry's, or none
 
 
 class AdversarialClassifier(L.LightningModule):
@@ -59,10 +66,13 @@ class AdversarialClassifier(L.LightningModule):
             2019) or ``mart`` (Wang et al. 2020), each with its own adversarial examples (:mod:`robust.objectives`);
             ``beta``: their trade-off weight (default: the official script's, 6 and 5).
         target: ``none`` (untargeted), ``random`` or ``least_likely`` target class; labels stay true.
-        eps: L-inf budget in [0, 1] pixel units.
+        norm: the threat model: ``linf`` or ``l2`` (training attack, validation, the card, TensorBoard tags).
+        eps: budget in pixel units: L∞ in [0, 1], L2 in [0, sqrt(C·H·W)].
         alpha: step (default :func:`robust.threats.training_alpha`: 1.25·eps for fgsm_rs, eps for fgsm and nfgsm,
             eps/4 for pgd; trades/mart: 0.007/0.031·eps); changed only by :meth:`set_attack_step`.
         attack_steps: PGD training steps (default 7; 10 for trades/mart, as their official scripts).
+        attack_early_exit: PGD training leaves each example at its first misclassified iterate (Wong et al.'s MNIST
+            PGD; Madry et al. run every step).
         nfgsm_noise: N-FGSM's noise, uniform in ±``nfgsm_noise``·eps.
         clamp_start: clip ``fgsm_rs``'s random start to [0, 1] before its gradient (false: Wong et al.'s MNIST code).
         beta: TRADES / MART trade-off weight (default: the official script's, 6 and 5).
@@ -95,9 +105,11 @@ class AdversarialClassifier(L.LightningModule):
         channels_last: bool = False,
         attack: TrainAttack = "fgsm_rs",
         target: Literal["none", "random", "least_likely"] = "none",
+        norm: Literal["linf", "l2"] = "linf",
         eps: float = 8 / 255,
         alpha: float | None = None,
         attack_steps: int | None = None,
+        attack_early_exit: bool = False,
         nfgsm_noise: float = 2.0,
         clamp_start: bool = True,
         objective: Literal["ce", "trades", "mart"] = "ce",
@@ -128,11 +140,12 @@ class AdversarialClassifier(L.LightningModule):
             raise RobustError(f"backbone_lr_scale must be 0 or more (times lr), got {backbone_lr_scale}")
         self.attack_steps = attack_steps if attack_steps is not None else obj.steps or 7
         self.attack = attack  # the training attack in force
-        self.alpha = alpha if alpha is not None else self.default_alpha(attack, objective, eps)  # the step in force
+        # the step in force
+        self.alpha = alpha if alpha is not None else self.default_alpha(attack, objective, eps, norm, self.attack_steps)
         self.beta = beta if beta is not None else obj.beta
-        check_budget(eps, self.alpha if attack != "none" else None, self.attack_steps)
+        check_budget(eps, self.alpha if attack != "none" else None, self.attack_steps, norm=norm)
         self.val_spec = ThreatSpec(eps if val_eps is None else val_eps, val_alpha, val_steps, quality=jpeg_quality,
-                                   seed=val_seed, threats=VAL_KEYS)  # fmt: skip
+                                   seed=val_seed, threats=VAL_KEYS, norm=norm)  # fmt: skip
         # The optimizer and schedule are callables (not checkpoint material); LightningCLI's config.yaml records them.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
@@ -165,15 +178,18 @@ class AdversarialClassifier(L.LightningModule):
     # ---- training ------------------------------------------------------------------------------
 
     @staticmethod
-    def default_alpha(attack: str, objective: str, eps: float) -> float:
-        """The training step when none is given: the objective's official one, else the attack's
-        (:func:`robust.threats.training_alpha`)."""
-        return check_objective(objective, attack).default_alpha(eps) or training_alpha(attack, eps)
+    def default_alpha(attack: str, objective: str, eps: float, norm: str = "linf", steps: int = 7) -> float:
+        """The training step when none is given: the objective's official one, else the attack's training step in
+        the registry (:func:`robust.attacks.default_step`); ``eps`` for ``none`` (no step is taken)."""
+        official = check_objective(objective, attack).default_alpha(eps)
+        if official or attack == "none":
+            return official or eps
+        return default_step(attack, eps, norm=norm, steps=steps, training=True)
 
     def set_attack_step(self, alpha: float) -> None:
         """Change the training attack's step (pixel units) to ``alpha``: the one place it changes, kept in
         checkpoints."""
-        check_budget(self.hparams.eps, alpha)
+        check_budget(self.hparams.eps, alpha, norm=self.hparams.norm)
         self.alpha = float(alpha)
 
     def set_attack(self, attack: str) -> None:
@@ -182,7 +198,7 @@ class AdversarialClassifier(L.LightningModule):
         hp = self.hparams
         check_objective(hp.objective, attack, hp.target != "none")
         self.attack = attack
-        self.set_attack_step(self.default_alpha(attack, hp.objective, hp.eps))
+        self.set_attack_step(self.default_alpha(attack, hp.objective, hp.eps, hp.norm, self.attack_steps))
 
     def make_training_attack(self, x: Tensor, y: Tensor) -> Tensor:
         """Adversarial versions of ``x`` (true labels ``y``) by the configured training attack."""
@@ -195,7 +211,8 @@ class AdversarialClassifier(L.LightningModule):
                 y = least_likely_class(self, x)
             return training_attack(self, x, y, hp.objective, self.attack, eps=hp.eps, alpha=self.alpha,
                                    steps=self.attack_steps, noise=hp.nfgsm_noise, targeted=targeted,
-                                   clamp_start=hp.clamp_start)  # fmt: skip
+                                   clamp_start=hp.clamp_start, norm=hp.norm,
+                                   early_exit=hp.attack_early_exit)  # fmt: skip
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -246,7 +263,7 @@ class AdversarialClassifier(L.LightningModule):
         preds = predictions(self, x, y, self.val_spec.for_batch(batch_idx))
         for key in VAL_KEYS:
             self.val_acc[key](preds[key], labels_for(key, preds, y))
-            self.log(f"val/{key}", self.val_acc[key], on_step=False, on_epoch=True,
+            self.log(val_tag(key, self.hparams.norm), self.val_acc[key], on_step=False, on_epoch=True,
                      prog_bar=key in ("clean", "pgd_worst"))  # fmt: skip
 
     # ---- optimization and checkpoints ---------------------------------------------------------

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robust.attacks import _check_batch, _input_grad, _project, check_budget, fgsm, nfgsm, pgd
+from robust.attacks import ATTACKS, _check_batch, _input_grad, _project, check_budget, fgsm, nfgsm, pgd
 from robust.errors import RobustError
 
-TRAIN_ATTACKS = ("none", "fgsm", "fgsm_rs", "nfgsm", "pgd")
+TRAIN_ATTACKS = ("none", *ATTACKS)  # the attack registry's, or none
 
 # TRADES's and MART's PGD start: x + 0.001·N(0, 1), not clamped before the first gradient (trades.py:31, mart.py:20).
 # TRADES needs it: the KL and its gradient are exactly zero at x' = x.
@@ -190,28 +190,34 @@ def training_attack(
     noise: float = 2.0,
     targeted: bool = False,
     clamp_start: bool = True,
+    norm: str = "linf",
+    early_exit: bool = False,
 ) -> Tensor:
     """The adversarial examples ``objective`` trains on, made by ``attack`` (checked by :func:`check_objective`).
 
     ``trades`` + ``pgd``: :func:`trades_pgd`; ``mart`` + ``pgd``: :func:`mart_pgd`; otherwise the attack of that
-    name from :mod:`robust.attacks` (``pgd`` with its uniform random start, ``noise`` for ``nfgsm``, ``clamp_start``
-    for ``fgsm_rs``); ``none``
-    returns ``x``. ``y``: ``N`` labels (targets when ``targeted``). Runs in the model's current mode: wrap it in
-    the BatchNorm mode wanted. Returns detached ``N×C×H×W`` images in [0, 1].
+    name from :mod:`robust.attacks` in the threat model ``norm`` (``pgd`` with its uniform random start and, with
+    ``early_exit``, each example frozen at its first misclassified iterate as Wong et al.'s MNIST PGD training does;
+    ``noise`` for ``nfgsm``; ``clamp_start`` for ``fgsm_rs``); ``none`` returns ``x``. ``y``: ``N`` labels (targets
+    when ``targeted``). Runs in the model's current mode: wrap it in the BatchNorm mode wanted. Returns detached
+    ``N×C×H×W`` images in [0, 1].
     """
     check_objective(objective, attack, targeted)
     if attack == "none":
         return x.detach()
+    if norm not in ATTACKS[attack].norms or (norm != "linf" and objective != "ce"):
+        raise RobustError(f"{attack} with objective {objective} has no {norm} version: L2 trains with ce and "
+                          f"{', '.join(a for a, info in ATTACKS.items() if norm in info.norms)}")  # fmt: skip
     if attack == "pgd" and objective == "trades":
         return trades_pgd(model, x, eps, alpha, steps)
     if attack == "pgd" and objective == "mart":
         return mart_pgd(model, x, y, eps, alpha, steps)
     if attack == "pgd":
-        return pgd(model, x, y, eps, alpha, steps, targeted=targeted)
+        return pgd(model, x, y, eps, alpha, steps, targeted=targeted, norm=norm, early_exit=early_exit)
     if attack == "nfgsm":
         return nfgsm(model, x, y, eps, noise=noise, alpha=alpha, targeted=targeted)
     return fgsm(model, x, y, eps, targeted=targeted, random_start=attack == "fgsm_rs", alpha=alpha,
-                clamp_start=clamp_start)  # fmt: skip
+                clamp_start=clamp_start, norm=norm)  # fmt: skip
 
 
 def objective_loss(

@@ -186,6 +186,9 @@ def evaluate(
     world: World | None = None,
     journal: Journal | None = None,
     threats: Sequence[str] | None = None,
+    norm: str = "linf",
+    apgd_steps: int | None = None,
+    apgd_restarts: int | None = None,
 ) -> dict:
     """Accuracy of ``model`` under every threat, on the same images, for each eps.
 
@@ -199,6 +202,8 @@ def evaluate(
         quality: JPEG quality of the defense. autoattack: also run torchattacks' standard AutoAttack (slow).
         threats: the keys of :data:`robust.threats.THREATS` to measure (default every one but ``autoattack``;
             ``autoattack`` and ``aa_worst`` are added by ``autoattack``), in :data:`THREATS` order.
+        norm: the threat model, ``linf`` or ``l2`` (eps in its units). apgd_steps, apgd_restarts: APGD-CE's own
+            (default ``steps`` and ``restarts``; AutoAttack's standard APGD-CE is 100 × 1).
         seed: seeds random starts and the random targets (batch ``i`` with ``seed + i``; the global RNG is left
             untouched).
         world: the processes sharing the batches (:func:`robust.sharding.launch`; default this process alone, on
@@ -215,7 +220,8 @@ def evaluate(
     keys = tuple(k for k in THREATS if k in asked)
     if asked - set(keys):
         raise RobustError(f"unknown threat(s) {', '.join(sorted(asked - set(keys)))}; known: {', '.join(THREATS)}")
-    specs = [ThreatSpec(e, alpha, steps, restarts, quality, seed, keys) for e in eps_list]
+    specs = [ThreatSpec(e, alpha, steps, restarts, quality, seed, keys, norm=norm, apgd_steps=apgd_steps,
+                        apgd_restarts=apgd_restarts) for e in eps_list]  # fmt: skip
     world = world or World(next(model.parameters()).device)
     count = partial(batch_counts, model, keys, world.device)
     totals = sharded_counts(loader, specs, count, 1 + len(keys), world, journal, progress).tolist()
@@ -226,7 +232,8 @@ def evaluate(
             for s, t in zip(specs, totals, strict=True)]  # fmt: skip
     return {"rows": rows, "flags": honesty_flags(rows, n), "n": n, "eps": eps_list, "steps": int(steps),
             "restarts": int(restarts), "alpha": alpha, "quality": int(quality), "seed": int(seed),
-            "autoattack": bool(autoattack)}  # fmt: skip
+            "autoattack": bool(autoattack), "norm": norm, "apgd_steps": apgd_steps or int(steps),
+            "apgd_restarts": apgd_restarts or int(restarts), "mode": specs[0].mode}  # fmt: skip
 
 
 def batch_counts(

@@ -90,7 +90,7 @@ class ThreatSpec:
     ``seed`` of random starts and targets; the ``threats`` (keys of :data:`THREATS`). ``early_exit``: attack only
     the examples still standing (default; False: every example, every step, for comparison); ``cascade``: run each
     worst case's parts on the survivors of the parts before (the module docstring says what the figures then
-    mean)."""
+    mean). ``apgd_steps``/``apgd_restarts``: APGD's own (default PGD's; AutoAttack's standard APGD-CE runs 100 × 1)."""
 
     eps: float
     alpha: float | None = None
@@ -102,13 +102,17 @@ class ThreatSpec:
     norm: str = "linf"
     early_exit: bool = True
     cascade: bool = False
+    apgd_steps: int | None = None
+    apgd_restarts: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threats", tuple(self.threats))
         check_norm(self.norm)
         check_budget(self.eps, self.step, self.steps, norm=self.norm)
-        if self.restarts < 1:
-            raise RobustError(f"restarts must be at least 1, got {self.restarts}")
+        for name in ("restarts", "apgd_steps", "apgd_restarts"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RobustError(f"{name} must be at least 1, got {value}")
         check_quality(self.quality)
         unknown = [k for k in self.threats if k not in THREATS]
         if unknown or not self.threats:
@@ -219,10 +223,13 @@ class _Suite:
         seek, full = (attack, self.nobody) if self.fast else (self.nobody, attack)
         if transfer is not None:
             full = full | transfer
+        steps, restarts = s.steps, s.restarts
         if engine is pgd_run:
             kwargs["alpha"] = s.step
+        else:
+            steps, restarts = s.apgd_steps or steps, s.apgd_restarts or restarts
         with self.seeded():
-            return engine(model, self.x, y, eps=s.eps, steps=s.steps, seek=seek, full=full, restarts=s.restarts,
+            return engine(model, self.x, y, eps=s.eps, steps=steps, seek=seek, full=full, restarts=restarts,
                           norm=s.norm, **kwargs)  # fmt: skip
 
     def gate(self, key: str) -> tuple[Tensor, Tensor]:
