@@ -144,37 +144,40 @@ def build_parser() -> argparse.ArgumentParser:
 def run_report(args: argparse.Namespace) -> None:
     from robust import load_model
     from robust import report as rep
+    from robust.cli_defaults import default_eps, default_out, pick_device, report_journal
+    from robust.eval_data import data_class_names, eval_data
+    from robust.render import markdown_table, write_report
     from robust.sharding import launch
 
-    world = launch(rep.pick_device(args.device), args.devices, args.num_nodes)
+    world = launch(pick_device(args.device), args.devices, args.num_nodes)
     with world.rank_zero_first():  # downloads happen once
         external = external_options(args)
         model = load_model(args.model, **external).to(world.device)
-        names = rep.data_class_names(args.data)
+        names = data_class_names(args.data)
         if external and "class_names" not in external and len(names or ()) == model.card.num_classes:
             model.card.class_names = list(names)  # a network trained elsewhere on this data: its classes
-        loader, data_info = rep.eval_data(
+        loader, data_info = eval_data(
             args.data, model.card, args.limit, args.batch_size, args.num_workers, args.cifar10_root, args.data_root
         )
-    eps = args.eps or [rep.default_eps(model.card)]
-    out = args.out or rep.default_out(args.model, args.data)
+    eps = args.eps or [default_eps(model.card)]
+    out = args.out or default_out(args.model, args.data)
     model_info = rep.model_identity(args.model, model)
-    journal = rep.report_journal(out, model_info, data_info, args.batch_size, world.device, args.resume)
+    journal = report_journal(out, model_info, data_info, args.batch_size, world.device, args.resume)
     results = rep.evaluate(model, loader, eps, args.steps, args.alpha, args.restarts, args.quality, args.autoattack,
                            args.seed, world=world, journal=journal, threats=args.threats)  # fmt: skip
     if world.rank == 0:
         report = rep.build_report(results, model_info, data_info)
-        paths = rep.write_report(report, out)
+        paths = write_report(report, out)
         journal.clear()
-        print(rep.markdown_table(report))
+        print(markdown_table(report))
         print("wrote: " + ", ".join(str(p) for p in paths))
 
 
 def run_fool(args: argparse.Namespace) -> None:
     from robust import load_model
+    from robust.cli_defaults import pick_device
     from robust.fool import fool, summary, write_fool
     from robust.images import load_image
-    from robust.report import pick_device
 
     model = load_model(args.model, **external_options(args)).to(pick_device(args.device))
     x = load_image(args.image, model.card.image_size, model.card.resize, model.card.channels)
