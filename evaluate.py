@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from robust.checks import check_at_least_one, check_budget, check_quality, parse_fraction, parse_int
+from robust.cli import exit_code
 from robust.errors import RobustError
 
 UNITS = (
@@ -207,14 +208,7 @@ def run_export(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input)."""
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except RobustError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: args.func(args), args.debug)
 
 
 if __name__ == "__main__":
