@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from robust.checks import check_at_least_one, check_budget, check_quality, parse_fraction, parse_int
+from robust.cli import exit_code
 from robust.errors import RobustError
 
 UNITS = (
@@ -101,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(report)
     report.add_argument("--data", required=True,
                         help="digits, mnist, cifar10 or an image folder (one sub-folder per class)")  # fmt: skip
-    report.add_argument("--eps", type=_eps, nargs="+",
-                        help="budgets in --norm's units, e.g. 0.05 8/255 (L∞) or 0.5 2.0 (L2); default: training eps")
+    report.add_argument(
+        "--eps",
+        type=_eps,
+        nargs="+",
+        help="budgets in --norm's units, e.g. 0.05 8/255 (L∞) or 0.5 2.0 (L2); default: training eps",
+    )
     report.add_argument("--restarts", type=_count("restarts"), default=1, help="PGD random restarts")
     report.add_argument("--apgd-steps", type=_count("APGD steps"), help="APGD-CE steps (default --steps; "
                         "AutoAttack's standard APGD-CE: 100)")  # fmt: skip
@@ -167,38 +172,41 @@ def threat_model(args: argparse.Namespace, card, default_eps) -> tuple[str, list
 def run_report(args: argparse.Namespace) -> None:
     from robust import load_model
     from robust import report as rep
+    from robust.cli_defaults import default_eps, default_out, pick_device, report_journal
+    from robust.eval_data import data_class_names, eval_data
+    from robust.render import markdown_table, write_report
     from robust.sharding import launch
 
-    world = launch(rep.pick_device(args.device), args.devices, args.num_nodes)
+    world = launch(pick_device(args.device), args.devices, args.num_nodes)
     with world.rank_zero_first():  # downloads happen once
         external = external_options(args)
         model = load_model(args.model, **external).to(world.device)
-        names = rep.data_class_names(args.data)
+        names = data_class_names(args.data)
         if external and "class_names" not in external and len(names or ()) == model.card.num_classes:
             model.card.class_names = list(names)  # a network trained elsewhere on this data: its classes
-        loader, data_info = rep.eval_data(
+        loader, data_info = eval_data(
             args.data, model.card, args.limit, args.batch_size, args.num_workers, args.cifar10_root, args.data_root
         )
-    norm, eps = threat_model(args, model.card, rep.default_eps)
-    out = args.out or rep.default_out(args.model, args.data)
+    norm, eps = threat_model(args, model.card, default_eps)
+    out = args.out or default_out(args.model, args.data)
     model_info = rep.model_identity(args.model, model)
-    journal = rep.report_journal(out, model_info, data_info, args.batch_size, world.device, args.resume)
+    journal = report_journal(out, model_info, data_info, args.batch_size, world.device, args.resume)
     results = rep.evaluate(model, loader, eps, args.steps, args.alpha, args.restarts, args.quality, args.autoattack,
                            args.seed, world=world, journal=journal, threats=args.threats, norm=norm,
                            apgd_steps=args.apgd_steps, apgd_restarts=args.apgd_restarts)  # fmt: skip
     if world.rank == 0:
         report = rep.build_report(results, model_info, data_info)
-        paths = rep.write_report(report, out)
+        paths = write_report(report, out)
         journal.clear()
-        print(rep.markdown_table(report))
+        print(markdown_table(report))
         print("wrote: " + ", ".join(str(p) for p in paths))
 
 
 def run_fool(args: argparse.Namespace) -> None:
     from robust import load_model
+    from robust.cli_defaults import pick_device
     from robust.fool import fool, summary, write_fool
     from robust.images import load_image
-    from robust.report import pick_device
 
     model = load_model(args.model, **external_options(args)).to(pick_device(args.device))
     x = load_image(args.image, model.card.image_size, model.card.resize, model.card.channels)
@@ -229,14 +237,7 @@ def run_export(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input)."""
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except RobustError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: args.func(args), args.debug)
 
 
 if __name__ == "__main__":

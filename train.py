@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from robust.averaging import WeightEMA
 from robust.callbacks import AdversarialImages, ValidateAtEnd
-from robust.errors import RobustError
+from robust.cli import user_error
 from robust.guard import CatastrophicOverfittingGuard
 from robust.module import AdversarialClassifier, val_tag
 from robust.precision import resolve_precision
@@ -157,20 +157,8 @@ def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
             args=args,
             run=run,
         )
-    except (RobustError, ValueError) as exc:
-        error = robust_cause(exc)
-        if debug or error is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def robust_cause(exc: BaseException | None) -> RobustError | None:
-    """``exc`` or the RobustError it was raised from (``raise ... from``): jsonargparse re-raises an error from a
-    class it instantiates (a data module's ``__init__`` rejecting its arguments) as its own ValueError."""
-    while exc is not None and not isinstance(exc, RobustError):
-        exc = exc.__cause__
-    return exc
+    except Exception as exc:
+        raise SystemExit(user_error(exc, debug)) from None
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from robust.attacks import pgd
+from robust.cli import exit_code
 from robust.data import shared_data_dir
 from robust.defenses import jpeg, to_uint8
 from robust.errors import RobustError
@@ -315,8 +316,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RobustError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    sys.exit(exit_code(main))

@@ -84,15 +84,17 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from experiments.common import fmt, limit_args, machine  # noqa: E402
 from robust.averaging import EMA_DECAY_KEY  # noqa: E402
+from robust.cli import exit_code  # noqa: E402
+from robust.cli_defaults import pick_device  # noqa: E402
 from robust.data import ImageFolder, shared_data_dir  # noqa: E402
 from robust.errors import RobustError  # noqa: E402
+from robust.eval_data import eval_data  # noqa: E402
 from robust.files import load_checkpoint  # noqa: E402
 from robust.guard import CatastrophicOverfittingGuard  # noqa: E402
 from robust.loading import CARD_KEY, model_from_ckpt  # noqa: E402
 from robust.models import CardedModel, card_of  # noqa: E402
 from robust.module import AdversarialClassifier  # noqa: E402
 from robust.objectives import check_objective  # noqa: E402
-from robust.report import eval_data, pick_device  # noqa: E402
 from robust.threats import ThreatSpec, accuracy  # noqa: E402
 
 CONFIG = ROOT / "configs" / "imagefolder.yaml"
@@ -525,12 +527,7 @@ def compare(args: argparse.Namespace, command: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (2 for bad input, with a one-line ``error:`` on stderr)."""
     command = sys.argv[1:] if argv is None else argv
-    try:
-        compare(parse_args(command), command)
-    except RobustError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: compare(parse_args(command), command))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from robust.errors import RobustError
 from robust.files import atomic_write_files
 from robust.images import check_images, png_bytes
 from robust.models import card_of
-from robust.report import format_eps
+from robust.render import format_eps
 from robust.threats import default_alpha
 
 FILES = ("adversarial.png", "perturbation.png", "figure.png")

@@ -38,6 +38,8 @@ def val_tag(key: str, norm: str) -> str:
     """The logged name of threat ``key``'s validation accuracy: ``val/<key>`` in L∞, ``val/l2/<key>`` in L2, so no
     figure can be read in the wrong norm."""
     return f"val/{key}" if norm == "linf" else f"val/{norm}/{key}"
+
+
 TrainAttack = Literal[("none", *ATTACKS)]  # robust.objectives.TRAIN_ATTACKS: the attack registry's, or none
 
 

@@ -75,7 +75,7 @@ def onnx_logits(session: InferenceSession, x: Tensor) -> Tensor:
 def check_batch(card: ModelCard, data: str | None = None) -> tuple[Tensor, dict]:
     """``CHECK_IMAGES`` images (``N×C×S×S`` in [0, 1], the card's size and channels) to compare the runtimes on, and
     what they are. ``data``: ``digits``, ``mnist``, ``cifar10`` or an image folder, read as
-    :func:`robust.report.eval_data` reads it; by default the embedded digits for a model trained on them, else
+    :func:`robust.eval_data.eval_data` reads it; by default the embedded digits for a model trained on them, else
     uniform noise images drawn with seed 0."""
     if data is None and card.data == "Digits":
         data = "digits"
@@ -83,7 +83,7 @@ def check_batch(card: ModelCard, data: str | None = None) -> tuple[Tensor, dict]
         size = card.image_size
         x = torch.rand(CHECK_IMAGES, card.channels, size, size, generator=torch.Generator().manual_seed(0))
         return x, {"name": "random", "distribution": "uniform [0, 1]", "seed": 0, "n": CHECK_IMAGES}
-    from robust.report import eval_data
+    from robust.eval_data import eval_data
 
     loader, identity = eval_data(data, card, limit=CHECK_IMAGES, batch_size=CHECK_IMAGES)
     return next(iter(loader))[0], identity

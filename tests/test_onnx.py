@@ -137,7 +137,7 @@ def test_export_is_refused_when_onnxruntime_disagrees(digits_ckpt, onnx_cli, tmp
         return logits
 
     converted = ((out / "model.onnx").read_bytes(), json.loads(before["model.json"])["onnx"]["opset"])
-    monkeypatch.setattr(robust.onnx_export, "to_onnx", lambda model, size: converted)  # the fixture's conversion
+    monkeypatch.setattr(robust.onnx_export, "to_onnx", lambda *_: converted)  # the fixture's conversion
     monkeypatch.setattr(robust.onnx_export, "onnx_logits", off_by_twice_the_tolerance)
     with pytest.raises(RobustError, match=r"differ from torch's by up to 0\.002 on 32 digits images") as info:
         export_model(digits_ckpt, out, onnx=True)

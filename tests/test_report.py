@@ -18,8 +18,10 @@ from robust import load_model
 from robust.card import ModelCard
 from robust.data import CIFAR10_NAMES, Digits
 from robust.errors import RobustError
+from robust.eval_data import eval_data
 from robust.images import png_bytes
-from robust.report import eval_data, evaluate, honesty_flags, markdown_table
+from robust.render import honesty_flags, markdown_table
+from robust.report import evaluate
 from robust.threats import AUTOATTACK_THREATS, DEFAULT_THREATS, THREATS, WORST_CASES
 
 EPS = (0.05, 0.1)

@@ -1,5 +1,5 @@
-"""report.md, the curve and the honesty flags as a reader meets them: structure, not pixels (robust.report's
-rendering half, on a report dict; no model needed)."""
+"""report.md, the curve and the honesty flags as a reader meets them: structure, not pixels (robust.render, on a
+report dict; no model needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from robust.report import CURVE_STYLE, FLAG_RULE, curve_png, honesty_flags, markdown_table, threat_names
+from robust.render import CURVE_STYLE, FLAG_RULE, curve_png, honesty_flags, markdown_table, threat_names
 
 ROW = {"clean": 0.992, "fgsm": 0.806, "pgd": 0.661, "apgd": 0.60, "pgd_worst": 0.60, "jpeg": 0.981, "jpeg_fgsm": 0.80,
        "jpeg_pgd": 0.678, "bpda_pgd": 0.669, "jpeg_worst": 0.65, "targeted_success": 0.2}  # fmt: skip
@@ -93,13 +93,13 @@ def test_a_folder_of_splits_is_one_line_naming_the_split_to_pass(tmp_path):
     from types import SimpleNamespace
 
     from robust.errors import RobustError
-    from robust.report import eval_data
+    from robust.eval_data import eval_data
 
     for split in ("train", "test"):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "0.png")
-    card = SimpleNamespace(image_size=8, resize=8, class_names=["cat", "dog"])
+    card = SimpleNamespace(image_size=8, resize=8, channels=3, class_names=["cat", "dog"])
     with pytest.raises(RobustError) as caught:
         eval_data(str(tmp_path), card)
     assert str(caught.value) == (f"{tmp_path} holds the splits test, train, not class folders: pass one split, e.g. "
