@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from robust.attacks import seeded_rng
+from robust.attacks import SINGLE_STEP_ATTACKS, seeded_rng
 from robust.averaging import weight_averages
 from robust.errors import RobustError
 from robust.threats import ThreatSpec, accuracy
@@ -54,10 +54,11 @@ class CatastrophicOverfittingGuard(L.Callback):
     collapse first; the average follows them), and a restore puts back the average kept with those weights too,
     so neither ``stop`` nor ``rollback`` leaves collapsed weights in it.
 
-    Active only when the configured attack (``pl_module.hparams.attack``) is ``fgsm`` or ``fgsm_rs``, unless
-    ``force``; it goes on watching after a switch to N-FGSM. The scalar state (best accuracies, rollbacks) is saved
-    in checkpoints and restored on resume (the module keeps the attack and step in force, in its card); the kept
-    weights are not (after a resume, the first healthy check keeps the weights then in force).
+    Active only when the configured attack (``pl_module.hparams.attack``) is ``fgsm`` or ``fgsm_rs`` (the checks run in
+    the module's norm), unless ``force``; it goes on watching after a switch to N-FGSM. The scalar state (best
+    accuracies, rollbacks) is saved in checkpoints and restored on resume (the module keeps the attack and step in
+    force, in its card); the kept weights are not (after a resume, the first healthy check keeps the weights then in
+    force).
 
     Args:
         action: what a collapse does: ``stop`` (restore the most robust weights and stop), ``rollback`` (restore
@@ -78,7 +79,8 @@ class CatastrophicOverfittingGuard(L.Callback):
         force: watch any training attack, not only ``fgsm`` and ``fgsm_rs``.
     """
 
-    FGSM_ATTACKS = ("fgsm", "fgsm_rs")
+    # The single-step attacks of the registry that can collapse; nfgsm is watched after a switch to it, or with force.
+    FGSM_ATTACKS = tuple(name for name in SINGLE_STEP_ATTACKS if name != "nfgsm")
     ON_COLLAPSE = ("shrink_step", "switch_to_nfgsm")
 
     def __init__(
@@ -171,7 +173,8 @@ class CatastrophicOverfittingGuard(L.Callback):
 
     def measure(self, pl_module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """(PGD accuracy, FGSM accuracy) of ``pl_module`` on ``x``, ``y`` at its training eps; eval mode, seeded."""
-        spec = ThreatSpec(float(pl_module.hparams.eps), steps=self.pgd_steps, seed=self.seed, threats=("pgd", "fgsm"))
+        spec = ThreatSpec(float(pl_module.hparams.eps), steps=self.pgd_steps, seed=self.seed, threats=("pgd", "fgsm"),
+                          norm=getattr(pl_module.hparams, "norm", "linf"))  # fmt: skip
         acc = accuracy(pl_module, x, y, spec, self.batch_size)
         return acc["pgd"], acc["fgsm"]
 
