@@ -236,7 +236,12 @@ def run_export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    eps = getattr(args, "eps", None)
+    for value in eps if isinstance(eps, list) else [] if eps is None else [eps]:
+        if getattr(args, "norm", None) == "linf" and value > 1:  # instant; the model's own norm is known only later
+            parser.error(f"argument --eps: eps must be in [0, 1] (L∞ pixel units, e.g. 8/255), got {value:g}")
     return exit_code(lambda: args.func(args), args.debug)
 
 

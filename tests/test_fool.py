@@ -144,7 +144,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 USAGE_ERRORS = {
-    "eps above 1": (["report", "--checkpoint", "m.ckpt", "--data", "digits", "--eps", "1.5"], "eps must be in [0, 1]"),
+    "eps above 1": (
+        ["report", "--checkpoint", "m.ckpt", "--data", "digits", "--norm", "linf", "--eps", "1.5"],
+        "eps must be in [0, 1]",
+    ),
     "eps below 0": (["fool", "--image", "a.png", "--out", "o", "--model", "imagenet", "--eps=-0.1"], "eps must be"),
     "eps NaN": (["fool", "--image", "a.png", "--out", "o", "--model", "imagenet", "--eps", "nan"], "not a finite"),
     "eps not a number": (["report", "--model", "m.ckpt", "--data", "digits", "--eps", "big"], "not a number"),

@@ -50,7 +50,7 @@ def test_the_papers_networks_keep_the_authors_state_dict_keys():
         "bn.weight",
         "linear.bias",
     } <= keys
-    assert sum(p.numel() for p in mnist_net().parameters()) == 166_000 + 410  # 16·16+16 + 32·256+32 + 156,900 + 1,010
+    assert sum(p.numel() for p in mnist_net().parameters()) == 272 + 8_224 + 156_900 + 1_010
 
 
 @pytest.fixture(scope="module")
