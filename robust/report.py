@@ -275,6 +275,8 @@ def threat_names(report: dict) -> dict[str, str]:
              "jpeg_pgd": f"JPEG q{q} ∘ {pgd_name} (transfer)", "bpda_pgd": f"JPEG q{q} ∘ BPDA {pgd_name} (adaptive)",
              "jpeg_worst": f"JPEG q{q} worst case", "autoattack": "AutoAttack",
              "targeted_success": "Targeted success ↓"}  # fmt: skip
+    names |= {"apgd_dlr": f"APGD-DLR-{report['steps']}{restarts}", "apgd_t": f"APGD-T-{report['steps']}{restarts}",
+              "pgd_worst": "Worst case (FGSM, PGD, APGD-CE, APGD-DLR, APGD-T)"}  # fmt: skip
     return {k: names[k] for k in THREATS if k in report["rows"][0]}
 
 

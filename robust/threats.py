@@ -4,12 +4,15 @@ A threat is a key of :data:`THREATS`; its predictions are ``N`` class ids, score
 (``targeted_success`` against the random target: the fraction reaching it, lower is better):
 
 - ``clean``; ``fgsm``, ``pgd`` (PGD-``steps``, random start), ``apgd`` (APGD-CE, AutoAttack's first component,
-  :func:`robust.attacks.apgd_run`: torchattacks' arithmetic, per example) made against the bare model;
+  :func:`robust.attacks.apgd_run`: torchattacks' arithmetic, per example), ``apgd_dlr`` (APGD with the DLR loss)
+  and ``apgd_t`` (APGD-T toward the ``apgd_targets`` most likely other classes, AutoAttack's second component),
+  made against the bare model;
 - ``jpeg`` (clean images through JPEG); ``jpeg_fgsm``, ``jpeg_pgd`` (those adversarial examples, transferred
   through JPEG); ``bpda_pgd`` (PGD through the straight-through JPEG, then JPEG: the adaptive attack);
 - ``autoattack`` (torchattacks' standard AutoAttack, slow, opt-in); ``targeted_success`` (targeted PGD);
-- worst cases, per example (:data:`WORST_CASES`): ``pgd_worst`` is correct only where ``fgsm``, ``pgd`` and
-  ``apgd`` all are, ``jpeg_worst`` only where every attack through JPEG (``jpeg_fgsm``, ``jpeg_pgd``,
+- worst cases, per example (:data:`WORST_CASES`): ``pgd_worst`` is correct only where ``fgsm``, ``pgd``,
+  ``apgd``, ``apgd_dlr`` and ``apgd_t`` all are (the last two are left out for a model with too few classes for
+  their loss: 3 and 4), ``jpeg_worst`` only where every attack through JPEG (``jpeg_fgsm``, ``jpeg_pgd``,
   ``bpda_pgd``) is: the figures to claim. Their predictions equal the label only where every part is correct
   (else the first wrong part's prediction), so accuracy metrics work unchanged for every key.
 
@@ -44,14 +47,19 @@ from robust.checks import check_norm
 from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
 
-THREATS = ("clean", "fgsm", "pgd", "apgd", "pgd_worst", "jpeg", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "jpeg_worst",
-           "autoattack", "targeted_success")  # fmt: skip
+THREATS = ("clean", "fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "pgd_worst", "jpeg", "jpeg_fgsm", "jpeg_pgd",
+           "bpda_pgd", "jpeg_worst", "autoattack", "targeted_success")  # fmt: skip
 DEFAULT_THREATS = tuple(k for k in THREATS if k != "autoattack")
-# Each worst case's parts, in the order the cascade runs them: cheap and strong first, so the costly ones see few.
-WORST_CASES = {"pgd_worst": ("fgsm", "pgd", "apgd"), "jpeg_worst": ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd")}
+# Each worst case's parts, in the order the cascade runs them: cheap first, so the costly ones see few examples. The
+# APGD-DLR and APGD-T parts break examples that FGSM, PGD and APGD-CE leave (docs/evaluation-cost.md measures it).
+WORST_CASES = {"pgd_worst": ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t"),
+               "jpeg_worst": ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd")}  # fmt: skip
 _PREVIOUS = {part: parts[i - 1] for parts in WORST_CASES.values() for i, part in enumerate(parts) if i}
 _THROUGH_JPEG = ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd")  # judged by the defended model: its clean prediction is jpeg
-_ATTACKED = ("fgsm", "pgd", "apgd", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "autoattack", "targeted_success")
+_ATTACKED = ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "autoattack",
+             "targeted_success")  # fmt: skip
+# the fewest classes each APGD loss needs: DLR's denominator uses the 3 largest logits, the targeted one the 4 largest
+_MIN_CLASSES = {"apgd_dlr": 3, "apgd_t": 4}
 
 
 def default_alpha(eps: float, *, norm: str = "linf", steps: int = 10) -> float:
@@ -87,7 +95,7 @@ class ThreatSpec:
     ``seed`` of random starts and targets; the ``threats`` (keys of :data:`THREATS`). ``early_exit``: attack only
     the examples still standing (default; False: every example, every step, for comparison); ``cascade``: run each
     worst case's parts on the survivors of the parts before (the module docstring says what the figures then
-    mean)."""
+    mean); ``apgd_targets``: the target classes of ``apgd_t`` (AutoAttack's standard version uses 9)."""
 
     eps: float
     alpha: float | None = None
@@ -99,6 +107,7 @@ class ThreatSpec:
     norm: str = "linf"
     early_exit: bool = True
     cascade: bool = False
+    apgd_targets: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threats", tuple(self.threats))
@@ -106,6 +115,8 @@ class ThreatSpec:
         check_budget(self.eps, self.step, self.steps, norm=self.norm)
         if self.restarts < 1:
             raise RobustError(f"restarts must be at least 1, got {self.restarts}")
+        if self.apgd_targets < 1:
+            raise RobustError(f"apgd_targets must be at least 1, got {self.apgd_targets}")
         check_quality(self.quality)
         unknown = [k for k in self.threats if k not in THREATS]
         if unknown or not self.threats:
@@ -258,7 +269,11 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
     draw_target = "targeted_success" in wanted and target is None
     num_classes = None
     with bn_mode(model, "eval"), torch.enable_grad():
-        if draw_target or wanted & {"clean", "autoattack"} or (fast and wanted & (set(_ATTACKED) - set(_THROUGH_JPEG))):
+        if (
+            draw_target
+            or wanted & {"clean", "autoattack", "apgd_t"}
+            or (fast and wanted & (set(_ATTACKED) - set(_THROUGH_JPEG)))
+        ):
             with torch.no_grad():
                 logits = model(x)
             num_classes, preds["clean"] = logits.shape[1], logits.argmax(1)
@@ -289,6 +304,20 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
         if "apgd" in wanted:
             mask, fallback = suite.gate("apgd")
             preds["apgd"] = suite.attacked("apgd", suite.run(apgd_run, model, y, mask), mask, fallback)
+
+        for key, kwargs in (("apgd_dlr", {"loss": "dlr"}), ("apgd_t", {"targets": spec.apgd_targets})):
+            if key not in wanted:
+                continue
+            mask, fallback = suite.gate(key)
+            if num_classes is not None and num_classes < _MIN_CLASSES[key]:
+                if key in spec.threats:
+                    raise RobustError(f"{key} needs a model with {_MIN_CLASSES[key]} classes or more, this one has "
+                                      f"{num_classes}: leave it out of the threats")  # fmt: skip
+                preds[key] = fallback  # a part of pgd_worst the model's class count rules out: it adds nothing
+                continue
+            if key == "apgd_t" and num_classes is not None:
+                kwargs["targets"] = min(kwargs["targets"], num_classes - 1)
+            preds[key] = suite.attacked(key, suite.run(apgd_run, model, y, mask, **kwargs), mask, fallback)
 
         if "bpda_pgd" in wanted:
             mask, fallback = suite.gate("bpda_pgd")
