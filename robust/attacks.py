@@ -319,10 +319,10 @@ def pgd(
 def _dlr_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
     """Per-example Difference-of-Logits-Ratio loss (Croce & Hein 2020), torchattacks' formulas: untargeted, or
     targeted toward ``target`` (needs at least 4 classes). ``N×K`` logits -> ``N``."""
-    z, rows = logits.sort(dim=1)[0], torch.arange(len(y), device=y.device)
+    (z, order), rows = logits.sort(dim=1), torch.arange(len(y), device=y.device)
     if target is not None:
         return -(logits[rows, y] - logits[rows, target]) / (z[:, -1] - 0.5 * z[:, -3] - 0.5 * z[:, -4] + 1e-12)
-    top_is_y = (logits.argmax(1) == y).to(logits.dtype)
+    top_is_y = (order[:, -1] == y).to(logits.dtype)
     return -(logits[rows, y] - z[:, -2] * top_is_y - z[:, -1] * (1.0 - top_is_y)) / (z[:, -1] - z[:, -3] + 1e-12)
 
 

@@ -108,11 +108,14 @@ def threat_names(report: dict) -> dict[str, str]:
     )
     apgd_name = f"APGD-CE-{apgd_steps}{f'×{apgd_restarts}' if apgd_restarts > 1 else ''}"
     q = report["quality"]
-    names = {"clean": "Clean", "fgsm": "FGSM", "pgd": pgd_name, "apgd": apgd_name,
-             "pgd_worst": "Worst case (FGSM, PGD, APGD)", "jpeg": f"JPEG q{q}", "jpeg_fgsm": f"JPEG q{q} ∘ FGSM",
+    apgd_rest = apgd_name.removeprefix("APGD-CE")
+    names = {"clean": "Clean", "fgsm": "FGSM", "pgd": pgd_name, "apgd": apgd_name, "apgd_dlr": f"APGD-DLR{apgd_rest}",
+             "apgd_t": f"APGD-T{apgd_rest}",
+             "pgd_worst": "Worst case (FGSM, PGD, APGD-CE, -DLR, -T)", "jpeg": f"JPEG q{q}",
+             "jpeg_fgsm": f"JPEG q{q} ∘ FGSM",
              "jpeg_pgd": f"JPEG q{q} ∘ {pgd_name} (transfer)", "bpda_pgd": f"JPEG q{q} ∘ BPDA {pgd_name} (adaptive)",
              "jpeg_worst": f"JPEG q{q} worst case", "autoattack": "AutoAttack",
-             "aa_worst": "Worst case (FGSM, PGD, APGD, AutoAttack)",
+             "aa_worst": "Worst case (all of them and AutoAttack)",
              "targeted_success": "Targeted success ↓"}  # fmt: skip
     return {k: names[k] for k in THREATS if k in report["rows"][0]}
 
@@ -181,7 +184,7 @@ def markdown_table(report: dict) -> str:
              f"{report['quality']}; seed {report['seed']}. Images the model already gets wrong are not attacked, and "
              "each image leaves an attack at its first fooling step; the parts of each worst case are measured "
              f"{'on the survivors of the parts before' if report.get('mode') == 'cascade' else 'independently'}. "
-             "Worst case (FGSM, PGD, APGD): correct under all three; JPEG worst case: correct "
+             "Worst case (FGSM, PGD, APGD-CE, -DLR, -T): correct under all of them; JPEG worst case: correct "
              f"through JPEG under FGSM and PGD made on the bare model (transfer) and BPDA PGD through it (adaptive). "
              f"Warnings below fire only beyond sampling noise: {FLAG_RULE}."]  # fmt: skip
     if {"autoattack", "pgd_worst"} <= report["rows"][0].keys():
@@ -195,7 +198,8 @@ def markdown_table(report: dict) -> str:
 # One look per threat: colour, line style, marker; worst cases thick, clean on top of everything.
 CURVE_STYLE = {
     "clean": ("black", "-", "o"), "fgsm": ("tab:blue", "--", "s"), "pgd": ("tab:orange", "-", "^"),
-    "apgd": ("tab:brown", "-.", "v"), "pgd_worst": ("tab:red", "-", "D"), "jpeg": ("tab:gray", ":", "o"),
+    "apgd": ("tab:brown", "-.", "v"), "apgd_dlr": ("goldenrod", ":", "<"), "apgd_t": ("teal", "-.", ">"),
+    "pgd_worst": ("tab:red", "-", "D"), "jpeg": ("tab:gray", ":", "o"),
     "jpeg_fgsm": ("tab:cyan", "--", "s"), "jpeg_pgd": ("tab:green", "--", "^"), "bpda_pgd": ("tab:olive", "-.", "v"),
     "jpeg_worst": ("tab:purple", "-", "D"), "autoattack": ("magenta", "-", "*"), "aa_worst": ("darkmagenta", "-", "P"),
     "targeted_success": ("tab:pink", "-", "X"),

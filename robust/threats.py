@@ -4,13 +4,16 @@ A threat is a key of :data:`THREATS`; its predictions are ``N`` class ids, score
 (``targeted_success`` against the random target: the fraction reaching it, lower is better):
 
 - ``clean``; ``fgsm``, ``pgd`` (PGD-``steps``, random start), ``apgd`` (APGD-CE, AutoAttack's first component,
-  :func:`robust.attacks.apgd_run`: torchattacks' arithmetic, per example) made against the bare model;
+  :func:`robust.attacks.apgd_run`: torchattacks' arithmetic, per example), ``apgd_dlr`` (APGD with the DLR loss)
+  and ``apgd_t`` (APGD-T toward the ``apgd_targets`` most likely other classes, AutoAttack's second component),
+  made against the bare model;
 - ``jpeg`` (clean images through JPEG); ``jpeg_fgsm``, ``jpeg_pgd`` (those adversarial examples, transferred
   through JPEG); ``bpda_pgd`` (PGD through the straight-through JPEG, then JPEG: the adaptive attack);
 - ``autoattack`` (torchattacks' standard AutoAttack, slow, opt-in) and ``aa_worst`` (the per-example worst case of
   ``pgd_worst``'s attacks and AutoAttack); ``targeted_success`` (targeted PGD);
-- worst cases, per example (:data:`WORST_CASES`): ``pgd_worst`` is correct only where ``fgsm``, ``pgd`` and
-  ``apgd`` all are, ``jpeg_worst`` only where every attack through JPEG (``jpeg_fgsm``, ``jpeg_pgd``,
+- worst cases, per example (:data:`WORST_CASES`): ``pgd_worst`` is correct only where ``fgsm``, ``pgd``,
+  ``apgd``, ``apgd_dlr`` and ``apgd_t`` all are (the last two are left out for a model with too few classes for
+  their loss: 3 and 4), ``jpeg_worst`` only where every attack through JPEG (``jpeg_fgsm``, ``jpeg_pgd``,
   ``bpda_pgd``) is: the figures to claim. Their predictions equal the label only where every part is correct
   (else the first wrong part's prediction), so accuracy metrics work unchanged for every key.
 
@@ -45,16 +48,21 @@ from robust.checks import check_norm
 from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
 
-THREATS = ("clean", "fgsm", "pgd", "apgd", "pgd_worst", "jpeg", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "jpeg_worst",
-           "autoattack", "aa_worst", "targeted_success")  # fmt: skip
+THREATS = ("clean", "fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "pgd_worst", "jpeg", "jpeg_fgsm", "jpeg_pgd",
+           "bpda_pgd", "jpeg_worst", "autoattack", "aa_worst", "targeted_success")  # fmt: skip
 AUTOATTACK_THREATS = ("autoattack", "aa_worst")  # slow: opt-in
 DEFAULT_THREATS = tuple(k for k in THREATS if k not in AUTOATTACK_THREATS)
-# Each worst case's parts, in the order the cascade runs them: cheap and strong first, so the costly ones see few.
-WORST_CASES = {"pgd_worst": ("fgsm", "pgd", "apgd"), "jpeg_worst": ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd"),
-               "aa_worst": ("fgsm", "pgd", "apgd", "autoattack")}  # fmt: skip
+# Each worst case's parts, in the order the cascade runs them: cheap first, so the costly ones see few examples. The
+# APGD-DLR and APGD-T parts break examples that FGSM, PGD and APGD-CE leave (docs/evaluation-cost.md measures it).
+_CHEAP = ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t")
+WORST_CASES = {"pgd_worst": _CHEAP, "jpeg_worst": ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd"),
+               "aa_worst": (*_CHEAP, "autoattack")}  # fmt: skip
 _PREVIOUS = {part: parts[i - 1] for parts in WORST_CASES.values() for i, part in enumerate(parts) if i}
 _THROUGH_JPEG = ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd")  # judged by the defended model: its clean prediction is jpeg
-_ATTACKED = ("fgsm", "pgd", "apgd", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "autoattack", "targeted_success")
+_ATTACKED = ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "autoattack",
+             "targeted_success")  # fmt: skip
+# the fewest classes each APGD loss needs: DLR's denominator uses the 3 largest logits, the targeted one the 4 largest
+_MIN_CLASSES = {"apgd_dlr": 3, "apgd_t": 4}
 
 
 def default_alpha(eps: float, *, norm: str = "linf", steps: int = 10) -> float:
@@ -90,7 +98,8 @@ class ThreatSpec:
     ``seed`` of random starts and targets; the ``threats`` (keys of :data:`THREATS`). ``early_exit``: attack only
     the examples still standing (default; False: every example, every step, for comparison); ``cascade``: run each
     worst case's parts on the survivors of the parts before (the module docstring says what the figures then
-    mean). ``apgd_steps``/``apgd_restarts``: APGD's own (default PGD's; AutoAttack's standard APGD-CE runs 100 × 1)."""
+    mean); ``apgd_targets``: the target classes of ``apgd_t`` (AutoAttack's standard version uses 9);
+    ``apgd_steps``/``apgd_restarts``: APGD's own (default PGD's; AutoAttack's standard APGD-CE runs 100 × 1)."""
 
     eps: float
     alpha: float | None = None
@@ -102,6 +111,7 @@ class ThreatSpec:
     norm: str = "linf"
     early_exit: bool = True
     cascade: bool = False
+    apgd_targets: int = 3
     apgd_steps: int | None = None
     apgd_restarts: int | None = None
 
@@ -109,7 +119,7 @@ class ThreatSpec:
         object.__setattr__(self, "threats", tuple(self.threats))
         check_norm(self.norm)
         check_budget(self.eps, self.step, self.steps, norm=self.norm)
-        for name in ("restarts", "apgd_steps", "apgd_restarts"):
+        for name in ("restarts", "apgd_targets", "apgd_steps", "apgd_restarts"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RobustError(f"{name} must be at least 1, got {value}")
@@ -268,7 +278,11 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
     draw_target = "targeted_success" in wanted and target is None
     num_classes = None
     with bn_mode(model, "eval"), torch.enable_grad():
-        if draw_target or wanted & {"clean", "autoattack"} or (fast and wanted & (set(_ATTACKED) - set(_THROUGH_JPEG))):
+        if (
+            draw_target
+            or wanted & {"clean", "autoattack", "apgd_t"}
+            or (fast and wanted & (set(_ATTACKED) - set(_THROUGH_JPEG)))
+        ):
             with torch.no_grad():
                 logits = model(x)
             num_classes, preds["clean"] = logits.shape[1], logits.argmax(1)
@@ -299,6 +313,20 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
         if "apgd" in wanted:
             mask, fallback = suite.gate("apgd")
             preds["apgd"] = suite.attacked("apgd", suite.run(apgd_run, model, y, mask), mask, fallback)
+
+        for key, kwargs in (("apgd_dlr", {"loss": "dlr"}), ("apgd_t", {"targets": spec.apgd_targets})):
+            if key not in wanted:
+                continue
+            mask, fallback = suite.gate(key)
+            if num_classes is not None and num_classes < _MIN_CLASSES[key]:
+                if key in spec.threats:
+                    raise RobustError(f"{key} needs a model with {_MIN_CLASSES[key]} classes or more, this one has "
+                                      f"{num_classes}: leave it out of the threats")  # fmt: skip
+                preds[key] = fallback  # a part of pgd_worst the model's class count rules out: it adds nothing
+                continue
+            if key == "apgd_t" and num_classes is not None:
+                kwargs["targets"] = min(kwargs["targets"], num_classes - 1)
+            preds[key] = suite.attacked(key, suite.run(apgd_run, model, y, mask, **kwargs), mask, fallback)
 
         if "bpda_pgd" in wanted:
             mask, fallback = suite.gate("bpda_pgd")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from robust.attacks import pgd, pgd_run
+from robust.errors import RobustError
 from robust.threats import AUTOATTACK_THREATS, ThreatSpec, predictions
 from robust.threats import WORST_CASES as ALL_WORST_CASES
 
@@ -197,7 +198,7 @@ def test_the_cascade_is_the_independent_worst_case_where_the_attacks_are_determi
     model = linear_model()
     x, y = linear_batch(model)
     parts = ("fgsm", "pgd", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd")
-    keys = ("pgd_worst", "jpeg_worst", *parts, "apgd")
+    keys = ("pgd_worst", "jpeg_worst", *parts, "apgd", "apgd_dlr", "apgd_t")
     independent = predictions(model, x, y, ThreatSpec(0.015, 0.004, steps=10, threats=keys))
     cascade_spec = ThreatSpec(0.015, 0.004, steps=10, threats=keys, cascade=True)
     cascade = predictions(model, x, y, cascade_spec)
@@ -225,7 +226,7 @@ def test_a_cascade_part_alone_runs_the_parts_before_it():
 
 def test_cascade_worst_case_is_below_each_part_on_a_real_model(digits_model, digits_val):
     x, y = digits_val[0][:64], digits_val[1][:64]
-    keys = ("pgd_worst", "jpeg_worst", "fgsm", "pgd", "apgd", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd")
+    keys = ("pgd_worst", "jpeg_worst", *WORST_CASES["pgd_worst"], *WORST_CASES["jpeg_worst"])
     independent = predictions(digits_model, x, y, ThreatSpec(0.02, steps=5, threats=keys))
     cascade = predictions(digits_model, x, y, ThreatSpec(0.02, steps=5, threats=keys, cascade=True))
     acc = {k: (independent[k] == y).sum().item() for k in keys}
@@ -236,3 +237,15 @@ def test_cascade_worst_case_is_below_each_part_on_a_real_model(digits_model, dig
     for parts in WORST_CASES.values():
         chain = [(cascade[p] == y).sum().item() for p in parts]
         assert chain == sorted(chain, reverse=True), chain
+
+
+def test_apgd_parts_need_enough_classes():
+    model = linear_model(classes=3)
+    x, y = linear_batch(model)
+    y = y % 3
+    preds = predictions(model, x, y, ThreatSpec(0.03, steps=3, threats=("pgd_worst", "apgd_dlr")))
+    assert preds["pgd_worst"].shape == y.shape  # APGD-T (4 classes or more) is left out of the worst case
+    with pytest.raises(RobustError, match="4 classes or more"):
+        predictions(model, x, y, ThreatSpec(0.03, steps=3, threats=("apgd_t",)))
+    with pytest.raises(RobustError, match="apgd_targets"):
+        ThreatSpec(0.03, apgd_targets=0)
