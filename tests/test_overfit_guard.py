@@ -252,7 +252,7 @@ def test_switch_to_nfgsm_keeps_nfgsm_in_the_card_and_through_a_resume(tmp_path, 
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     training = load_model(ckpt).card.training
-    assert (training["attack"], training["switched_from"], training["alpha"]) == ("nfgsm", "fgsm_rs", EPS)
+    assert (training.attack, training.switched_from, training.alpha) == ("nfgsm", "fgsm_rs", EPS)
     resumed = small_module()
     guard2 = ScriptedGuard([(0.45, 0.5), (0.48, 0.5)], action="rollback", on_collapse="switch_to_nfgsm", n=32)
     fit(resumed, guard2, tmp_path, epochs=3, ckpt_path=ckpt)
@@ -260,7 +260,7 @@ def test_switch_to_nfgsm_keeps_nfgsm_in_the_card_and_through_a_resume(tmp_path, 
     assert AdversarialClassifier.load_from_checkpoint(ckpt).attack == "nfgsm"
     other = AdversarialClassifier.load_from_checkpoint(ckpt, attack="pgd")  # another recipe: its config wins
     assert (other.attack, other.alpha) == ("pgd", pytest.approx(EPS / 4))
-    assert load_model(ckpt).card.training["switched_from"] == "fgsm_rs"  # what was configured
+    assert load_model(ckpt).card.training.switched_from == "fgsm_rs"  # what was configured
 
 
 def test_a_collapse_under_nfgsm_shrinks_its_step(tmp_path):
