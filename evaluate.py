@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 def threat_model(args: argparse.Namespace, card, default_eps) -> tuple[str, list[float] | None]:
     """The norm (``--norm``, else the one the model was trained in) and the eps list (``--eps``, else the training
     eps when the norms agree), each eps checked against its norm."""
-    trained = card.training.get("norm") or "linf"
+    trained = card.training.norm or "linf"
     norm = args.norm or trained
     eps = args.eps if isinstance(args.eps, list) else [args.eps]
     if args.eps is None and default_eps is not None:

@@ -2,15 +2,18 @@
 
 :class:`ModelCard` is stored in checkpoints (``AdversarialClassifier.on_save_checkpoint``), written as an export's
 ``model.json``, built for ImageNet and Hugging Face models, and carried by every model :func:`robust.load_model`
-returns. Its fields, their types and their meanings are the dataclass below; :meth:`ModelCard.from_dict` checks
-a parsed card against those same annotations, so there is no second schema to keep in step.
+returns. Its fields, their types and their meanings are the dataclasses below, all the way down (how the model was
+trained: :class:`TrainingRecord`; what validation measured: :class:`RobustnessRecord`); :meth:`ModelCard.from_dict`
+checks a parsed card against those same annotations, so there is no second schema to keep in step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
@@ -24,9 +27,85 @@ def _doc(text: str, **kwargs: Any) -> Any:
     return field(metadata={"doc": text}, **kwargs)
 
 
+def _unset(text: str) -> Any:
+    """A record's field that older cards and models trained elsewhere may lack: null then."""
+    return _doc(text, default=None)
+
+
+class _Record:
+    """What the card's dataclasses share: JSON-native values only (lists, not tuples), so ``to_dict`` is what is
+    written, fields in file order."""
+
+    @classmethod
+    def schema(cls) -> dict[str, tuple[str, str]]:
+        """``{field: (type, meaning)}`` in file order, for documentation."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: (_type_name(hints[f.name]), f.metadata["doc"]) for f in fields(cls)}
+
+    def to_dict(self) -> dict:
+        """The record as JSON-native values (a deep copy), fields in file order."""
+        return asdict(self)
+
+
 @dataclass(kw_only=True)
-class ModelCard:
-    """A model's description; JSON-native values only (lists, not tuples), so ``to_dict`` is what is written."""
+class TrainingRecord(_Record):
+    """How the model was trained (``ModelCard.training``): the settings in force when it was saved, one field each
+    (a new setting is one line here; :func:`robust.loading.training_card` fills every field from the module's
+    hyper-parameters). Null: unknown (a card written before the field existed, a network trained elsewhere) or not
+    applicable. eps and alpha are in [0, 1] pixel units."""
+
+    attack: str | None = _unset(
+        "training attack in force when saved (the overfitting guard may have switched fgsm_rs to nfgsm); 'none': "
+        "clean training"
+    )
+    switched_from: str | None = _unset("the configured attack when the guard switched away from it, else null")
+    target: str | None = _unset("target class of the training attack: none (untargeted), random or least_likely")
+    norm: str | None = _unset("threat model of the training attack: linf or l2")
+    eps: float | None = _unset("budget of the training attack, pixel units of its norm")
+    alpha: float | None = _unset("step in force when saved, after any guard rollback (null: no attack)")
+    adv_ratio: float | None = _unset("fraction of each batch made adversarial, in [0, 1]")
+    attack_steps: int | None = _unset("PGD training steps")
+    attack_early_exit: bool | None = _unset("PGD training froze each example at its first misclassified iterate")
+    nfgsm_noise: float | None = _unset("N-FGSM's noise, uniform in ±nfgsm_noise·eps")
+    clamp_start: bool | None = _unset("whether fgsm_rs's random start was clipped to [0, 1] before its gradient")
+    objective: str | None = _unset("training loss: ce, trades or mart")
+    beta: float | None = _unset("TRADES / MART trade-off weight")
+    ema_decay: float | None = _unset(
+        "the weights are an exponential moving average of the trained ones with this decay; null: the trained weights"
+    )
+    init: dict | None = _unset(
+        "where the initial weights came from: {weights, kind, sha256, classes, fresh} "
+        "(robust.loading.initialize_classifier)"
+    )
+    seed: int | None = _unset("the run's global seed (seed_everything); null: unseeded")
+    optimizer: dict | None = _unset("the optimizer in force: {class, <its defaults>}")
+    lr_scheduler: dict | None = _unset("the learning-rate schedule in force: {class, total_steps, ...}; null: none")
+
+    @classmethod
+    def from_values(cls, values: Mapping, **override: Any) -> TrainingRecord:
+        """The record of ``values`` (a mapping holding its fields among others, e.g. a module's hyper-parameters;
+        missing ones null), with ``override`` in place of those fields."""
+        return cls(**{f.name: values.get(f.name) for f in fields(cls)} | override)
+
+
+@dataclass(kw_only=True)
+class RobustnessRecord(_Record):
+    """What validation measured when the model was saved (``ModelCard.robustness``); null fields and no metrics for
+    a model not trained here."""
+
+    metrics: dict = _doc("latest val/* figures by threat key (accuracies in [0, 1]) and loss", default_factory=dict)
+    norm: str | None = _unset("threat model of validation: linf or l2 (its metrics are logged as val/l2/<key>)")
+    eps: float | None = _unset("validation eps, pixel units of its norm")
+    steps: int | None = _unset("validation PGD steps")
+    jpeg_quality: int | None = _unset("JPEG defense quality of validation")
+    best: dict | None = _unset("{monitor, score} of the checkpoint callback, or null")
+    epoch: int | None = _unset("epoch when saved")
+    global_step: int | None = _unset("optimizer steps when saved")
+
+
+@dataclass(kw_only=True)
+class ModelCard(_Record):
+    """A model's description (JSON-native values, see :class:`_Record`)."""
 
     format: str = _doc(f"always {FORMAT!r}", default=FORMAT)
     format_version: int = _doc(f"{FORMAT_VERSION}; readers refuse other versions", default=FORMAT_VERSION)
@@ -43,18 +122,9 @@ class ModelCard:
     std: list[float] = _doc("per-channel std of the built-in normalization (channels values, [0, 1] pixel units)")
     cifar_stem: bool = _doc("3×3 stride-1 conv1 and no max-pool (32×32 inputs) instead of torchvision's stem")
     data: str | None = _doc("training data module name, e.g. Digits, CIFAR10, ImageFolder")
-    training: dict = _doc(
-        "attack (the one in force when saved: the overfitting guard may have switched fgsm_rs to nfgsm), "
-        "switched_from (the configured attack when the guard switched away from it, else null), target, eps, "
-        "alpha (the step in force when saved, after any guard rollback; null: the attack's default), adv_ratio, "
-        "attack_steps, nfgsm_noise, objective, beta; ema_decay (the weights are an exponential moving average of the "
-        "trained ones with this decay; null: the trained weights); init: where the initial weights came from "
-        "({weights, kind, sha256, classes, fresh}, robust.loading.initialize_classifier)"
-    )
-    robustness: dict = _doc(
-        "val metrics (accuracies, loss), eps, steps, jpeg_quality; best ({monitor, score} of the checkpoint "
-        "callback, or null), epoch, global_step; empty when not trained here",
-        default_factory=dict,
+    training: TrainingRecord = _doc("how the model was trained (TrainingRecord.schema())")
+    robustness: RobustnessRecord = _doc(
+        "what validation measured when it was saved (RobustnessRecord.schema())", default_factory=RobustnessRecord
     )
     versions: dict = _doc(
         "library versions at export: python, torch, torchvision, lightning, safetensors, robust (+ onnx, onnxscript, "
@@ -70,42 +140,22 @@ class ModelCard:
         default=None,
     )
 
-    @classmethod
-    def schema(cls) -> dict[str, tuple[str, str]]:
-        """``{field: (type, meaning)}`` in file order, for documentation."""
-        hints = typing.get_type_hints(cls)
-        return {f.name: (_type_name(hints[f.name]), f.metadata["doc"]) for f in fields(cls)}
-
-    def to_dict(self) -> dict:
-        """The card as JSON-native values (a deep copy), fields in file order."""
-        return asdict(self)
-
     def to_json(self) -> str:
         """``model.json`` text: indented JSON and a final newline."""
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: object, source: str) -> ModelCard:
-        """Check ``data`` (a parsed card from ``source``, named in errors) against the fields' types and the card's
-        own consistency; RobustError with one sentence for the first problem. A field with a default may be
-        absent (cards written before the field existed); it then takes the default."""
+        """Check ``data`` (a parsed card from ``source``, named in errors) against the fields' types, the records'
+        fields' types and the card's own consistency; RobustError with one sentence for the first problem. A field
+        with a default may be absent (cards written before the field existed); it then takes the default."""
         if not isinstance(data, dict):
             raise RobustError(f"{source} must hold a JSON object")
         if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
             raise RobustError(f"{source} is format {data.get('format')!r} version {data.get('format_version')}; "
                               f"this library reads {FORMAT!r} version {FORMAT_VERSION}")  # fmt: skip
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            if f.name not in data and not _has_default(f):
-                raise RobustError(f"{source} has no {f.name!r} field ({f.metadata['doc']})")
-            if f.name in data and not _has_type(data[f.name], hints[f.name]):
-                raise RobustError(
-                    f"{source}: field {f.name!r} must be {_type_name(hints[f.name])}, got {data[f.name]!r:.80}"
-                )
-        unknown = sorted(data.keys() - hints.keys())
-        if unknown:
-            raise RobustError(f"{source} has unknown fields {unknown[:3]} for version {FORMAT_VERSION}")
-        card = cls(**json.loads(json.dumps(data)))  # a deep copy: the card owns its lists
+        _check_fields(cls, data, source)
+        card = _build(cls, json.loads(json.dumps(data)))  # a deep copy: the card owns its lists
         if len(card.class_names) != card.num_classes:
             raise RobustError(f"{source} has {len(card.class_names)} class names for {card.num_classes} classes")
         if card.channels not in (1, 3):
@@ -122,6 +172,30 @@ class ModelCard:
         except json.JSONDecodeError as exc:
             raise RobustError(f"{source} is not valid JSON ({exc})") from None
         return cls.from_dict(data, source)
+
+
+def _check_fields(cls: type, data: dict, source: str, prefix: str = "") -> None:
+    """RobustError for the first field of ``data`` that is missing without a default, not of the type ``cls``
+    annotates (a record's fields checked in turn, named ``record.field``) or unknown to ``cls``."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        name, hint = prefix + f.name, hints[f.name]
+        if f.name not in data:
+            if not _has_default(f):
+                raise RobustError(f"{source} has no {name!r} field ({f.metadata['doc']})")
+        elif dataclasses.is_dataclass(hint) and isinstance(data[f.name], dict):
+            _check_fields(hint, data[f.name], source, f"{name}.")
+        elif not _has_type(data[f.name], hint):
+            raise RobustError(f"{source}: field {name!r} must be {_type_name(hint)}, got {data[f.name]!r:.80}")
+    unknown = [prefix + name for name in sorted(data.keys() - hints.keys())]
+    if unknown:
+        raise RobustError(f"{source} has unknown fields {unknown[:3]} for version {FORMAT_VERSION}")
+
+
+def _build(cls: type, data: dict) -> Any:
+    """``cls`` from checked JSON values, its record fields built as their dataclasses (absent fields: defaults)."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _build(hints[k], v) if dataclasses.is_dataclass(hints[k]) else v for k, v in data.items()})
 
 
 def _has_type(value: object, hint: Any) -> bool:

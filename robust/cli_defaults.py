@@ -19,8 +19,8 @@ from robust.sharding import Journal
 
 def default_eps(card: ModelCard) -> float:
     """The eps a model was adversarially trained at (from its card), else 8/255."""
-    eps = card.training.get("eps")
-    trained = card.training.get("attack") not in (None, "none") and isinstance(eps, (int, float))
+    eps = card.training.eps
+    trained = card.training.attack not in (None, "none") and eps is not None
     return float(eps) if trained and 0 < eps <= 1 else 8 / 255
 
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from robust.card import ModelCard
+from robust.card import ModelCard, TrainingRecord
 from robust.errors import RobustError
 from robust.models import CardedModel, Normalize
 
@@ -242,6 +242,6 @@ def load_hf_model(name_or_dir: str, num_classes: int | None = None) -> CardedMod
     card = ModelCard(
         arch=f"{HF_PREFIX}{name_or_dir}", num_classes=int(net.config.num_labels),
         class_names=[str(labels[i]) for i in sorted(labels)], cifar_stem=False, mean=mean, std=std,
-        image_size=size, resize=resize, data="huggingface", training={"attack": "none"},
+        image_size=size, resize=resize, data="huggingface", training=TrainingRecord(attack="none"),
     )  # fmt: skip
     return CardedModel(model, card).eval()

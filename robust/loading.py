@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from robust.archs import build_arch, get_arch
-from robust.card import ModelCard
+from robust.card import ModelCard, RobustnessRecord, TrainingRecord
 from robust.errors import RobustError
 from robust.files import load_checkpoint, sha256_hex
 from robust.hf import HF_PREFIX, load_hf_model
@@ -48,9 +48,6 @@ WEIGHTS_FILE, CARD_FILE, PROGRAM_FILE, ONNX_FILE = "model.safetensors", "model.j
 CARD_KEY = "robust_card"  # where a checkpoint keeps its card (a dict, ModelCard.to_dict())
 # A user's own network: ``package.module:function`` (LightningCLI's class_path convention), called with no arguments.
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-TRAINING_KEYS = ("attack", "switched_from", "target", "norm", "eps", "alpha", "adv_ratio", "attack_steps",
-                 "attack_early_exit", "nfgsm_noise", "clamp_start", "objective", "beta", "ema_decay", "init", "seed",
-                 "optimizer", "lr_scheduler")  # fmt: skip
 
 
 def initialize_classifier(
@@ -75,7 +72,7 @@ def initialize_classifier(
     preprocessing (:func:`robust.hf.load_hf_model`; head replaced when ``num_classes`` differs; ``weights``,
     ``mean``, ``std``, ``cifar_stem`` unused).
 
-    The init record (kept in the card's ``training["init"]``): ``weights`` (as given, or the hf arch), ``kind``
+    The init record (kept in the card's ``training.init``): ``weights`` (as given, or the hf arch), ``kind``
     (``scratch``, ``imagenet``, ``state_dict``, ``checkpoint``, ``export`` or ``hf``), ``sha256`` (of the weights
     file: the state dict file, the ``.ckpt``, the export's ``model.safetensors``, torchvision's cached ImageNet
     file; null otherwise), ``classes`` (the weights' class count; null for scratch and hf) and ``fresh`` (the layers
@@ -169,18 +166,18 @@ def training_card(
     channels = int(hp.get("channels") or data.get("channels") or 3)
     default_mean, default_std = default_normalization(channels)
     names = hp.get("class_names") or data.get("class_names") or [str(i) for i in range(num_classes)]
-    robustness = {
-        "metrics": {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")},
-        "norm": hp.get("norm", "linf"),
-        "eps": hp.get("eps") if hp.get("val_eps") is None else hp["val_eps"], "steps": hp.get("val_steps"),
-        "jpeg_quality": hp.get("jpeg_quality"), "best": best, "epoch": epoch, "global_step": global_step,
-    }  # fmt: skip
+    robustness = RobustnessRecord(
+        metrics={k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")},
+        norm=hp.get("norm", "linf"),
+        eps=hp.get("eps") if hp.get("val_eps") is None else hp["val_eps"], steps=hp.get("val_steps"),
+        jpeg_quality=hp.get("jpeg_quality"), best=best, epoch=epoch, global_step=global_step,
+    )  # fmt: skip
     return ModelCard(
         arch=hp.get("arch", "resnet18"), num_classes=num_classes, class_names=[str(n) for n in names],
         image_size=size, resize=int(data.get("resize") or size), channels=channels,
         mean=[float(m) for m in hp.get("mean") or default_mean], std=[float(s) for s in hp.get("std") or default_std],
         cifar_stem=bool(hp.get("cifar_stem", False)),
-        data=data.get("name"), training={**{k: hp.get(k) for k in TRAINING_KEYS}, "alpha": alpha},
+        data=data.get("name"), training=TrainingRecord.from_values(hp, alpha=alpha),
         robustness=robustness,
     )  # fmt: skip
 
@@ -221,7 +218,7 @@ def imagenet_model() -> CardedModel:
     card = ModelCard(
         arch="resnet18", num_classes=1000, class_names=imagenet_class_names(), cifar_stem=False,
         mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), image_size=224, resize=256, data="ImageNet",
-        training={"attack": "none"},
+        training=TrainingRecord(attack="none"),
     )  # fmt: skip
     return CardedModel(model, card).eval()
 
@@ -355,7 +352,7 @@ def external_model(
     card = ModelCard(
         arch=arch, num_classes=num_classes, class_names=names, image_size=int(size), resize=int(size),
         channels=channels, mean=mean, std=std, cifar_stem=bool(cifar_stem), data=None,
-        training={"attack": None, "init": _init_record(weights or spec, kind, digest, num_classes, [])},
+        training=TrainingRecord(init=_init_record(weights or spec, kind, digest, num_classes, [])),
     )  # fmt: skip
     return CardedModel(normalized(backbone, mean, std), card).eval()
 

@@ -54,7 +54,7 @@ class AdversarialClassifier(L.LightningModule):
         channels: input channels, 1 (grayscale) or 3 (RGB); linked from the data.
         weights: initial weights for fine-tuning: ``imagenet``, a state dict file of ``arch`` (``.pth``), one of our
             ``.ckpt`` files or an export folder; a new head when its class count differs (logged in one line;
-            recorded in the card's ``training["init"]``). Default: random initialization.
+            recorded in the card's ``training.init``). Default: random initialization.
         mean: per-channel mean of the normalization inside the model, [0, 1] pixel units (default: ImageNet's for
             RGB, 0 for grayscale); images stay in [0, 1] outside it.
         std: per-channel standard deviation of that normalization (default: ImageNet's for RGB, 1 for grayscale).

@@ -1,4 +1,5 @@
-"""Smoke test of ``benchmarks/run.py``: every benchmark runs once on tiny sizes (no timing assertions)."""
+"""Smoke test of ``benchmarks/run.py``: every benchmark runs once on tiny sizes (no timing assertions; the timer
+is checked on a fake clock)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,21 +53,25 @@ def test_quick_run_prints_table_and_json_with_every_ratio(tmp_path):
     assert record["batch"] == 2 and len(record["images_per_s"]) == 4 * 6 + 4
 
 
-def test_time_interleaved_takes_medians_after_warmup():
+def test_time_interleaved_takes_medians_after_warmup(monkeypatch):
+    """On a fake clock that each call advances by its own scripted duration: the figures are the medians of the
+    timed rounds, warm-up rounds left out, whatever the machine's speed or load."""
     run = load_script("run")
+    now = [0.0]
+    monkeypatch.setattr(run.time, "perf_counter", lambda: now[0])
+    durations = {"fast": [9.0, 9.0, 0.003, 0.001, 0.002], "slow": [9.0, 9.0, 0.02, 0.05, 0.03]}  # 2 warm-up rounds
     calls = {"fast": 0, "slow": 0}
 
-    def call(name: str, seconds: float):
+    def call(name: str):
         def fn() -> None:
+            now[0] += durations[name][calls[name]]
             calls[name] += 1
-            time.sleep(seconds)
 
         return fn
 
-    t = run.time_interleaved({"fast": call("fast", 0.001), "slow": call("slow", 0.02)}, repeats=3, warmup=2,
-                             sync=lambda: None)  # fmt: skip
+    t = run.time_interleaved({"fast": call("fast"), "slow": call("slow")}, repeats=3, warmup=2, sync=lambda: None)
     assert calls == {"fast": 5, "slow": 5}
-    assert 0.001 <= t["fast"] < t["slow"] and t["slow"] >= 0.02
+    assert t == pytest.approx({"fast": 0.002, "slow": 0.03})
 
 
 def test_sample_images_are_real_photos_in_range():

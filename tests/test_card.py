@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from robust.card import ModelCard
+from robust.card import ModelCard, RobustnessRecord, TrainingRecord
 from robust.data import DIGIT_NAMES, Digits
 from robust.errors import RobustError
 from robust.files import load_checkpoint
@@ -18,7 +19,8 @@ from robust.module import AdversarialClassifier
 
 CARD = ModelCard(arch="resnet18", num_classes=3, class_names=["a", "b", "c"], image_size=16, resize=18,
                  mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], cifar_stem=True, data="Digits",
-                 training={"attack": "none"})  # fmt: skip
+                 training=TrainingRecord(attack="none", eps=0.1),
+                 robustness=RobustnessRecord(metrics={"clean": 0.9}))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,15 @@ def test_json_round_trip_and_schema():
     assert ModelCard.from_dict(as_ints, "card").mean == [0, 0, 0]
 
 
+def test_an_old_card_missing_record_fields_loads_with_defaults():
+    old = {**CARD.to_dict(), "training": {"attack": "fgsm_rs", "eps": 0.1}}  # written before the other fields
+    del old["robustness"]
+    card = ModelCard.from_dict(old, "old card")
+    assert card.training == TrainingRecord(attack="fgsm_rs", eps=0.1) and card.training.objective is None
+    assert card.robustness == RobustnessRecord() and card.robustness.metrics == {}
+    assert ModelCard.from_dict({**old, "robustness": {}}, "old card").robustness == RobustnessRecord()
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -53,6 +64,10 @@ def test_json_round_trip_and_schema():
         ({"data": 7}, "'data' must be str | None"),
         ({"format": "other"}, "format 'other' version 1"),
         ({"std": [0.2, 0.2]}, "mean and std need 3 value"),
+        ({"training": [1]}, "'training' must be TrainingRecord"),
+        ({"training": {"eps": "8/255"}}, r"'training.eps' must be float \| None, got '8/255'"),
+        ({"training": {"norm": "l2"}}, r"unknown fields \['training.norm'\]"),
+        ({"robustness": {"steps": 1.5}}, r"'robustness.steps' must be int \| None"),
     ],
 )
 def test_from_dict_checks_the_annotated_types(changes, message):
@@ -65,9 +80,14 @@ def test_checkpoint_stores_the_card_with_the_step_in_force(fitted):
     stored = load_checkpoint(path)[CARD_KEY]
     card = load_model(path).card
     assert card.to_dict() == stored
-    assert card.training["alpha"] == module.alpha == pytest.approx(0.5 * 1.25 * 0.1)  # not the configured default
+    assert card.training.alpha == module.alpha == pytest.approx(0.5 * 1.25 * 0.1)  # not the configured default
     assert (card.image_size, card.resize, card.data, card.class_names) == (16, 16, "Digits", list(DIGIT_NAMES))
-    assert card.robustness["best"] is None and card.robustness["global_step"] == 1
+    assert card.robustness.best is None and card.robustness.global_step == 1
+    # Typed all the way down, and the same JSON: every field of the records, in their order.
+    assert (card.training.attack, card.training.eps, card.training.init["kind"]) == ("fgsm_rs", 0.1, "scratch")
+    assert list(stored["training"]) == list(TrainingRecord.schema())
+    assert list(stored["robustness"]) == list(RobustnessRecord.schema())
+    assert card.to_json() == json.dumps(stored, indent=2) + "\n"
 
 
 def test_checkpoint_without_a_card_is_described_by_its_hyper_parameters(fitted, tmp_path):
@@ -79,9 +99,9 @@ def test_checkpoint_without_a_card_is_described_by_its_hyper_parameters(fitted, 
     model = load_model(tmp_path / "old.ckpt")
     # What the hyper-parameters hold: the configured step and steps (None: the attack's default), no init record, no
     # seed or optimizer (recorded at save time only).
-    assert model.card.training == {**stored["training"], "alpha": None, "attack_steps": None, "init": None,
-                                   "seed": None, "optimizer": None, "lr_scheduler": None}  # fmt: skip
-    assert dataclasses.replace(model.card, training=stored["training"]).to_dict() == stored
+    unset = {"alpha": None, "attack_steps": None, "init": None, "seed": None, "optimizer": None, "lr_scheduler": None}
+    assert model.card.training == TrainingRecord(**{**stored["training"], **unset})
+    assert dataclasses.replace(model.card, training=TrainingRecord(**stored["training"])).to_dict() == stored
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), load_model(path)(x))

@@ -164,7 +164,7 @@ def test_an_ema_run_trains_the_very_weights_of_the_run_without_it(subset, tmp_pa
     as_plain = recipes.trained_checkpoint(averaged)
     model, reference = model_from_ckpt(as_plain, "trained"), model_from_ckpt(plain, "plain").state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
-    assert model.card.training["ema_decay"] is None and not {"averaging_state", "ema_decay"} & set(as_plain)
+    assert model.card.training.ema_decay is None and not {"averaging_state", "ema_decay"} & set(as_plain)
     with pytest.raises(RobustError, match="not trained with EMA"):
         recipes.trained_checkpoint(plain)
 

@@ -149,6 +149,6 @@ def test_train_cli_fine_tunes_a_checkpoint_with_a_smaller_backbone_lr(digits_ckp
     opt = cli.trainer.optimizers[0]
     assert [g["name"] for g in opt.param_groups] == ["backbone", "head"]
     assert [g["max_lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])  # OneCycle peaks per group
-    init = load_model(cli.trainer.checkpoint_callback.best_model_path).card.training["init"]
+    init = load_model(cli.trainer.checkpoint_callback.best_model_path).card.training.init
     assert init == {"weights": str(digits_ckpt), "kind": "checkpoint", "sha256": sha256(digits_ckpt), "classes": 10,
                     "fresh": []}  # fmt: skip

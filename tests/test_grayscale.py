@@ -50,8 +50,8 @@ def test_a_grayscale_model_trains_and_validates_with_its_card(grey_ckpt):
     model = load_model(grey_ckpt)
     card = model.card
     assert (card.arch, card.channels, card.image_size, card.mean, card.std) == ("mnist_net", 1, 28, [0.0], [1.0])
-    assert 0 <= card.robustness["metrics"]["jpeg_worst"] <= 1 and "clean" in card.robustness["metrics"]
-    assert card.robustness["global_step"] == 40 and card.training["eps"] == 0.3
+    assert 0 <= card.robustness.metrics["jpeg_worst"] <= 1 and "clean" in card.robustness.metrics
+    assert card.robustness.global_step == 40 and card.training.eps == 0.3
     dm = Digits(channels=1, image_size=28)
     dm.setup()
     x, _ = next(iter(dm.val_dataloader()))

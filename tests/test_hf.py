@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from robust.attacks import fgsm
-from robust.card import ModelCard
+from robust.card import ModelCard, TrainingRecord
 from robust.defenses import jpeg
 from robust.errors import RobustError
 from robust.images import open_image, to_model_input
@@ -111,7 +111,7 @@ def test_card_eval_mode_and_cpu(hf_dirs: dict[str, Path], kind: str) -> None:
     assert (card.image_size, card.resize) == (32, 36)
     expected_mean = [0.485, 0.456, 0.406] if kind == "perceiver" else [0.5, 0.5, 0.5]
     assert card.mean == pytest.approx(expected_mean) and card.data == "huggingface"
-    assert card.training == {"attack": "none"}
+    assert card.training == TrainingRecord(attack="none")
     assert ModelCard.from_json(card.to_json(), "the card") == card  # a valid card, JSON round trip
     assert not any(m.training for m in model.modules())
     assert {p.device.type for p in model.parameters()} == {"cpu"}

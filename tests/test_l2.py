@@ -36,9 +36,9 @@ def test_an_l2_run_keeps_its_norm_everywhere(l2_run):
     assert cli.trainer.checkpoint_callback.monitor == val_tag("pgd_worst", "l2") == "val/l2/pgd_worst"
     assert "val/l2/pgd_worst" in cli.trainer.callback_metrics and "val/pgd_worst" not in cli.trainer.callback_metrics
     card = load_model(path).card
-    assert card.training["norm"] == "l2" and card.robustness["norm"] == "l2" and card.training["eps"] == 1.0
-    assert card.training["alpha"] == pytest.approx(0.25)  # the registry's L2 PGD step 2.5·eps/steps, 2 steps
-    assert "l2/pgd_worst" in card.robustness["metrics"]
+    assert card.training.norm == "l2" and card.robustness.norm == "l2" and card.training.eps == 1.0
+    assert card.training.alpha == pytest.approx(0.25)  # the registry's L2 PGD step 2.5·eps/steps, 2 steps
+    assert "l2/pgd_worst" in card.robustness.metrics
 
 
 def test_the_report_of_an_l2_model_is_in_l2(l2_run, tmp_path):
@@ -120,6 +120,6 @@ def test_the_cifar10_l2_config_trains_on_the_shared_subset(shared_data, tmp_path
                       "--model.val_steps", "1", "--image_grid.n", "2",
                       "--trainer.enable_progress_bar", "false"])  # fmt: skip
     card = load_model(cli.trainer.checkpoint_callback.best_model_path).card
-    assert (card.arch, card.training["norm"], card.training["eps"], card.training["attack_steps"]) == (
+    assert (card.arch, card.training.norm, card.training.eps, card.training.attack_steps) == (
         "preact_resnet18", "l2", 0.5, 7)  # fmt: skip
-    assert card.training["alpha"] == pytest.approx(2.5 * 0.5 / 7)
+    assert card.training.alpha == pytest.approx(2.5 * 0.5 / 7)

@@ -71,8 +71,8 @@ def test_train_cli_runs_each_recipe(tmp_path, extra):
     assert cli.trainer.global_step == 1 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     training = card_of(load_model(cli.trainer.checkpoint_callback.best_model_path)).training
     m = cli.model  # the card records what was in force, defaults resolved
-    assert training["attack_steps"] == m.attack_steps and training["beta"] == m.beta and training["alpha"] == m.alpha
-    assert (training["attack"], training["objective"]) == (m.hparams.attack, m.hparams.objective)
+    assert training.attack_steps == m.attack_steps and training.beta == m.beta and training.alpha == m.alpha
+    assert (training.attack, training.objective) == (m.hparams.attack, m.hparams.objective)
 
 
 def test_train_cli_refuses_a_bad_combination_in_one_line(tmp_path, capsys):

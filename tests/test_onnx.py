@@ -20,7 +20,7 @@ import torch
 import evaluate
 import robust.onnx_export
 from robust.attacks import pgd
-from robust.card import ModelCard
+from robust.card import ModelCard, TrainingRecord
 from robust.data import DIGIT_NAMES
 from robust.errors import RobustError
 from robust.export import export_model
@@ -158,7 +158,7 @@ def test_without_the_extra_onnx_fails_in_one_line(digits_ckpt, tmp_path, monkeyp
 
 def test_check_batch_is_the_given_data_else_the_digits_else_seeded_noise(digits_val, tmp_path):
     card = ModelCard(arch="resnet18", num_classes=10, class_names=list(DIGIT_NAMES), image_size=16, resize=16,
-                     mean=[0.5] * 3, std=[0.5] * 3, cifar_stem=False, data=None, training={})  # fmt: skip
+                     mean=[0.5] * 3, std=[0.5] * 3, cifar_stem=False, data=None, training=TrainingRecord())  # fmt: skip
     noise, identity = check_batch(card)
     assert identity == {"name": "random", "distribution": "uniform [0, 1]", "seed": 0, "n": 32}
     assert noise.shape == (32, 3, 16, 16) and 0 <= noise.min() and noise.max() <= 1

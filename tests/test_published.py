@@ -69,7 +69,7 @@ def test_a_plain_state_dict_loads_with_its_arch(state_dict_file):
     card = model.card
     assert (card.arch, card.channels, card.num_classes, card.image_size, card.mean, card.std) == (
         "mnist_net", 1, 10, 28, [0.0], [1.0])  # fmt: skip
-    assert card.training["init"]["kind"] == "state_dict" and len(card.training["init"]["sha256"]) == 64
+    assert card.training.init["kind"] == "state_dict" and len(card.training.init["sha256"]) == 64
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(model(x), net(x))  # no normalization in front: the network as it was saved

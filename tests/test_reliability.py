@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ SMALL = ["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "8", "--t
          "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "32", "--image_grid.n", "2",
          "--model.val_steps", "2", "--trainer.check_val_every_n_epoch", "2"]  # fmt: skip
 STEPS = 4 * 8  # max_epochs x limit_train_batches
+WAIT_S = 900  # the most a killed run may take to reach its stall (a generous bound on a loaded machine)
 
 
 def command(save_dir: Path, *extra: str) -> list[str]:
@@ -78,19 +80,26 @@ def test_validation_frequency_does_not_change_training(uninterrupted, tmp_path):
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
+    """Killed (SIGKILL) after step 12, half way through the second epoch (tests/stall.py holds it there and says so
+    in a file: an event, not a sleep), then resumed from ``last``: the same weights and val/pgd as the run never
+    killed."""
     last = tmp_path / "digits" / "version_0" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(command(tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert last.exists() and proc.poll() is None, "training ended before it could be killed"
-    time.sleep(1.0)  # into the next epoch
+    marker = tmp_path / "stalled"
+    stall = json.dumps({"class_path": "tests.stall.StallAtStep", "init_args": {"step": STEPS // 4 + 4,
+                                                                                 "marker": str(marker)}})  # fmt: skip
+    cmd = command(tmp_path, f"--trainer.callbacks+={stall}")
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:  # a file, not a pipe: a full pipe would block the run before its stall
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out)
+    deadline = time.monotonic() + WAIT_S
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # a poll of the event, bounded by WAIT_S
+    assert marker.exists() and proc.poll() is None, f"the run did not reach step 12: {log.read_text()[-3000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert load_checkpoint(last)["global_step"] < STEPS  # really interrupted before the end
-    resumed = subprocess.run(command(tmp_path, "--ckpt_path", "last"), cwd=ROOT, capture_output=True, text=True,
-                             timeout=900)  # fmt: skip
+    assert load_checkpoint(last)["global_step"] == STEPS // 4  # the first epoch's, before the kill
+    resumed = subprocess.run([*cmd, "--ckpt_path", "last"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(uninterrupted, tmp_path)
 

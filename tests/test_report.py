@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from robust import load_model
-from robust.card import ModelCard
+from robust.card import ModelCard, TrainingRecord
 from robust.data import CIFAR10_NAMES, Digits
 from robust.errors import RobustError
 from robust.eval_data import eval_data
@@ -164,7 +164,8 @@ def test_data_with_other_classes_is_a_clear_error(digits_ckpt, shared_data):
 
 def test_cifar10_subset_folder_with_a_cifar_card(shared_data):
     card = ModelCard(arch="resnet18", num_classes=10, class_names=list(CIFAR10_NAMES), image_size=32, resize=32,
-                     mean=[0.5] * 3, std=[0.5] * 3, cifar_stem=True, data="CIFAR10", training={})  # fmt: skip
+                     mean=[0.5] * 3, std=[0.5] * 3, cifar_stem=True, data="CIFAR10",
+                     training=TrainingRecord())  # fmt: skip
     loader, identity = eval_data(str(shared_data / "cifar10-subset" / "test"), card, limit=20, batch_size=20)
     x, y = next(iter(loader))
     assert x.shape == (20, 3, 32, 32) and identity["n"] == 20 and identity["classes"] == card.class_names

@@ -79,14 +79,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_WAIT_S = 600  # the most a TensorBoard server may take to answer: a bound for a loaded machine, not a speed
+
+
 def test_real_tensorboard_server_lists_the_scalar_tags(run):
+    """A real ``tensorboard`` server on the run's folder lists its scalar tags (polled until it answers, or exits)."""
     port = _free_port()
     exe = Path(sys.executable).with_name("tensorboard")
     server = subprocess.Popen([str(exe), "--logdir", str(run), "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline, tags = time.time() + 90, None
-        while time.time() < deadline and tags is None:
+        deadline, tags = time.monotonic() + SERVER_WAIT_S, None
+        while time.monotonic() < deadline and tags is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
                     tags = json.load(r)
