@@ -243,5 +243,8 @@ def test_apgd_parts_need_enough_classes():
     assert preds["pgd_worst"].shape == y.shape  # APGD-T (4 classes or more) is left out of the worst case
     with pytest.raises(RobustError, match="4 classes or more"):
         predictions(model, x, y, ThreatSpec(0.03, steps=3, threats=("apgd_t",)))
+    two = linear_model(classes=2)
+    with pytest.raises(RobustError, match="3 classes or more"):
+        predictions(two, x, y % 2, ThreatSpec(0.03, steps=3, threats=("apgd_dlr",), early_exit=False))
     with pytest.raises(RobustError, match="apgd_targets"):
         ThreatSpec(0.03, apgd_targets=0)
