@@ -280,7 +280,7 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
     with bn_mode(model, "eval"), torch.enable_grad():
         if (
             draw_target
-            or wanted & {"clean", "autoattack", "apgd_t"}
+            or wanted & {"clean", "autoattack", *_MIN_CLASSES}
             or (fast and wanted & (set(_ATTACKED) - set(_THROUGH_JPEG)))
         ):
             with torch.no_grad():
@@ -318,13 +318,13 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
             if key not in wanted:
                 continue
             mask, fallback = suite.gate(key)
-            if num_classes is not None and num_classes < _MIN_CLASSES[key]:
+            if num_classes < _MIN_CLASSES[key]:
                 if key in spec.threats:
                     raise RobustError(f"{key} needs a model with {_MIN_CLASSES[key]} classes or more, this one has "
                                       f"{num_classes}: leave it out of the threats")  # fmt: skip
                 preds[key] = fallback  # a part of pgd_worst the model's class count rules out: it adds nothing
                 continue
-            if key == "apgd_t" and num_classes is not None:
+            if key == "apgd_t":
                 kwargs["targets"] = min(kwargs["targets"], num_classes - 1)
             preds[key] = suite.attacked(key, suite.run(apgd_run, model, y, mask, **kwargs), mask, fallback)
 

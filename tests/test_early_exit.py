@@ -247,5 +247,28 @@ def test_apgd_parts_need_enough_classes():
     assert preds["pgd_worst"].shape == y.shape  # APGD-T (4 classes or more) is left out of the worst case
     with pytest.raises(RobustError, match="4 classes or more"):
         predictions(model, x, y, ThreatSpec(0.03, steps=3, threats=("apgd_t",)))
+    two = linear_model(classes=2)
+    with pytest.raises(RobustError, match="3 classes or more"):
+        predictions(two, x, y % 2, ThreatSpec(0.03, steps=3, threats=("apgd_dlr",), early_exit=False))
     with pytest.raises(RobustError, match="apgd_targets"):
         ThreatSpec(0.03, apgd_targets=0)
+
+
+def test_the_component_benchmark_runs(digits_model, digits_val):
+    """``benchmarks/autoattack_components.py`` on 12 images, 2 iterations: its rows add up (no timing verdict)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "autoattack_components.py"
+    spec = importlib.util.spec_from_file_location("bench_autoattack_components", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x, y = digits_val[0][:12], digits_val[1][:12]
+    row = bench.measure_components(digits_model, x, y, 0.03, steps=2, square_queries=5)
+    assert row["cheap_survivors"] <= row["clean"] <= 12
+    assert all(0 <= n <= row["cheap_survivors"] for n in row["fooled"].values())
+    assert row["fooled_by_any"] >= max(v for k, v in row["fooled"].items() if not k.startswith("ours"))
+    cost = bench.measure_cost(digits_model, x, y, 0.03)
+    assert [r["mode"] for r in cost] == ["every example, every step", "early exit", "early exit + cascade"]
+    every, early, cascade = (r["pgd_worst"] for r in cost)
+    assert cascade == early <= every
