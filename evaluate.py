@@ -112,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--apgd-steps", type=_count("APGD steps"), help="APGD-CE steps (default --steps; "
                         "AutoAttack's standard APGD-CE: 100)")  # fmt: skip
     report.add_argument("--apgd-restarts", type=_count("APGD restarts"), help="APGD-CE restarts (default --restarts)")
+    report.add_argument(
+        "--no-early-exit",
+        dest="early_exit",
+        action="store_false",
+        help="attack every image every step (by default an image the model gets wrong is not attacked "
+        "and each leaves an attack at its first fooling step: the same or lower accuracy, cheaper)",
+    )
+    report.add_argument("--cascade", action="store_true",
+                        help="measure each worst case's parts on the survivors of the parts before (AutoAttack's "
+                        "order); the per-attack columns are then cumulative, and report.md says so")  # fmt: skip
     report.add_argument("--limit", type=_count("limit"), help="evaluate N images spread evenly over the data")
     report.add_argument("--batch-size", type=_count("batch size"), default=128)
     report.add_argument("--num-workers", type=int, default=0, help="data loading processes (default 0)")
@@ -193,7 +203,8 @@ def run_report(args: argparse.Namespace) -> None:
     journal = report_journal(out, model_info, data_info, args.batch_size, world.device, args.resume)
     results = rep.evaluate(model, loader, eps, args.steps, args.alpha, args.restarts, args.quality, args.autoattack,
                            args.seed, world=world, journal=journal, threats=args.threats, norm=norm,
-                           apgd_steps=args.apgd_steps, apgd_restarts=args.apgd_restarts)  # fmt: skip
+                           apgd_steps=args.apgd_steps, apgd_restarts=args.apgd_restarts, early_exit=args.early_exit,
+                           cascade=args.cascade)  # fmt: skip
     if world.rank == 0:
         report = rep.build_report(results, model_info, data_info)
         paths = write_report(report, out)

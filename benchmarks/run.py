@@ -34,7 +34,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from robust.attacks import pgd
+from robust.attacks import default_step, pgd
 from robust.cli import exit_code
 from robust.data import shared_data_dir
 from robust.defenses import jpeg, to_uint8
@@ -44,7 +44,8 @@ from robust.machine import machine
 from robust.models import CIFAR10_MEAN, CIFAR10_STD
 from robust.module import AdversarialClassifier
 
-EPS, PGD_ALPHA, QUALITY = 8 / 255, 2 / 255, 75
+EPS, QUALITY = 8 / 255, 75
+PGD_ALPHA = default_step("pgd", EPS)  # the registry's evaluation step: eps/4 = 2/255
 KEY_JPEG = "jpeg_batched_over_pil"
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from experiments.common import check_eps, fmt, limit_args, machine  # noqa: E402
 from robust import load_model  # noqa: E402
-from robust.attacks import fgsm, pgd, seeded_rng  # noqa: E402
+from robust.attacks import default_step, fgsm, pgd, seeded_rng  # noqa: E402
 
 IMAGE_SIZE = 16  # the digits size these runs train and are measured at
 
@@ -70,7 +70,7 @@ def held_out(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     """(PGD-10, FGSM) accuracy on the held-out digits ``x``, ``y``; PGD step eps/4, random start, seeded."""
     model.eval()
     with seeded_rng(0):
-        x_pgd, x_fgsm = pgd(model, x, y, eps, eps / 4, 10), fgsm(model, x, y, eps)
+        x_pgd, x_fgsm = pgd(model, x, y, eps, default_step("pgd", eps), 10), fgsm(model, x, y, eps)
     with torch.no_grad():
         return tuple((model(a).argmax(1) == y).float().mean().item() for a in (x_pgd, x_fgsm))
 

@@ -16,14 +16,13 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from robust.attacks import check_budget, fgsm, pgd, resolve_class, seeded_rng
+from robust.attacks import check_budget, default_step, fgsm, pgd, resolve_class, seeded_rng
 from robust.defenses import check_quality, jpeg
 from robust.errors import RobustError
 from robust.files import atomic_write_files
 from robust.images import check_images, png_bytes
 from robust.models import card_of
 from robust.render import format_eps
-from robust.threats import default_alpha
 
 FILES = ("adversarial.png", "perturbation.png", "figure.png")
 
@@ -99,7 +98,7 @@ def fool(
     """
     if attack not in ("fgsm", "pgd"):
         raise RobustError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
-    alpha = default_alpha(eps, norm=norm, steps=steps) if alpha is None else alpha
+    alpha = default_step("pgd", eps, norm=norm, steps=steps) if alpha is None else alpha
     check_budget(eps, alpha, steps, norm=norm, dims=x[0].numel() if x.dim() == 4 else None)
     check_quality(quality)
     if x.dim() != 4 or x.shape[0] != 1:

@@ -49,7 +49,7 @@ def _gap(high: float, low: float, n: int | None) -> str:
     return points if n is None else f"{points}, {round((high - low) * n)} of {n} images"
 
 
-def honesty_flags(rows: Sequence[dict], n: int | None = None, norm: str = "linf") -> list[str]:
+def honesty_flags(rows: Sequence[dict], n: int | None = None, norm: str = "linf", cascade: bool = False) -> list[str]:
     """Warnings for figures that cannot be trusted as measured: an adaptive attack weaker than a transferred
     one (``bpda_pgd > jpeg_pgd``: claim ``jpeg_worst``), PGD weaker than FGSM (``pgd > fgsm``, a sign of gradient
     masking: claim ``pgd_worst``), and, when AutoAttack ran, how far the cheap worst case ``pgd_worst`` is above
@@ -65,7 +65,8 @@ def honesty_flags(rows: Sequence[dict], n: int | None = None, norm: str = "linf"
                 f"weak here (more steps or restarts), so trust at most the per-example worst case jpeg_worst "
                 f"{row['jpeg_worst']:.2%} for the JPEG defense"
             )
-        if {"pgd", "fgsm", "pgd_worst"} <= row.keys() and beyond_noise(row["pgd"], row["fgsm"], n):
+        # In a cascade PGD's figure is measured after FGSM (never above it): the comparison means nothing there.
+        if not cascade and {"pgd", "fgsm", "pgd_worst"} <= row.keys() and beyond_noise(row["pgd"], row["fgsm"], n):
             flags.append(
                 f"eps {e}: PGD accuracy {row['pgd']:.2%} is above FGSM {row['fgsm']:.2%} "
                 f"({_gap(row['pgd'], row['fgsm'], n)}); a multi-step attack should never be weaker than one step: a "
@@ -181,8 +182,10 @@ def markdown_table(report: dict) -> str:
              "restart(s), "
              f"random start; APGD-CE {report.get('apgd_steps', report['steps'])} steps, "
              f"{report.get('apgd_restarts', report['restarts'])} restart(s), its own step schedule; JPEG quality "
-             f"{report['quality']}; seed {report['seed']}. Images the model already gets wrong are not attacked, and "
-             "each image leaves an attack at its first fooling step; the parts of each worst case are measured "
+             f"{report['quality']}; seed {report['seed']}. "
+             + ("Images the model already gets wrong are not attacked, and each image leaves an attack at its first "
+                "fooling step; " if report.get("early_exit", True) else "Every image runs every step; ")
+             + "the parts of each worst case are measured "
              f"{'on the survivors of the parts before' if report.get('mode') == 'cascade' else 'independently'}. "
              "Worst case (FGSM, PGD, APGD-CE, -DLR, -T): correct under all of them; JPEG worst case: correct "
              f"through JPEG under FGSM and PGD made on the bare model (transfer) and BPDA PGD through it (adaptive). "

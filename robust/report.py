@@ -46,6 +46,8 @@ def evaluate(
     norm: str = "linf",
     apgd_steps: int | None = None,
     apgd_restarts: int | None = None,
+    early_exit: bool = True,
+    cascade: bool = False,
 ) -> dict:
     """Accuracy of ``model`` under every threat, on the same images, for each eps.
 
@@ -55,10 +57,12 @@ def evaluate(
             ``model``.
         eps_list: L-inf budgets in [0, 1] pixel units. steps, restarts: PGD iterations and random restarts
             (for ``pgd``, ``apgd``, ``bpda_pgd`` and the targeted attack). alpha: PGD step (default
-            :func:`robust.threats.default_alpha`).
+            :func:`robust.attacks.default_step`: L∞ eps/4, L2 2.5·eps/steps).
         quality: JPEG quality of the defense. autoattack: also run torchattacks' standard AutoAttack (slow).
         threats: the keys of :data:`robust.threats.THREATS` to measure (default every one but ``autoattack``;
             ``autoattack`` and ``aa_worst`` are added by ``autoattack``), in :data:`THREATS` order.
+        early_exit: attack only the images still standing (:class:`robust.threats.ThreatSpec`); cascade: measure each
+            worst case's parts on the survivors of the parts before (the report then says so).
         norm: the threat model, ``linf`` or ``l2`` (eps in its units). apgd_steps, apgd_restarts: APGD-CE's own
             (default ``steps`` and ``restarts``; AutoAttack's standard APGD-CE is 100 × 1).
         seed: seeds random starts and the random targets (batch ``i`` with ``seed + i``; the global RNG is left
@@ -78,7 +82,8 @@ def evaluate(
     if asked - set(keys):
         raise RobustError(f"unknown threat(s) {', '.join(sorted(asked - set(keys)))}; known: {', '.join(THREATS)}")
     specs = [ThreatSpec(e, alpha, steps, restarts, quality, seed, keys, norm=norm, apgd_steps=apgd_steps,
-                        apgd_restarts=apgd_restarts) for e in eps_list]  # fmt: skip
+                        apgd_restarts=apgd_restarts, early_exit=early_exit, cascade=cascade)
+             for e in eps_list]  # fmt: skip
     world = world or World(next(model.parameters()).device)
     count = partial(batch_counts, model, keys, world.device)
     totals = sharded_counts(loader, specs, count, 1 + len(keys), world, journal, progress).tolist()
@@ -87,10 +92,11 @@ def evaluate(
         raise RobustError("the evaluation data holds no images")
     rows = [{"eps": s.eps, "alpha": s.step, **{k: c / n for k, c in zip(keys, t[1:], strict=True)}}
             for s, t in zip(specs, totals, strict=True)]  # fmt: skip
-    return {"rows": rows, "flags": honesty_flags(rows, n, norm), "n": n, "eps": eps_list, "steps": int(steps),
+    return {"rows": rows, "flags": honesty_flags(rows, n, norm, cascade), "n": n, "eps": eps_list, "steps": int(steps),
             "restarts": int(restarts), "alpha": alpha, "quality": int(quality), "seed": int(seed),
             "autoattack": bool(autoattack), "norm": norm, "apgd_steps": apgd_steps or int(steps),
-            "apgd_restarts": apgd_restarts or int(restarts), "mode": specs[0].mode}  # fmt: skip
+            "apgd_restarts": apgd_restarts or int(restarts), "mode": specs[0].mode,
+            "early_exit": bool(early_exit)}  # fmt: skip
 
 
 def batch_counts(

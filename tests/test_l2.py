@@ -37,7 +37,7 @@ def test_an_l2_run_keeps_its_norm_everywhere(l2_run):
     assert "val/l2/pgd_worst" in cli.trainer.callback_metrics and "val/pgd_worst" not in cli.trainer.callback_metrics
     card = load_model(path).card
     assert card.training.norm == "l2" and card.robustness.norm == "l2" and card.training.eps == 1.0
-    assert card.training.alpha == pytest.approx(0.25)  # the registry's L2 PGD step 2.5·eps/steps, 2 steps
+    assert card.training.alpha == pytest.approx(1.25)  # the registry's L2 PGD step 2.5·eps/steps, 2 steps
     assert "l2/pgd_worst" in card.robustness.metrics
 
 
