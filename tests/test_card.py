@@ -66,7 +66,7 @@ def test_an_old_card_missing_record_fields_loads_with_defaults():
         ({"std": [0.2, 0.2]}, "mean and std need 3 value"),
         ({"training": [1]}, "'training' must be TrainingRecord"),
         ({"training": {"eps": "8/255"}}, r"'training.eps' must be float \| None, got '8/255'"),
-        ({"training": {"norm": "l2"}}, r"unknown fields \['training.norm'\]"),
+        ({"training": {"lp": "l3"}}, r"unknown fields \['training.lp'\]"),
         ({"robustness": {"steps": 1.5}}, r"'robustness.steps' must be int \| None"),
     ],
 )

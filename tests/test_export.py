@@ -114,8 +114,9 @@ def test_model_card_has_every_documented_field(trained, exported):
     assert (card["arch"], card["num_classes"], card["class_names"]) == ("resnet18", 10, list(DIGIT_NAMES))
     assert (card["image_size"], card["resize"], card["cifar_stem"], card["data"]) == (32, 32, False, "Digits")
     assert card["mean"] == [0.5] * 3 and card["std"] == [0.5] * 3
-    assert card["training"] == {"attack": "fgsm_rs", "switched_from": None, "target": "none", "eps": 0.1,
-                                "alpha": trained[1].alpha, "adv_ratio": 1.0, "attack_steps": 7, "nfgsm_noise": 2.0,
+    assert card["training"] == {"attack": "fgsm_rs", "switched_from": None, "target": "none", "norm": "linf",
+                                "eps": 0.1, "alpha": trained[1].alpha, "adv_ratio": 1.0, "attack_steps": 7,
+                                "attack_early_exit": False, "nfgsm_noise": 2.0,
                                 "clamp_start": True, "objective": "ce", "beta": None, "ema_decay": None,
                                 "init": {"weights": None, "kind": "scratch", "sha256": None, "classes": None,
                                          "fresh": []}, "seed": card["training"]["seed"],

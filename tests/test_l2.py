@@ -86,7 +86,7 @@ def test_an_l2_report_of_an_linf_model_says_so(digits_ckpt, tmp_path):
     [
         (["--norm", "l3", "--eps", "1"], "invalid choice: 'l3'"),
         (["--norm", "l2", "--eps=-0.5"], "must be"),
-        (["--norm", "l2", "--eps", "56"], "above 55.4 = sqrt(C·H·W) for 3072 values per image"),
+        (["--norm", "l2", "--eps", "56"], "above 55.43 = sqrt(C·H·W) for 3072 values per image"),
         (["--norm", "l2"], "the model was trained in linf: give --eps for its l2 evaluation"),
     ],
 )
@@ -107,7 +107,8 @@ def test_fool_in_l2_stays_inside_the_ball(l2_run, tmp_path):
     x = dm.val_set.tensors[0][:1]
     result = fool(model, x, eps=0.5, steps=5, norm="l2")
     assert float((result.x_adv - result.x).flatten().norm()) <= 0.5 + 1e-6
-    assert torch.equal((result.x_adv * 255).round() / 255, result.x_adv)  # on the uint8 grid the PNG holds
+    levels = result.x_adv * 255
+    assert (levels - levels.round()).abs().max() < 1e-4  # on the uint8 grid the PNG holds
 
 
 @pytest.mark.shared_data
