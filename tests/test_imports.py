@@ -36,11 +36,15 @@ def test_library_imports_no_lightning():
 
 
 def test_bad_arguments_fail_before_torch_is_imported():
-    proc = run("-c", BLOCKED_CLI, "report", "--checkpoint", "m.ckpt", "--data", "digits", "--eps", "2")
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == (
-        "error: argument --eps: eps must be in [0, 1] (pixel units, e.g. 8/255 = 0.0314), got 2.0 (see --help)\n"
+    proc = run(
+        "-c", BLOCKED_CLI, "report", "--checkpoint", "m.ckpt", "--data", "digits", "--norm", "linf", "--eps", "2"
     )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert (
+        proc.stderr == "error: argument --eps: eps must be in [0, 1] (L∞ pixel units, e.g. 8/255), got 2 (see --help)\n"
+    )
+    proc = run("-c", BLOCKED_CLI, "report", "--checkpoint", "m.ckpt", "--data", "digits", "--eps=-1")  # any norm
+    assert proc.returncode == 2 and proc.stderr.startswith("error: argument --eps: ")
     proc = run("-c", BLOCKED_CLI, "fool", "--image", "a.png", "--out", "o", "--model", "imagenet", "--steps", "x")
     assert proc.returncode == 2
     assert proc.stderr == "error: argument --steps: steps must be a whole number, got 'x' (see --help)\n"

@@ -36,7 +36,7 @@ def test_report_md_starts_with_what_was_measured_then_what_to_claim():
     assert heading == ("# Robustness of `best.ckpt` (resnet18) on 360 images of digits (val split): L∞ attacks at "
                        "ε 0.1, 0.03137 (8/255)")  # fmt: skip
     claim, per_attack = tables(md)
-    assert claim[0] == "| ε (L∞) | Clean | Worst case (FGSM, PGD, APGD) | JPEG q75 worst case |"
+    assert claim[0] == "| ε (L∞) | Clean | Worst case (FGSM, PGD, APGD-CE, -DLR, -T) | JPEG q75 worst case |"
     assert claim[2] == "| 0.1 | 99.2 | 60.0 | 65.0 |" and len(claim) == 2 + 2
     names = threat_names(make_report())
     keys = ("fgsm", "pgd", "apgd", "jpeg", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "targeted_success")
