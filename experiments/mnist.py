@@ -191,7 +191,7 @@ def table(rows: list[dict], mean: dict | None, args: argparse.Namespace, line: s
     return "\n".join([*lines, "", f"Accuracy (%) on {n:,} MNIST test images at eps 0.3 (L∞), measured on {line}."])
 
 
-def document(text: str, command: str) -> str:
+def document(text: str, command: str, n: int) -> str:
     """``docs/results/mnist.md``: what was run, the command, the table."""
     return "\n".join([
         "# MNIST: Wong, Rice & Kolter 2020 reproduced",
@@ -199,7 +199,8 @@ def document(text: str, command: str) -> str:
         "Written by `experiments/mnist.py` (do not edit by hand; rerun it). Each row is one model measured by the",
         "same `evaluate.py report` with the paper's protocol (`MNIST/evaluate_mnist.py` of locuslab/fast_adversarial):",
         "eps 0.3, PGD-50 with step 0.01 and 10 random restarts (an image counts as broken when any restart breaks",
-        "it) and APGD-CE-100 (AutoAttack's first attack) on all 10,000 test images; † on 500 evenly spaced test",
+        f"it) and APGD-CE-100 (AutoAttack's first attack) on {n:,} test images (evenly spaced; all 10,000 without",
+        "`--limit`); † on 500 evenly spaced test",
         "images (AutoAttack's Square costs hours on all 10,000 on a CPU): the report's cheap worst case (FGSM, PGD,",
         "APGD-CE, APGD-DLR, APGD-T), AutoAttack (standard, torchattacks) and the per-example worst case over all",
         "of them. Ours are the final weights (`last.ckpt`) of",
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = table(rows, mean, args, line)
     doc = {"machine": line, "command": command.strip(), "rows": rows, "fgsm_mean": mean}
     atomic_write_files(args.out, {"mnist.json": (json.dumps(doc, indent=2) + "\n").encode(),
-                                  "mnist.md": document(text, command.strip()).encode()})  # fmt: skip
+                                  "mnist.md": document(text, command.strip(), rows[0]["n"]).encode()})  # fmt: skip
     print(text)
     return doc
 
