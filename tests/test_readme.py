@@ -94,7 +94,7 @@ def test_flags_only_commands_use_real_options():
             for option in (w.split("=")[0] for w in rest if w.startswith("--")):
                 assert re.search(rf"{re.escape(option)}\b", text), f"{script} {sub or ''}: no option {option}"
             checked += 1
-    assert checked >= 3
+    assert checked >= 2
 
 
 # ---- running it ------------------------------------------------------------------------------------
