@@ -19,46 +19,23 @@ Prints the tables (markdown) and, last, one JSON line.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchattacks
 
-from robust.attacks import apgd, seeded_rng
-from robust.data import Digits
-from robust.models import build_model
-from robust.threats import DEFAULT_THREATS, ThreatSpec, predictions
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from conftest import train_digits_model  # noqa: E402  (the test suite's model, one home)
 
-def train_digits_model(epochs: int = 3, seed: int = 0) -> torch.nn.Module:
-    """The test suite's digits model (tests/conftest.py): ResNet18 clean-trained on the digits train split."""
-    torch.manual_seed(seed)
-    dm = Digits(batch_size=64)
-    dm.setup()
-    model = build_model("resnet18", num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(epochs):
-        for x, y in dm.train_dataloader():
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval()
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else "unknown"
+from robust.attacks import apgd, seeded_rng  # noqa: E402
+from robust.data import Digits  # noqa: E402
+from robust.machine import machine  # noqa: E402
+from robust.threats import DEFAULT_THREATS, ThreatSpec, predictions  # noqa: E402
 
 
 def components(model, eps: float, steps: int, square_queries: int) -> dict:
@@ -138,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     dm = Digits()
     dm.setup()
     x, y = (t[: args.n] for t in dm.val_set.tensors)
-    record = {"date": datetime.date.today().isoformat(), "cpu": cpu_name(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+    record = {"machine": machine(), "torch": torch.__version__,
               "torchattacks": torchattacks.__version__, "threads": args.threads, "train_s": round(train_s, 1),
               "args": vars(args), "components": [], "cost": []}  # fmt: skip
     for eps in args.eps:
