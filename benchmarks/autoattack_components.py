@@ -73,6 +73,7 @@ def measure_components(model, x, y, eps: float, steps: int, square_queries: int)
         t0 = time.perf_counter()
         with torch.random.fork_rng():
             adv = attack(xs, ys) if len(xs) else xs
+        model.zero_grad(set_to_none=True)  # some torchattacks components backpropagate into the weights
         row["seconds"][name] = round(time.perf_counter() - t0, 1)
         with torch.no_grad():
             fooled[name] = model(adv).argmax(1) != ys if len(xs) else torch.zeros(0, dtype=torch.bool)
