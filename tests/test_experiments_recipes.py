@@ -228,7 +228,8 @@ def test_two_tiny_recipes_print_rows_table_and_continue_from_the_results_file(su
         assert (r["n_test"], r["n_aa"]) == (8, 4)
         for key in ("clean", "pgd10", "autoattack", "aa_clean", "aa_pgd10"):
             assert 0 <= r[key] <= 1
-        assert r["train_s"] > r["probe_s"] > 0 and r["eval_s"] >= r["aa_s"] > 0
+        # AutoAttack attacks only the images the model gets right: a two-step model may leave it nothing (0 s)
+        assert r["train_s"] > r["probe_s"] > 0 and r["eval_s"] >= r["aa_s"] >= 0
     pretrain_ckpt = tune["stages"][1][tune["stages"][1].index("--model.weights") + 1]
     assert Path(pretrain_ckpt).parts[-4:] == ("finetune_pretrain", "version_0", "checkpoints", "last.ckpt")
     assert Path(tune["checkpoint"]).is_file()
