@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(NO_CUDA)
         return 0
-    from robust.data import shared_data_dir
+    from robust.runfiles import shared_data_dir
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

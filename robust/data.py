@@ -21,21 +21,11 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from robust.errors import RobustError
+from robust.runfiles import data_root
 
 DIGIT_NAMES = tuple(str(i) for i in range(10))
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-
-
-def shared_data_dir() -> Path:
-    """Test/benchmark data: ``$ROBUST_DATA`` if set, else ``../shared/data`` beside the project root."""
-    env = os.environ.get("ROBUST_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def data_root(default: str = "data") -> str:
-    """Where data sets live when no root is given: ``$ROBUST_DATA`` if set, else ``default``."""
-    return os.environ.get("ROBUST_DATA") or default
 
 
 def evenly_spaced(ds: Dataset, limit: int | None) -> Dataset:

@@ -22,12 +22,12 @@ from robust.data import (
     MNIST,
     Digits,
     class_folders,
-    data_root,
     evenly_spaced,
     folder_transform,
     image_folder,
 )
 from robust.errors import RobustError
+from robust.runfiles import data_root
 
 
 def _align_labels(ds, data_names: Sequence[str], card: ModelCard) -> str:

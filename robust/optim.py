@@ -42,32 +42,49 @@ class OneCycle(OneCycleLR):
                          pct_start=peak_at, anneal_strategy="linear")  # fmt: skip
 
 
-class Cyclic(LambdaLR):
+class RunFraction(LambdaLR):
+    """A schedule written as a multiple of each group's ``lr`` per optimizer step, :meth:`factor`, from the step and
+    the run's length ``total_steps`` alone: a resume of another length rebuilds it by setting ``total_steps``
+    (:func:`robust.resume.rebuild_schedule`). Subclasses set their own attributes, then call this ``__init__``."""
+
+    name = "run-fraction"
+
+    def __init__(self, optimizer: Optimizer, total_steps: int) -> None:
+        self.total_steps = int(total_steps)
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        """The multiple of each group's initial lr for optimizer step ``step`` (0-based)."""
+        raise NotImplementedError
+
+
+class Cyclic(RunFraction):
     """Wong et al. 2020's cyclic schedule: ``lr × interp(t, [0, peak_at, 1], [0, 1, 0])`` where ``t`` is the
     fraction of the run done after this step (their ``np.interp([epoch + (i + 1) / len(loader)], [0, epochs·2//5,
     epochs], [0, lr_max, 0])``). No momentum cycling (their optimizer is Adam with its defaults)."""
 
+    name = "cyclic"
+
     def __init__(self, optimizer: Optimizer, total_steps: int, peak_at: float = 0.4) -> None:
-        self.total_steps, self.peak_at = int(total_steps), float(peak_at)
-        super().__init__(optimizer, self.factor)
+        self.peak_at = float(peak_at)
+        super().__init__(optimizer, total_steps)
 
     def factor(self, step: int) -> float:
-        """The multiple of the peak lr for optimizer step ``step`` (0-based)."""
         return float(np.interp((step + 1) / self.total_steps, [0.0, self.peak_at, 1.0], [0.0, 1.0, 0.0]))
 
 
-class Piecewise(LambdaLR):
+class Piecewise(RunFraction):
     """Step decay: ``lr × gamma^k`` after the ``k``-th of ``milestones`` (fractions of the run, ascending)."""
+
+    name = "piecewise"
 
     def __init__(self, optimizer: Optimizer, total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75),
                  gamma: float = 0.1) -> None:  # fmt: skip
-        self.total_steps, self.milestones, self.gamma = int(total_steps), tuple(milestones), float(gamma)
-        super().__init__(optimizer, self.factor)
+        self.milestones, self.gamma = tuple(milestones), float(gamma)
+        super().__init__(optimizer, total_steps)
 
     def factor(self, step: int) -> float:
-        """The multiple of the initial lr for optimizer step ``step`` (0-based)."""
-        passed = sum(step >= m * self.total_steps for m in self.milestones)
-        return self.gamma**passed
+        return self.gamma ** sum(step >= m * self.total_steps for m in self.milestones)
 
 
 class Cosine(CosineAnnealingLR):

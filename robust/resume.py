@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
 
 from robust.errors import RobustError
-from robust.optim import Cyclic
+from robust.optim import RunFraction
 
 # How long a run is: may differ between a run and its resume.
 RUN_LENGTH = ("trainer.max_epochs", "trainer.max_steps", "trainer.min_epochs", "trainer.min_steps", "trainer.max_time")
@@ -104,11 +104,12 @@ def check_resume_config(folder: Path, given: dict, accept: bool) -> str | None:
 class RunLengthSchedule(L.Callback):
     """On a resumed run, rebuild learning-rate schedules restored from the checkpoint for this run's length.
 
-    A ``OneCycleLR`` (or ``CosineAnnealingLR``) is built for the number of steps the run had when it started; the
-    checkpoint keeps that number. When a resume trains for another number (``--trainer.max_epochs 12`` after 10,
-    another batch count), the schedule's phases are recomputed for the new total with the same shape (``pct_start``,
-    three-phase, annealing), the learning rate set to the rebuilt schedule's value at the current step, and one line
-    printed. Without this, a one-cycle schedule stepped past its end raises torch's ``ValueError``."""
+    A ``OneCycleLR``, ``CosineAnnealingLR`` or :class:`robust.optim.RunFraction` (``Cyclic``, ``Piecewise``) is built
+    for the number of steps the run had when it started; the checkpoint keeps that number. When a resume trains for
+    another number (``--trainer.max_epochs 12`` after 10, another batch count), the schedule is recomputed for the
+    new total with the same shape (``pct_start``, three-phase, annealing, milestones as fractions), the learning rate
+    set to the rebuilt schedule's value at the current step, and one line printed. Without this, a one-cycle schedule
+    stepped past its end raises torch's ``ValueError``."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path is None:
@@ -123,8 +124,8 @@ class RunLengthSchedule(L.Callback):
 
 
 def rebuild_schedule(scheduler: Any, total: int) -> str | None:
-    """Rebuild ``scheduler`` (``OneCycleLR``, ``CosineAnnealingLR`` or :class:`robust.optim.Cyclic`) in place for
-    ``total`` steps, keeping its step count and shape; the optimizer's learning rates become the rebuilt schedule's
+    """Rebuild ``scheduler`` (``OneCycleLR``, ``CosineAnnealingLR`` or a :class:`robust.optim.RunFraction`) in place
+    for ``total`` steps, keeping its step count and shape; the optimizer's learning rates become the rebuilt schedule's
     at the current step. Returns a one-line notice, or None when the schedule already fits (or is of another kind,
     or the run is already past ``total``)."""
     step = scheduler.last_epoch
@@ -150,13 +151,13 @@ def rebuild_schedule(scheduler: Any, total: int) -> str | None:
         lrs = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * step / total)) / 2
                for base in scheduler.base_lrs]  # fmt: skip
         name = "cosine"
-    elif isinstance(scheduler, Cyclic):
+    elif isinstance(scheduler, RunFraction):
         old = scheduler.total_steps
         if old == total or step > total:
             return None
         scheduler.total_steps = total
         lrs = [base * scheduler.factor(step) for base in scheduler.base_lrs]
-        name = "cyclic"
+        name = scheduler.name
     else:
         return None
     for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):

@@ -1,5 +1,7 @@
 """Where a training run's inputs and outputs are: the data root, and the files a run leaves behind.
 
+- ``$ROBUST_DATA`` (:data:`DATA_ENV`) names the folder holding the data sets; :func:`data_root` (data modules' default
+  root) and :func:`shared_data_dir` (tests, benchmarks, experiments) read it, here only.
 - :func:`resolve_data_root`: a config's data folder as given, else under ``$ROBUST_DATA``; a missing folder is one
   line naming the flag to set.
 - :func:`run_summary`: the lines ``train.py`` prints at the end of every run (logs, best checkpoint or why there is
@@ -15,6 +17,16 @@ from pathlib import Path
 from robust.errors import RobustError
 
 DATA_ENV = "ROBUST_DATA"
+
+
+def data_root(default: str = "data") -> str:
+    """Where data sets live when no root is given: ``$ROBUST_DATA`` if set, else ``default``."""
+    return os.environ.get(DATA_ENV) or default
+
+
+def shared_data_dir() -> Path:
+    """Test/benchmark data: ``$ROBUST_DATA`` if set, else ``../shared/data`` beside the project root."""
+    return Path(data_root(str(Path(__file__).resolve().parents[1].parent / "shared" / "data")))
 
 
 def resolve_data_root(root: str | None, downloads: bool = False) -> tuple[str | None, str | None]:

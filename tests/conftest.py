@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robust.data import Digits, shared_data_dir
+from robust.data import Digits
 from robust.models import build_model
+from robust.runfiles import shared_data_dir
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
 
 from robust.errors import RobustError
 from robust.files import load_checkpoint
+from robust.optim import Cyclic, Piecewise
 from robust.resume import check_resume_config, config_differences, rebuild_schedule
 from robust.runfiles import resolve_data_root
 
@@ -163,6 +165,19 @@ def test_a_rebuilt_cosine_schedule_is_the_one_built_for_the_new_length():
     for _ in range(25):
         assert old.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.optimizer.param_groups[0]["lr"])
         _stepped(old, 1), _stepped(fresh, 1)
+
+
+@pytest.mark.parametrize("schedule", [partial(Cyclic, peak_at=0.4), partial(Piecewise, milestones=(0.5, 0.75))])
+def test_a_rebuilt_run_fraction_schedule_is_the_one_built_for_the_new_length(schedule):
+    old = _stepped(schedule(_optimizer(), 20), 20)  # a finished run
+    assert f"the {old.name} learning-rate schedule was built for 20 steps; rebuilt" in rebuild_schedule(old, 40)
+    fresh = _stepped(schedule(_optimizer(), 40), 20)
+    lrs = []
+    for _ in range(20):
+        assert old.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.optimizer.param_groups[0]["lr"])
+        lrs.append(old.optimizer.param_groups[0]["lr"])
+        _stepped(old, 1), _stepped(fresh, 1)
+    assert len(set(lrs)) > 1  # the second half of the longer run is not flat: the comparison can fail
 
 
 def test_only_the_run_length_may_differ():
