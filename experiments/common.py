@@ -4,12 +4,15 @@ smoke tests' batch limit and the eps check made before any training."""
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from robust.errors import RobustError
+from robust.files import atomic_write_files
 from robust.machine import machine
 from robust.threats import ThreatSpec
 
-__all__ = ["check_eps", "fmt", "limit_args", "machine"]
+__all__ = ["check_eps", "fmt", "limit_args", "machine", "write_results"]
 
 
 def fmt(value: float | None) -> str:
@@ -30,3 +33,19 @@ def check_eps(parser: argparse.ArgumentParser, *eps: float) -> None:
             ThreatSpec(eps=value)
     except RobustError as exc:
         parser.error(str(exc))
+
+
+READING = "## Reading"
+
+
+def write_results(out: Path, name: str, markdown: str, record: dict) -> None:
+    """Write ``out``/``name``.md and .json at once. The markdown is the experiment's own; a ``## Reading`` section
+    already in the file (the interpretation, written by hand) is kept after it, so a rerun updates the figures and
+    leaves the reading for its author to check against them."""
+    path = Path(out) / f"{name}.md"
+    old = path.read_text() if path.is_file() else ""
+    reading = old[old.index(READING) :] if READING in old else ""
+    text = markdown.rstrip("\n") + "\n" + (f"\n{reading.rstrip()}\n" if reading else "")
+    atomic_write_files(
+        out, {f"{name}.json": (json.dumps(record, indent=2) + "\n").encode(), f"{name}.md": text.encode()}
+    )

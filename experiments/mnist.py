@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.common import machine  # noqa: E402
+from experiments.common import machine, write_results  # noqa: E402
 from robust.files import atomic_write_files, sha256_hex  # noqa: E402
 
 AUTHORS_URL = "https://github.com/locuslab/fast_adversarial/raw/master/MNIST/models/{name}.pth"
@@ -196,8 +196,9 @@ def document(text: str, command: str, n: int) -> str:
     return "\n".join([
         "# MNIST: Wong, Rice & Kolter 2020 reproduced",
         "",
-        "Written by `experiments/mnist.py` (do not edit by hand; rerun it). Each row is one model measured by the",
-        "same `evaluate.py report` with the paper's protocol (`MNIST/evaluate_mnist.py` of locuslab/fast_adversarial):",
+        "Written by `experiments/mnist.py` (rerun it; only the Reading section is by hand). Each row is one model",
+        "measured by the same `evaluate.py report` with the paper's protocol",
+        "(`MNIST/evaluate_mnist.py` of locuslab/fast_adversarial):",
         "eps 0.3, PGD-50 with step 0.01 and 10 random restarts (an image counts as broken when any restart breaks",
         f"it) and APGD-CE-100 (AutoAttack's first attack) on {n:,} test images (evenly spaced; all 10,000 without",
         "`--limit`); † on 500 evenly spaced test",
@@ -259,8 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python experiments/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(rows, mean, args, line)
     doc = {"machine": line, "command": command.strip(), "rows": rows, "fgsm_mean": mean}
-    atomic_write_files(args.out, {"mnist.json": (json.dumps(doc, indent=2) + "\n").encode(),
-                                  "mnist.md": document(text, command.strip(), rows[0]["n"]).encode()})  # fmt: skip
+    write_results(args.out, "mnist", document(text, command.strip(), rows[0]["n"]), doc)
     print(text)
     return doc
 

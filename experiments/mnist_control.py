@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
 import sys
@@ -33,10 +32,10 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from experiments.common import machine  # noqa: E402
+from experiments.common import machine, write_results  # noqa: E402
 from experiments.mnist import evaluate, kept  # noqa: E402
 from robust.archs import build_arch  # noqa: E402
-from robust.files import atomic_write_bytes, atomic_write_files  # noqa: E402
+from robust.files import atomic_write_bytes  # noqa: E402
 from robust.runfiles import data_root  # noqa: E402
 
 EPS, ALPHA, LR_MAX, EPOCHS, BATCH = 0.3, 0.375, 5e-3, 10, 100
@@ -113,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {"machine": machine(), "command": command.strip(), "rows": rows}
     body = f"# MNIST FGSM-RS: the paper's recipe in a plain PyTorch loop\n\n{__doc__.split(chr(10) * 2, 2)[2]}\n" \
            f"    {command.strip()}\n\n{text}"  # fmt: skip
-    atomic_write_files(args.out, {"mnist_control.json": (json.dumps(doc, indent=2) + "\n").encode(),
-                                  "mnist_control.md": body.encode()})  # fmt: skip
+    write_results(args.out, "mnist_control", body, doc)
     print(text)
     return doc
 

@@ -14,7 +14,6 @@ in ``--work`` as in ``experiments/mnist.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.common import write_results  # noqa: E402
 from experiments.mnist import evaluate, pct, train  # noqa: E402
-from robust.files import atomic_write_files  # noqa: E402
 from robust.machine import machine  # noqa: E402
 
 COLUMNS = (("clean", "Clean"), ("pgd", "L2 PGD-50×10"), ("apgd", "L2 APGD-CE-100"), ("aa_pgd_worst", "Cheap worst†"),
@@ -79,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     text = "\n".join([
         "# MNIST in L2, eps " + f"{args.eps:g}",
         "",
-        "Written by `experiments/mnist_l2.py` (rerun it; do not edit by hand). One `evaluate.py report --norm l2` per",
+        "Written by `experiments/mnist_l2.py` (rerun it; only the Reading section is by hand). One",
+        "`evaluate.py report --norm l2` per",
         f"model: L2 PGD-50 (step 2.5·eps/50) with 10 restarts and APGD-CE-100 on {n:,} test images (evenly spaced;",
         "all 10,000 without `--limit`); † AutoAttack",
         "(standard, L2, torchattacks), the report's cheap worst case and the per-example worst case over every attack",
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
     ])  # fmt: skip
     doc = {"machine": line, "command": command, "eps": args.eps, "rows": rows}
-    atomic_write_files(args.out, {"mnist_l2.json": (json.dumps(doc, indent=2) + "\n").encode(),
-                                  "mnist_l2.md": text.encode()})  # fmt: skip
+    write_results(args.out, "mnist_l2", text, doc)
     print(text)
     return doc
 
