@@ -41,9 +41,23 @@ def val_tag(key: str, norm: str) -> str:
 
 TrainAttack = Literal[("none", *ATTACKS)]  # robust.objectives.TRAIN_ATTACKS: the attack registry's, or none
 
+# AdversarialClassifier's arguments by section, in signature order; train.py's help lists them under these titles.
+ARG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "network": ("arch", "num_classes", "class_names", "channels", "weights", "mean", "std", "cifar_stem",
+                "channels_last"),
+    "adversarial training": ("attack", "target", "norm", "eps", "alpha", "attack_steps", "attack_early_exit",
+                             "nfgsm_noise", "clamp_start", "objective", "beta", "adv_ratio", "attack_bn_mode"),
+    "optimization": ("optimizer", "lr_scheduler", "backbone_lr_scale"),
+    "validation": ("val_eps", "val_steps", "val_alpha", "jpeg_quality", "val_seed"),
+}  # fmt: skip
+
 
 class AdversarialClassifier(L.LightningModule):
     """Classifier trained on a mix of clean and adversarial examples.
+
+    The arguments come in the sections of :data:`ARG_SECTIONS`, in this order in the signature, below and in
+    ``train.py fit --help`` (which lists them under those titles): the network, adversarial training, optimization,
+    validation. Their keys stay flat (``--model.eps``, ``model: eps:`` in a config), as in checkpoints.
 
     Args:
         arch: the network: a name of :data:`robust.archs.ARCHS` (``resnet18``, ``mnist_net``,
