@@ -15,7 +15,7 @@ from robust.averaging import WeightEMA
 from robust.callbacks import AdversarialImages, ValidateAtEnd
 from robust.cli import user_error
 from robust.guard import CatastrophicOverfittingGuard
-from robust.module import AdversarialClassifier, val_tag
+from robust.module import ARG_SECTIONS, AdversarialClassifier, val_tag
 from robust.precision import resolve_precision
 from robust.resume import RunLengthSchedule, check_resume_config, run_folder
 from robust.runfiles import resolve_data_root, run_summary
@@ -34,11 +34,30 @@ FIT_HELP = """Train a robust classifier. The options most runs change (every oth
   --print_config                    print the resolved config and exit"""
 
 
-class KeepLines(DefaultHelpFormatter):
-    """jsonargparse's help formatter, keeping the line breaks of the description and epilog (:data:`FIT_HELP`)."""
+# --model.<argument> -> the title of its section (--model.optimizer.help: the optimizer's)
+MODEL_SECTION = {f"model.{name}": title for title, names in ARG_SECTIONS.items() for name in names}
+
+
+class RobustHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter, keeping the line breaks of the description and epilog (:data:`FIT_HELP`) and
+    listing the model's options under the titles of their sections (:data:`robust.module.ARG_SECTIONS`). The
+    sections are in the help only: the keys stay flat (``--model.eps``, ``model: eps:``)."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    def add_arguments(self, actions) -> None:
+        section = None
+        for action in actions:
+            title = MODEL_SECTION.get(action.dest.removesuffix(".help"))
+            if title is not None and title != section:
+                if section is not None:
+                    self.end_section()
+                self.start_section(title)
+                section = title
+            self.add_argument(action)
+        if section is not None:
+            self.end_section()
 
 
 class RobustCLI(LightningCLI):
@@ -150,7 +169,7 @@ def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
             },  # fmt: skip
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
-                "formatter_class": KeepLines,
+                "formatter_class": RobustHelpFormatter,
                 "description": __doc__,
                 "fit": {"description": FIT_HELP, "epilog": FIT_HELP},
             },

@@ -1,6 +1,6 @@
 """The model card: what a trained model is and how to feed it, in one schema.
 
-:class:`ModelCard` is stored in checkpoints (``AdversarialClassifier.on_save_checkpoint``), written as an export's
+:class:`ModelCard` is stored in checkpoints (:func:`robust.run_record.save`), written as an export's
 ``model.json``, built for ImageNet and Hugging Face models, and carried by every model :func:`robust.load_model`
 returns. Its fields, their types and their meanings are the dataclasses below, all the way down (how the model was
 trained: :class:`TrainingRecord`; what validation measured: :class:`RobustnessRecord`); :meth:`ModelCard.from_dict`

@@ -12,7 +12,6 @@ torchmetrics so they are synced across DDP processes.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import lightning as L
@@ -22,10 +21,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from robust import run_record
 from robust.attacks import ATTACKS, check_budget, default_step, least_likely_class, random_other_class
-from robust.averaging import EMA_DECAY_KEY
 from robust.errors import RobustError
-from robust.loading import CARD_KEY, describe_init, initialize_classifier, training_card
+from robust.loading import describe_init, initialize_classifier
 from robust.models import default_normalization, head_of
 from robust.objectives import check_objective, objective_loss, training_attack
 from robust.optim import OptimizerFactory, SchedulerFactory, default_optimizer, default_scheduler
@@ -42,9 +41,23 @@ def val_tag(key: str, norm: str) -> str:
 
 TrainAttack = Literal[("none", *ATTACKS)]  # robust.objectives.TRAIN_ATTACKS: the attack registry's, or none
 
+# AdversarialClassifier's arguments by section, in signature order; train.py's help lists them under these titles.
+ARG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "network": ("arch", "num_classes", "class_names", "channels", "weights", "mean", "std", "cifar_stem",
+                "channels_last"),
+    "adversarial training": ("attack", "target", "norm", "eps", "alpha", "attack_steps", "attack_early_exit",
+                             "nfgsm_noise", "clamp_start", "objective", "beta", "adv_ratio", "attack_bn_mode"),
+    "optimization": ("optimizer", "lr_scheduler", "backbone_lr_scale"),
+    "validation": ("val_eps", "val_steps", "val_alpha", "jpeg_quality", "val_seed"),
+}  # fmt: skip
+
 
 class AdversarialClassifier(L.LightningModule):
     """Classifier trained on a mix of clean and adversarial examples.
+
+    The arguments come in the sections of :data:`ARG_SECTIONS`, in this order in the signature, below and in
+    ``train.py fit --help`` (which lists them under those titles): the network, adversarial training, optimization,
+    validation. Their keys stay flat (``--model.eps``, ``model: eps:`` in a config), as in checkpoints.
 
     Args:
         arch: the network: a name of :data:`robust.archs.ARCHS` (``resnet18``, ``mnist_net``,
@@ -64,9 +77,6 @@ class AdversarialClassifier(L.LightningModule):
         attack: training attack: ``none``, ``fgsm``, ``fgsm_rs`` (random start, Wong et al. 2020), ``nfgsm``
             (noise ``nfgsm_noise``·eps, no projection, de Jorge et al. 2022), ``pgd``; the one in force is
             :attr:`attack` (changed only by :meth:`set_attack`).
-        objective: training loss: ``ce`` (cross-entropy on the clean/adversarial mix), ``trades`` (Zhang et al.
-            2019) or ``mart`` (Wang et al. 2020), each with its own adversarial examples (:mod:`robust.objectives`);
-            ``beta``: their trade-off weight (default: the official script's, 6 and 5).
         target: ``none`` (untargeted), ``random`` or ``least_likely`` target class; labels stay true.
         norm: the threat model: ``linf`` or ``l2`` (training attack, validation, the card, TensorBoard tags).
         eps: budget in pixel units: L∞ in [0, 1], L2 in [0, sqrt(C·H·W)].
@@ -77,6 +87,8 @@ class AdversarialClassifier(L.LightningModule):
             PGD; Madry et al. run every step).
         nfgsm_noise: N-FGSM's noise, uniform in ±``nfgsm_noise``·eps.
         clamp_start: clip ``fgsm_rs``'s random start to [0, 1] before its gradient (false: Wong et al.'s MNIST code).
+        objective: training loss: ``ce`` (cross-entropy on the clean/adversarial mix), ``trades`` (Zhang et al.
+            2019) or ``mart`` (Wang et al. 2020), each with its own adversarial examples (:mod:`robust.objectives`).
         beta: TRADES / MART trade-off weight (default: the official script's, 6 and 5).
         adv_ratio: fraction of each batch replaced by adversarial examples, in [0, 1]; 0 = clean training.
         attack_bn_mode: BatchNorm mode while making training attacks (``eval`` uses running stats).
@@ -87,9 +99,10 @@ class AdversarialClassifier(L.LightningModule):
             ``Cosine``) or null for a constant lr.
         backbone_lr_scale: the learning rate of every parameter but the head's (:func:`robust.models.head_of`)
             is the optimizer's ``lr × backbone_lr_scale`` (for fine-tuning; 1 = one group).
-        val_eps: validation eps (default: ``eps``).
+        val_eps: budget of the validation threats, in the card's ``robustness.eps`` (default: ``eps``).
         val_steps: validation PGD steps (default 10).
-        val_alpha: validation PGD step (default eps/4).
+        val_alpha: validation PGD step (default :func:`robust.threats.default_alpha`: eps/4 in L∞, 2.5·eps/steps
+            in L2).
         jpeg_quality: JPEG defense quality, 1..100.
         val_seed: seed of validation random starts and targets.
     """
@@ -162,14 +175,6 @@ class AdversarialClassifier(L.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in ("clean", "adv")})
         self.val_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in VAL_KEYS})
-
-    @property
-    def val_eps(self) -> float:
-        return self.val_spec.eps
-
-    @property
-    def val_alpha(self) -> float:
-        return self.val_spec.step
 
     def forward(self, x: Tensor) -> Tensor:
         """``N×C×H×W`` images in [0, 1] -> ``N×num_classes`` logits."""
@@ -292,79 +297,14 @@ class AdversarialClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_start(self) -> None:
-        split_rng_by_rank(self.trainer.global_rank, self.trainer.world_size)
+        run_record.split_rng_by_rank(self.trainer.global_rank, self.trainer.world_size)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the model card (data description, the attack and step in force, the initial weights, the latest
-        ``val/*`` figures and the monitored best score) and the RNG states, so a resumed run draws the same shuffles
-        and random starts."""
-        trainer = self.trainer
-        datamodule = getattr(trainer, "datamodule", None)
-        monitored = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
-        score = None if monitored is None else monitored.best_model_score
-        # Defaults resolved and guard changes kept; the decay is put in the checkpoint by
-        # robust.averaging.WeightEMA, whose hook runs first.
-        in_force = {
-            **self.hparams,
-            "attack": self.attack,
-            "switched_from": None if self.attack == self.hparams.attack else self.hparams.attack,
-            "attack_steps": self.attack_steps,
-            "beta": self.beta,
-            "ema_decay": checkpoint.get(EMA_DECAY_KEY),
-            "init": self.weights_init,
-            "seed": None if os.environ.get("PL_GLOBAL_SEED") is None else int(os.environ["PL_GLOBAL_SEED"]),
-            **optimization_record(trainer),
-        }
-        card = training_card(
-            in_force, datamodule.describe() if hasattr(datamodule, "describe") else None, trainer.callback_metrics,
-            alpha=None if self.attack == "none" else self.alpha, epoch=trainer.current_epoch,
-            global_step=trainer.global_step,
-            best=None if score is None else {"monitor": monitored.monitor, "score": float(score)},
-        )  # fmt: skip
-        checkpoint[CARD_KEY] = card.to_dict()
-        checkpoint["rng_torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
+        """Keep the run record: the model card (settings in force, data, latest ``val/*`` figures) and the RNG
+        states (:func:`robust.run_record.save`)."""
+        run_record.save(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # What the guard changed (attack, step) is kept when resuming the same recipe; another configured attack wins.
-        training = (checkpoint.get(CARD_KEY) or {}).get("training", {})
-        if training.get("switched_from") == self.hparams.attack:  # switch_to_nfgsm
-            self.set_attack(training["attack"])
-        if training.get("alpha") is not None and training.get("attack") == self.attack:  # after any rollback
-            self.set_attack_step(training["alpha"])
-        if training.get("init") is not None:  # what this run started from, not what the weights path holds now
-            self.weights_init = training["init"]
-        if "rng_torch" in checkpoint:
-            torch.set_rng_state(checkpoint["rng_torch"])
-        if "rng_cuda" in checkpoint and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
-
-
-def optimization_record(trainer: L.Trainer) -> dict:
-    """The optimizer and schedule in force, for the card: ``{"optimizer": {"class", <its defaults>},
-    "lr_scheduler": {"class", ...} or None}`` (JSON-native values only)."""
-
-    def plain(obj: object, names: dict) -> dict:
-        values = {k: v for k, v in names.items() if isinstance(v, (int, float, str, bool, type(None), tuple, list))}
-        return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **values}
-
-    if not trainer.optimizers:
-        return {"optimizer": None, "lr_scheduler": None}
-    opt = trainer.optimizers[0]
-    configs = trainer.lr_scheduler_configs
-    sched = configs[0].scheduler if configs else None
-    sched_args = {} if sched is None else {k: v for k, v in vars(sched).items() if k in ("total_steps", "peak_at")}
-    return {"optimizer": plain(opt, opt.defaults), "lr_scheduler": None if sched is None else plain(sched, sched_args)}
-
-
-def split_rng_by_rank(rank: int, world_size: int) -> None:
-    """Give each of ``world_size`` processes its own torch RNG stream (for random starts, noise and targets).
-
-    ``seed_everything`` seeds every rank alike (so the initial weights agree), which would give every rank the same
-    random starts for its different images. Each rank draws one number from the shared stream and reseeds with it
-    plus its rank: distinct, and reproducible from the shared state (also after a resume). One process: untouched.
-    """
-    if world_size > 1:
-        base = int(torch.randint(2**62, (1,)))
-        torch.manual_seed(base + rank)
+        """Take back the guard's attack and step, the initial weights' record and the RNG states
+        (:func:`robust.run_record.restore`)."""
+        run_record.restore(self, checkpoint)

@@ -20,7 +20,8 @@ import train as train_cli
 from robust.errors import RobustError
 from robust.files import load_checkpoint
 from robust.models import head_of
-from robust.module import VAL_KEYS, split_rng_by_rank
+from robust.module import VAL_KEYS
+from robust.run_record import split_rng_by_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
