@@ -102,7 +102,7 @@ CONFIG = ROOT / "configs" / "imagefolder.yaml"
 FINETUNE_CONFIG = ROOT / "configs" / "imagefolder_finetune.yaml"
 FAST_CONFIG = ROOT / "configs" / "cifar10_fast.yaml"  # the GPU settings taken on --device cuda
 EPS, LARGE_EPS = 8 / 255, 16 / 255
-PGD_STEPS = 10  # the evaluation attack: PGD-10, step eps/4 (robust.threats.default_alpha), random start
+PGD_STEPS = 10  # the evaluation attack: PGD-10, step eps/4 (robust.attacks.ATTACKS), random start
 PREVIOUS_CKPT = "<last.ckpt of the previous stage>"  # replaced when the previous stage has written it
 ROW_KEYS = ("name", "recipe", "attack", "objective", "eps", "alpha", "attack_steps", "ema_decay", "epochs", "steps",
             "clean", "pgd10", "n_test", "autoattack", "aa_clean", "aa_pgd10", "n_aa", "train_s", "probe_s", "eval_s",

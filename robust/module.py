@@ -80,7 +80,7 @@ class AdversarialClassifier(L.LightningModule):
         target: ``none`` (untargeted), ``random`` or ``least_likely`` target class; labels stay true.
         norm: the threat model: ``linf`` or ``l2`` (training attack, validation, the card, TensorBoard tags).
         eps: budget in pixel units: L∞ in [0, 1], L2 in [0, sqrt(C·H·W)].
-        alpha: step (default :func:`robust.threats.training_alpha`: 1.25·eps for fgsm_rs, eps for fgsm and nfgsm,
+        alpha: step (default :meth:`default_alpha`: 1.25·eps for fgsm_rs, eps for fgsm and nfgsm,
             eps/4 for pgd; trades/mart: 0.007/0.031·eps); changed only by :meth:`set_attack_step`.
         attack_steps: PGD training steps (default 7; 10 for trades/mart, as their official scripts).
         attack_early_exit: PGD training leaves each example at its first misclassified iterate (Wong et al.'s MNIST
@@ -101,7 +101,7 @@ class AdversarialClassifier(L.LightningModule):
             is the optimizer's ``lr × backbone_lr_scale`` (for fine-tuning; 1 = one group).
         val_eps: budget of the validation threats, in the card's ``robustness.eps`` (default: ``eps``).
         val_steps: validation PGD steps (default 10).
-        val_alpha: validation PGD step (default :func:`robust.threats.default_alpha`: eps/4 in L∞, 2.5·eps/steps
+        val_alpha: validation PGD step (default :attr:`robust.threats.ThreatSpec.step`: eps/4 in L∞, 2.5·eps/steps
             in L2).
         jpeg_quality: JPEG defense quality, 1..100.
         val_seed: seed of validation random starts and targets.
@@ -188,7 +188,7 @@ class AdversarialClassifier(L.LightningModule):
     def default_alpha(attack: str, objective: str, eps: float, norm: str = "linf", steps: int = 7) -> float:
         """The training step when none is given: the objective's official one, else the attack's training step in
         the registry (:func:`robust.attacks.default_step`); ``eps`` for ``none`` (no step is taken)."""
-        official = check_objective(objective, attack).default_alpha(eps)
+        official = check_objective(objective, attack).official_alpha(eps)
         if official or attack == "none":
             return official or eps
         return default_step(attack, eps, norm=norm, steps=steps, training=True)

@@ -126,7 +126,7 @@ class Objective:
     steps: int | None = None
     alpha_per_eps: float | None = None
 
-    def default_alpha(self, eps: float) -> float | None:
+    def official_alpha(self, eps: float) -> float | None:
         """The official step size scaled to ``eps`` (None: the training attack's own default)."""
         return None if self.alpha_per_eps is None else self.alpha_per_eps * eps
 

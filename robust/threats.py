@@ -65,20 +65,6 @@ _ATTACKED = ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "jpeg_fgsm", "jpeg_pgd
 _MIN_CLASSES = {"apgd_dlr": 3, "apgd_t": 4}
 
 
-def default_alpha(eps: float, *, norm: str = "linf", steps: int = 10) -> float:
-    """Evaluation PGD step when none is given (:data:`robust.attacks.ATTACKS`): L-inf eps/4, L2 2.5·eps/steps;
-    1/255 at eps = 0, where any step is void."""
-    return default_step("pgd", eps, norm=norm, steps=steps)
-
-
-def training_alpha(attack: str, eps: float, *, norm: str = "linf", steps: int = 7) -> float:
-    """Training attack step when none is given (:data:`robust.attacks.ATTACKS`): 1.25·eps for ``fgsm_rs`` (Wong et
-    al. 2020), eps for ``fgsm`` and ``nfgsm``, eps/4 for ``pgd`` (L2: 2.5·eps/steps); eps for ``none``."""
-    if attack == "none":
-        return eps
-    return default_step(attack, eps, norm=norm, steps=steps, training=True)
-
-
 @contextmanager
 def bn_mode(model: nn.Module, mode: Literal["eval", "train"]) -> Iterator[None]:
     """Put ``model`` in ``mode`` for the block, then restore its previous mode."""
@@ -93,8 +79,8 @@ def bn_mode(model: nn.Module, mode: Literal["eval", "train"]) -> Iterator[None]:
 @dataclass(frozen=True)
 class ThreatSpec:
     """What to measure: budget ``eps`` in pixel units in the threat model ``norm`` (``linf``: [0, 1]; ``l2``: >= 0,
-    at most sqrt(C·H·W), checked against the images); PGD ``steps`` of ``alpha`` (default :func:`default_alpha`)
-    with ``restarts`` random restarts (for ``pgd``, ``bpda_pgd``, the targeted attack and APGD); JPEG ``quality``;
+    at most sqrt(C·H·W), checked against the images); PGD ``steps`` of ``alpha`` (default: :attr:`step`) with
+    ``restarts`` random restarts (for ``pgd``, ``bpda_pgd``, the targeted attack and APGD); JPEG ``quality``;
     ``seed`` of random starts and targets; the ``threats`` (keys of :data:`THREATS`). ``early_exit``: attack only
     the examples still standing (default; False: every example, every step, for comparison); ``cascade``: run each
     worst case's parts on the survivors of the parts before (the module docstring says what the figures then
@@ -130,8 +116,11 @@ class ThreatSpec:
 
     @property
     def step(self) -> float:
-        """The PGD step in force: ``alpha``, else :func:`default_alpha` of ``eps`` (and ``steps``, for L2)."""
-        return default_alpha(self.eps, norm=self.norm, steps=self.steps) if self.alpha is None else float(self.alpha)
+        """The PGD step in force: ``alpha``, else the registry's evaluation step for ``eps`` (L∞ eps/4; L2
+        2.5·eps/``steps``; :func:`robust.attacks.default_step`)."""
+        return (
+            default_step("pgd", self.eps, norm=self.norm, steps=self.steps) if self.alpha is None else float(self.alpha)
+        )
 
     @property
     def mode(self) -> str:

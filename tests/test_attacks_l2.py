@@ -10,9 +10,10 @@ import torch
 import torchattacks
 from torch import nn
 
-from robust import attacks, threats
+from robust import attacks
 from robust.attacks import ATTACKS, FGSM_RS_STEP, SINGLE_STEP_ATTACKS, attack_info, default_step, fgsm, pgd
 from robust.errors import RobustError
+from robust.module import AdversarialClassifier
 from robust.threats import ThreatSpec, apgd, predictions
 
 EPS = 1.0  # L2, over 3·32·32 values: about 0.018 per value if spread evenly (digits images)
@@ -196,10 +197,12 @@ def test_registry_is_the_one_home_of_default_steps():
     assert default_step("pgd", 0.0) == pytest.approx(1 / 255)  # a step must be > 0; it is void at eps 0
     assert SINGLE_STEP_ATTACKS == ("fgsm", "fgsm_rs", "nfgsm")
     assert [n for n, a in ATTACKS.items() if not a.projects] == ["nfgsm"]
-    # the older names derive from it
-    assert threats.default_alpha(eps) == default_step("pgd", eps)
-    assert threats.default_alpha(0.5, norm="l2", steps=20) == pytest.approx(2.5 * 0.5 / 20)
-    assert all(threats.training_alpha(a, eps) == default_step(a, eps, training=True) for a in ATTACKS)
+    # the threat suite's and the module's defaults derive from it
+    assert ThreatSpec(eps).step == default_step("pgd", eps)
+    assert ThreatSpec(0.5, norm="l2", steps=20).step == pytest.approx(2.5 * 0.5 / 20)
+    assert all(
+        AdversarialClassifier.default_alpha(a, "ce", eps) == default_step(a, eps, training=True) for a in ATTACKS
+    )
     assert ThreatSpec(0.5, norm="l2", steps=5).step == pytest.approx(0.25)
     with pytest.raises(RobustError, match="training perturbation"):
         default_step("nfgsm", eps)

@@ -117,7 +117,7 @@ def test_ce_loss_and_objective_loss_defaults(logits):
         default, given = loss(adv, y, clean, OBJECTIVES[name].beta), loss(adv, y, clean, 2.0)
         assert objective_loss(name, adv, y, logits_clean=clean).item() == default.item() != given.item()
         assert objective_loss(name, adv, y, logits_clean=clean, beta=2.0).item() == given.item()
-        assert abs(OBJECTIVES[name].default_alpha(0.031) - 0.007) <= 1e-12 and OBJECTIVES[name].steps == 10
+        assert abs(OBJECTIVES[name].official_alpha(0.031) - 0.007) <= 1e-12 and OBJECTIVES[name].steps == 10
         with pytest.raises(ValueError, match="clean logits"):
             objective_loss(name, adv, y)
 

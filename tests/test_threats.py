@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from robust.errors import RobustError
+from robust.module import AdversarialClassifier
 from robust.threats import (
     DEFAULT_THREATS,
     THREATS,
@@ -14,9 +15,7 @@ from robust.threats import (
     accuracy,
     apgd,
     correct_counts,
-    default_alpha,
     predictions,
-    training_alpha,
     worst_case,
 )
 
@@ -128,10 +127,10 @@ def test_accuracy_is_the_mean_of_correct_predictions(digits_model, batch):
 
 
 def test_step_defaults():
-    assert default_alpha(0.1) == pytest.approx(0.025) and default_alpha(0.0) == pytest.approx(1 / 255)
+    assert ThreatSpec(0.1).step == pytest.approx(0.025) and ThreatSpec(0.0).step == pytest.approx(1 / 255)
     assert ThreatSpec(0.1).step == pytest.approx(0.025) and ThreatSpec(0.1, alpha=0.01).step == 0.01
     expected = {"fgsm_rs": 0.125, "fgsm": 0.1, "pgd": 0.025, "none": 0.1}
-    assert {a: training_alpha(a, 0.1) for a in expected} == pytest.approx(expected)
+    assert {a: AdversarialClassifier.default_alpha(a, "ce", 0.1) for a in expected} == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
