@@ -68,6 +68,19 @@ def authors_model(name: str, folder: Path) -> Path:
     return path
 
 
+def work_env(args: argparse.Namespace) -> dict:
+    """The environment of the runs' processes (``--threads`` torch threads each, this process too), after making
+    ``--work``/rows."""
+    env = dict(os.environ)
+    if args.threads:
+        import torch
+
+        env["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    (args.work / "rows").mkdir(parents=True, exist_ok=True)
+    return env
+
+
 def run(cmd: list[str], env: dict, log: Path) -> float:
     """Run ``cmd`` (output to ``log``); its wall time in seconds; exit with its log's tail when it fails."""
     start = time.perf_counter()
@@ -237,13 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.pgd_epochs < 0 or any(s < 0 for s in args.seeds):
         parser.error("--pgd-epochs and --seeds must be 0 or more")
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-        import torch
-
-        torch.set_num_threads(args.threads)
-    (args.work / "rows").mkdir(parents=True, exist_ok=True)
+    env = work_env(args)
     rows = []
     for seed in args.seeds:
         rows.append(ours("configs/mnist_fgsm.yaml", f"fgsm_seed{seed}", seed, args.train_args, args, env))

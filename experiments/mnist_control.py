@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ import torchvision  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from experiments.common import machine, write_results  # noqa: E402
-from experiments.mnist import evaluate, kept  # noqa: E402
+from experiments.mnist import evaluate, kept, work_env  # noqa: E402
 from robust.archs import build_arch  # noqa: E402
 from robust.files import atomic_write_bytes  # noqa: E402
 from robust.runfiles import data_root  # noqa: E402
@@ -80,11 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fresh", action="store_true", help="measure every row again")
     args = parser.parse_args(argv)
     args.autoattack = False
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
-    (args.work / "rows").mkdir(parents=True, exist_ok=True)
+    env = work_env(args)
     rows = []
     for seed in args.seeds:
         name = f"plain_seed{seed}"

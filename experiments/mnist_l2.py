@@ -14,7 +14,6 @@ in ``--work`` as in ``experiments/mnist.py``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.common import write_results  # noqa: E402
-from experiments.mnist import evaluate, pct, train  # noqa: E402
+from experiments.mnist import evaluate, pct, train, work_env  # noqa: E402
 from robust.machine import machine  # noqa: E402
 
 COLUMNS = (("clean", "Clean"), ("pgd", "L2 PGD-50×10"), ("apgd", "L2 APGD-CE-100"), ("aa_pgd_worst", "Cheap worst†"),
@@ -54,9 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not args.eps > 0:
         parser.error("--eps must be > 0")
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = work_env(args)
     rows = []
     for name, config, extra, label in RUNS:
         trained = train(config, name, 0, [*extra, *args.train_args], args, env)
