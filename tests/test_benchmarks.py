@@ -91,3 +91,40 @@ def test_bad_options_are_clear_errors(argv, match):
         pytest.skip("this machine has a GPU")
     with pytest.raises(RobustError, match=match):
         load_script("run").main(argv)
+
+
+def test_quick_suite_row_never_reports_higher_accuracy_with_early_exit(tmp_path):
+    """``--only suite --quick``: the threat suite with early exit and with the cascade, side by side with every
+    example every step, on stand-in digits models (and the authors' MNIST model with AutoAttack cut down, when
+    ``.cache/fast_adversarial/fgsm.pth`` and MNIST are there). Whatever the timings, on the same images and seeds no
+    accuracy may be higher than the all-steps run's (the targeted success rate no lower), the clean figures are
+    equal, and the cascade's worst cases equal the early-exit run's (the same attacks, run on survivors)."""
+    run = load_script("run")
+    out = tmp_path / "suite.json"
+    record = run.main(["--quick", "--only", "suite", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    cases = [k.removesuffix("_accuracy") for k in record if k.startswith("suite_") and k.endswith("_accuracy")]
+    assert {"suite_digits", "suite_digits_clean"} <= set(cases)
+    for case in cases:
+        acc = record[f"{case}_accuracy"]
+        full = acc["all_steps"]
+        assert set(full) == set(run.DEFAULT_THREATS)
+        for mode in ("early_exit", "cascade"):
+            for key, value in acc[mode].items():
+                if key == "targeted_success":
+                    assert value >= full[key], (case, mode, key)
+                else:
+                    assert value <= full[key], (case, mode, key)
+            assert acc[mode]["clean"] == full["clean"] and acc[mode]["jpeg"] == full["jpeg"]
+        for key in ("pgd_worst", "jpeg_worst"):
+            assert acc["cascade"][key] == acc["early_exit"][key], (case, key)
+        assert record[f"{case}_never_higher"] is True
+        for mode in ("early_exit", "cascade"):
+            ratio = record[f"{case}_{mode}_over_all_steps"]
+            assert math.isfinite(ratio) and ratio > 0
+    if "suite_mnist" in cases:
+        acc = record["cheap_vs_autoattack_accuracy"]
+        assert acc["worst_of_cheap_and_autoattack"] <= min(acc["cheap"], acc["autoattack"])
+        assert acc["cheap_cascade"] == acc["cheap"]  # the cascade changes the cost, not the worst case
+        assert math.isfinite(record["cheap_over_autoattack"]) and record["cheap_vs_autoattack_n"] == 4
+    assert record["suite_repeats"] == 1 and record["threads"] == 1
