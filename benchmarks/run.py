@@ -46,7 +46,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from robust.attacks import default_step, pgd
 from robust.cli import exit_code
-from robust.data import Digits, mnist_tensors, shared_data_dir
+from robust.data import Digits, mnist_tensors
 from robust.defenses import jpeg, to_uint8
 from robust.errors import RobustError
 from robust.files import atomic_write_bytes
@@ -54,6 +54,7 @@ from robust.loading import external_model, load_model
 from robust.machine import machine
 from robust.models import CIFAR10_MEAN, CIFAR10_STD
 from robust.module import AdversarialClassifier
+from robust.runfiles import shared_data_dir
 from robust.threats import DEFAULT_THREATS, ThreatSpec, accuracy, predictions, worst_case
 
 EPS, QUALITY = 8 / 255, 75
