@@ -42,11 +42,12 @@ import torchvision
 import yaml
 from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 from torchvision.transforms.v2 import functional as TF
 
 from robust.attacks import default_step, pgd
 from robust.cli import exit_code
-from robust.data import Digits, mnist_tensors
+from robust.data import Digits, evenly_spaced, mnist_tensors
 from robust.defenses import jpeg, to_uint8
 from robust.errors import RobustError
 from robust.files import atomic_write_bytes
@@ -321,7 +322,7 @@ def mnist_test(n: int) -> tuple[Tensor, Tensor]:
     """``n`` evenly spaced MNIST test images (as ``evaluate.py report --data mnist --limit n`` takes them) and labels,
     from ``$ROBUST_DATA/MNIST/raw``."""
     x, y = mnist_tensors(shared_data_dir(), train=False, download=False)
-    idx = [int(i * len(y) / n) for i in range(min(n, len(y)))]
+    idx = list(getattr(evenly_spaced(TensorDataset(x, y), n), "indices", range(len(y))))
     return x[idx], y[idx]
 
 
