@@ -1,7 +1,7 @@
 """Reproduce Wong, Rice & Kolter 2020's MNIST table: train the papers' two runs, evaluate them and the authors' released
 models with the same report, and write ``docs/results/mnist.md`` (+ ``mnist.json``).
 
-    python experiments/mnist.py [--seeds 0 1 2] [--pgd-epochs 100] [--threads 1] [--no-autoattack]
+    python experiments/mnist.py [--seeds 0 1 2] [--pgd-epochs 100] [--threads 1] [--no-autoattack] [--no-authors]
 
 Rows: ours, ``configs/mnist_fgsm.yaml`` (FGSM with a random start, 10 epochs) once per seed, then their mean and
 range; the authors' ``fgsm.pth``; ours, ``configs/mnist_pgd.yaml`` (PGD-40, ``--pgd-epochs`` of the paper's 100;
@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--authors", type=Path, default=ROOT / ".cache" / "fast_adversarial",
                         help="where the authors' released models are (or are downloaded to)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="where mnist.md/json go")
+    parser.add_argument("--no-authors", dest="authors_rows", action="store_false",
+                        help="leave out the authors' released models (offline, without them in --authors)")  # fmt: skip
     parser.add_argument("--fresh", action="store_true", help="measure every row again")
     args = parser.parse_args(argv)
     if args.pgd_epochs < 0 or any(s < 0 for s in args.seeds):
@@ -254,12 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for seed in args.seeds:
         rows.append(ours("configs/mnist_fgsm.yaml", f"fgsm_seed{seed}", seed, args.train_args, args, env))
-    rows.append(theirs("fgsm", args, env))
+    if args.authors_rows:
+        rows.append(theirs("fgsm", args, env))
     if args.pgd_epochs:
         name = f"pgd_{args.pgd_epochs}ep"
         extra = ["--trainer.max_epochs", str(args.pgd_epochs), *args.train_args]
         rows.append({**ours("configs/mnist_pgd.yaml", name, 0, extra, args, env), "epochs": args.pgd_epochs})
-    rows.append(theirs("pgd_madry", args, env))
+    if args.authors_rows:
+        rows.append(theirs("pgd_madry", args, env))
     if args.train_only:
         return {"rows": rows}
     mean = mean_row([r for r in rows if r["name"].startswith("fgsm_seed")]) if args.seeds else None

@@ -1,6 +1,6 @@
 """Control for the MNIST FGSM-RS row: is its seed-to-seed spread the recipe's, or our pipeline's?
 
-    python experiments/mnist_control.py [--seeds 0 1 2] [--threads 1] [--limit 2000]
+    python experiments/mnist_control.py [--seeds 0 1 2] [--threads 1] [--limit 2000] [--epochs 10]
 
 Trains Wong et al. 2020's MNIST FGSM-RS recipe (``MNIST/train_mnist.py``'s defaults, the settings of
 ``configs/mnist_fgsm.yaml``) in a plain PyTorch loop, with none of the product's training code: torchvision's MNIST
@@ -37,7 +37,7 @@ from robust.archs import build_arch  # noqa: E402
 from robust.files import atomic_write_bytes  # noqa: E402
 from robust.runfiles import data_root  # noqa: E402
 
-EPS, ALPHA, LR_MAX, EPOCHS, BATCH = 0.3, 0.375, 5e-3, 10, 100
+EPS, ALPHA, LR_MAX, EPOCHS, BATCH = 0.3, 0.375, 5e-3, 10, 100  # train_mnist.py's defaults
 
 
 def fgsm_rs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -48,8 +48,9 @@ def fgsm_rs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return (x + delta).clamp(0, 1)
 
 
-def train_plain(seed: int, root: str) -> tuple[dict, float]:
-    """The recipe in a plain loop under ``seed``: the final state dict and the wall time in seconds."""
+def train_plain(seed: int, root: str, epochs: int = EPOCHS, batches: int | None = None) -> tuple[dict, float]:
+    """The recipe in a plain loop under ``seed`` for ``epochs`` (the schedule fits them; ``batches`` per epoch: all,
+    or that many for smoke tests): the final state dict and the wall time in seconds."""
     np.random.seed(seed)
     torch.manual_seed(seed)
     data = torchvision.datasets.MNIST(root, train=True, download=False, transform=torchvision.transforms.ToTensor())
@@ -57,10 +58,11 @@ def train_plain(seed: int, root: str) -> tuple[dict, float]:
     model = build_arch("mnist_net", 10, channels=1)
     opt = torch.optim.Adam(model.parameters(), lr=LR_MAX)
     start = time.perf_counter()
-    for epoch in range(EPOCHS):
-        for i, (x, y) in enumerate(loader):
-            t = epoch + (i + 1) / len(loader)
-            opt.param_groups[0]["lr"] = float(np.interp(t, [0, EPOCHS * 2 // 5, EPOCHS], [0, LR_MAX, 0]))
+    per_epoch = len(loader) if batches is None else min(batches, len(loader))
+    for epoch in range(epochs):
+        for i, (x, y) in zip(range(per_epoch), loader, strict=False):
+            t = epoch + (i + 1) / per_epoch
+            opt.param_groups[0]["lr"] = float(np.interp(t, [0, epochs * 2 // 5, epochs], [0, LR_MAX, 0]))
             loss = F.cross_entropy(model(fgsm_rs(model, x, y)), y)
             opt.zero_grad()
             loss.backward()
@@ -73,11 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (the paper's: {EPOCHS})")
+    parser.add_argument("--limit-train-batches", type=int, help="training batches per epoch (smoke tests; default all)")
     parser.add_argument("--limit", type=int, help="evaluate this many evenly spaced test images (default all)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "mnist_control", help="weights, reports")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="where mnist_control.md goes")
     parser.add_argument("--fresh", action="store_true", help="measure every row again")
     args = parser.parse_args(argv)
+    if args.epochs < 1 or (args.limit_train_batches is not None and args.limit_train_batches < 1):
+        parser.error("--epochs and --limit-train-batches must be 1 or more")
     args.autoattack = False
     env = work_env(args)
     rows = []
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         weights = args.work / f"{name}.pth"
 
         def fit(seed: int = seed, weights: Path = weights) -> dict:
-            state, seconds = train_plain(seed, data_root())
+            state, seconds = train_plain(seed, data_root(), args.epochs, args.limit_train_batches)
             buffer = io.BytesIO()
             torch.save(state, buffer)
             atomic_write_bytes(weights, buffer.getvalue())
