@@ -131,7 +131,9 @@ def time_interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None]
 ) -> dict[str, float]:
     """Median seconds per call of each function. Each round calls every function once, in an order rotated
-    from round to round, so background load and clock changes hit them all alike; warm-up rounds are not timed."""
+    from round to round, so background load and clock changes hit them all alike; warm-up rounds are not timed.
+    (``torch.utils.benchmark.Timer`` times one statement's runs back to back: on a shared machine a load that comes
+    and goes would then land on one side of a ratio only.)"""
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(warmup + repeats):
