@@ -32,7 +32,7 @@ import torchvision  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from experiments.common import machine, write_results  # noqa: E402
-from experiments.mnist import evaluate, kept, work_env  # noqa: E402
+from experiments.mnist import evaluate, kept, pct, work_env  # noqa: E402
 from robust.archs import build_arch  # noqa: E402
 from robust.files import atomic_write_bytes  # noqa: E402
 from robust.runfiles import data_root  # noqa: E402
@@ -104,13 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
     lines = ["| Seed | Clean | PGD-50×10 | APGD-CE-100 | Training |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         f = r["figures"]
-        lines.append(f"| {r['seed']} | {100 * f['clean']:.2f} | {100 * f['pgd']:.2f} | {100 * f['apgd']:.2f} | "
+        lines.append(f"| {r['seed']} | {pct(f['clean'])} | {pct(f['pgd'])} | {pct(f['apgd'])} | "
                      f"{r['train_s'] / 60:.1f} min |")  # fmt: skip
-    spread = f"{100 * statistics.mean(pgd):.2f} ({100 * min(pgd):.2f}–{100 * max(pgd):.2f})"
+    spread = f"{pct(statistics.mean(pgd))} ({pct(min(pgd))}–{pct(max(pgd))})"
     lines.append(f"| mean (range) | | {spread} | | |")
     command = "python experiments/mnist_control.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = "\n".join(lines) + f"\n\nAccuracy (%) on {rows[0]['n']:,} MNIST test images at eps 0.3 (L∞); {machine()}.\n"
-    doc = {"machine": machine(), "command": command.strip(), "rows": rows}
+    line = machine()
+    text = "\n".join(lines) + f"\n\nAccuracy (%) on {rows[0]['n']:,} MNIST test images at eps 0.3 (L∞); {line}.\n"
+    doc = {"machine": line, "command": command.strip(), "rows": rows}
     body = f"# MNIST FGSM-RS: the paper's recipe in a plain PyTorch loop\n\n{__doc__.split(chr(10) * 2, 2)[2]}\n" \
            f"    {command.strip()}\n\n{text}"  # fmt: skip
     write_results(args.out, "mnist_control", body, doc)
