@@ -333,6 +333,10 @@ def suite_cases(device: torch.device, sizes: Sizes, args: argparse.Namespace) ->
     ``suite_n`` held-out digits) and the authors' robust MNIST model (eps 0.3, ``suite_n`` evenly spaced test
     images). ``--quick``: stand-ins for the digits models (:func:`quick_digits_model`); the MNIST model must be
     there (``--mnist-model``), else its rows are left out with one line saying so."""
+    mnist, raw = Path(args.mnist_model), shared_data_dir() / "MNIST" / "raw"
+    if not mnist.is_file() and not sizes.quick:  # before minutes of training the digits models
+        raise RobustError(f"{mnist} is missing: give the authors' fgsm.pth with --mnist-model (experiments/mnist.py "
+                          "downloads it to .cache/fast_adversarial/)")  # fmt: skip
     eps, threads = digits_eps(), torch.get_num_threads()
     cases = []
     for key, label, attack, given in (("digits", "digits FGSM-RS", "fgsm_rs", args.digits_model),
@@ -347,15 +351,11 @@ def suite_cases(device: torch.device, sizes: Sizes, args: argparse.Namespace) ->
         data.setup()
         x, y = (t[: sizes.suite_n] for t in data.val_set.tensors)
         cases.append(SuiteCase(key, label, model.to(device).eval(), x.to(device), y.to(device), eps))
-    mnist, raw = Path(args.mnist_model), shared_data_dir() / "MNIST" / "raw"
     if mnist.is_file() and (raw.is_dir() or not sizes.quick):
         model = external_model(str(mnist), "state_dict", arch="mnist_net").to(device).eval()
         x, y = mnist_test(sizes.suite_n)
         cases.append(SuiteCase("mnist", f"MNIST {mnist.name}", model, x.to(device), y.to(device),
                                MNIST_EPS))  # fmt: skip
-    elif not sizes.quick:
-        raise RobustError(f"{mnist} is missing: give the authors' fgsm.pth with --mnist-model (experiments/mnist.py "
-                          "downloads it to .cache/fast_adversarial/)")  # fmt: skip
     else:
         print(f"note: {mnist if not mnist.is_file() else raw} is missing: the MNIST rows are left out", flush=True)
     return cases
