@@ -1,12 +1,16 @@
 """Reproduce Wong, Rice & Kolter 2020's MNIST table: train the papers' two runs, evaluate them and the authors' released
 models with the same report, and write ``docs/results/mnist.md`` (+ ``mnist.json``).
 
-    python experiments/mnist.py [--seeds 0 1 2] [--pgd-epochs 100] [--threads 1] [--no-autoattack] [--no-authors]
+    python experiments/mnist.py [--seeds 0 1 2] [--heldout-seeds 0 1 2] [--pgd-epochs 100] [--threads 1]
+                                [--no-autoattack] [--no-authors] [--limit N] [--name mnist]
 
 Rows: ours, ``configs/mnist_fgsm.yaml`` (FGSM with a random start, 10 epochs) once per seed, then their mean and
-range; the authors' ``fgsm.pth``; ours, ``configs/mnist_pgd.yaml`` (PGD-40, ``--pgd-epochs`` of the paper's 100;
-0 skips it); the authors' ``pgd_madry.pth``. Each model is the run's final weights (``last.ckpt``: the paper
-evaluates the model its script saves last) and is measured by ``evaluate.py report`` with the paper's protocol
+range; the same recipe with ``--val-size`` training images held out for validation, once per ``--heldout-seeds``,
+its final weights and its most robust epoch by the held-out validation (the checkpoint ``train.py`` keeps; it never
+sees a test image), each as the mean and range over seeds; the authors' ``fgsm.pth``; ours,
+``configs/mnist_pgd.yaml`` (PGD-40, ``--pgd-epochs`` of the paper's 100; 0 skips it); the authors' ``pgd_madry.pth``.
+Each model but the held-out runs' best is the run's final weights (``last.ckpt``: the paper evaluates the model its
+script saves last) and is measured by ``evaluate.py report`` with the paper's protocol
 (``evaluate_mnist.py``): eps 0.3, PGD-50 with step 0.01 and 10 random restarts (an example counts as broken if any
 restart breaks it), on all 10,000 test images, with APGD-CE as AutoAttack runs it (100 steps); then, on ``--aa-limit``
 of them, the report's cheap worst case (FGSM, PGD-50×10, APGD-CE, APGD-DLR, APGD-T), AutoAttack (standard) and the
@@ -112,8 +116,10 @@ def train(config: str, name: str, seed: int, extra: list[str], args: argparse.Na
                "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false",
                *extra]  # fmt: skip
         seconds = run(cmd, env, args.work / f"{name}.train.log")
-        ckpt = save_dir / name / "version_0" / "checkpoints" / "last.ckpt"
-        return {"config": config, "seed": seed, "checkpoint": str(ckpt), "train_s": round(seconds, 1)}
+        folder = save_dir / name / "version_0" / "checkpoints"
+        best = (save_dir / name / "best.ckpt").resolve()  # train.py's link to the run's most robust checkpoint
+        return {"config": config, "seed": seed, "checkpoint": str(folder / "last.ckpt"), "best": str(best),
+                "train_s": round(seconds, 1)}  # fmt: skip
 
     return kept(f"{name}.train", args, fit)
 
@@ -149,6 +155,17 @@ def ours(config: str, name: str, seed: int, extra: list[str], args, env) -> dict
     return row if args.train_only else {**row, **evaluate(Path(trained["checkpoint"]), name, [], args, env)}
 
 
+def heldout(seed: int, args, env) -> list[dict]:
+    """``configs/mnist_fgsm.yaml`` with ``--val-size`` training images held out to validate on: two rows, its final
+    weights (``{name}``) and its most robust checkpoint by that validation (``{name}_best``)."""
+    name, extra = f"fgsm_heldout_seed{seed}", ["--data.init_args.val_size", str(args.val_size), *args.train_args]
+    last = ours("configs/mnist_fgsm.yaml", name, seed, extra, args, env)
+    if args.train_only:
+        return [last]
+    best = {**last, "name": f"{name}_best", "checkpoint": last["best"], "figures": {}}
+    return [last, {**best, **evaluate(Path(last["best"]), f"{name}_best", [], args, env)}]
+
+
 def theirs(name: str, args, env) -> dict:
     path = authors_model(name, args.authors)
     row = {"name": f"authors_{name}", "source": f"authors' {name}.pth", "seed": None, "checkpoint": str(path),
@@ -160,9 +177,9 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def mean_row(rows: list[dict]) -> dict:
-    """Mean and range over seeds of each figure and of the training time."""
-    out = {"name": "fgsm_mean", "figures": {}, "range": {}}
+def mean_row(rows: list[dict], name: str) -> dict:
+    """Mean and range over seeds of each figure and of the training time, as row ``name``."""
+    out = {"name": name, "seeds": [r["seed"] for r in rows], "figures": {}, "range": {}}
     for key, _ in COLUMNS:
         values = [r["figures"][key] for r in rows if r["figures"].get(key) is not None]
         if values:
@@ -172,7 +189,13 @@ def mean_row(rows: list[dict]) -> dict:
     return out
 
 
-def table(rows: list[dict], mean: dict | None, args: argparse.Namespace, line: str) -> str:
+def seed_rows(rows: list[dict], prefix: str, suffix: str = "") -> list[dict]:
+    """The rows of one recipe, one per seed: named ``prefix<seed>suffix``."""
+    return [r for r in rows if r["name"].startswith(prefix) and r["name"].endswith(suffix) and
+            r["name"][len(prefix) : len(r["name"]) - len(suffix)].isdigit()]  # fmt: skip
+
+
+def table(rows: list[dict], means: dict[str, dict], line: str) -> str:
     head = "| Model | " + " | ".join(title for _, title in COLUMNS) + " | Training | Paper (clean / PGD / AA) |"
     lines = [head, "|---|" + "---:|" * (len(COLUMNS) + 2)]
 
@@ -188,11 +211,17 @@ def table(rows: list[dict], mean: dict | None, args: argparse.Namespace, line: s
 
     paper = PAPER["fgsm"]
     paper_fgsm = f"{pct(paper['clean'])} / {pct(paper['pgd'])} / {pct(paper['autoattack'])}"
-    for row in rows:
-        if row["name"].startswith("fgsm_seed"):
-            add(f"ours FGSM-RS, seed {row['seed']}", row)
-    if mean is not None:
-        add(f"**ours FGSM-RS, mean of {len(args.seeds)} seeds** (range)", mean, paper_fgsm, mean["range"])
+    for row in seed_rows(rows, "fgsm_seed"):
+        add(f"ours FGSM-RS, seed {row['seed']}", row)
+    if "fgsm_mean" in means:
+        mean = means["fgsm_mean"]
+        add(f"**ours FGSM-RS, mean of {len(mean['seeds'])} seeds** (range)", mean, paper_fgsm, mean["range"])
+    for key, what in (("heldout_mean", "final weights"), ("heldout_best_mean", "most robust epoch by held-out val")):
+        if key in means:
+            mean = means[key]
+            n_val = mean["val_size"]
+            add(f"ours FGSM-RS, {n_val:,} training images held out: {what}, mean of {len(mean['seeds'])} (range)",
+                mean, "", mean["range"])  # fmt: skip
     for row in rows:
         if row["name"] == "authors_fgsm":
             add("authors' `fgsm.pth`", row, paper_fgsm)
@@ -218,7 +247,9 @@ def document(text: str, command: str, n: int) -> str:
         "images (AutoAttack's Square costs hours on all 10,000 on a CPU): the report's cheap worst case (FGSM, PGD,",
         "APGD-CE, APGD-DLR, APGD-T), AutoAttack (standard, torchattacks) and the per-example worst case over all",
         "of them. Ours are the final weights (`last.ckpt`) of",
-        "`configs/mnist_fgsm.yaml` and `configs/mnist_pgd.yaml`; the authors' are their released state dicts,",
+        "`configs/mnist_fgsm.yaml` and `configs/mnist_pgd.yaml`, except the held-out rows' most robust epoch",
+        "(`best.ckpt`, chosen on training images held out from training, never on a test image); the authors' are",
+        "their released state dicts,",
         "loaded as `--arch mnist_net`. The paper's column is its own figures as the AutoAttack leaderboard",
         "(fra31/auto-attack) quotes them: clean and PGD from the paper, AutoAttack measured by Croce & Hein.",
         "",
@@ -232,6 +263,14 @@ def document(text: str, command: str, n: int) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the FGSM-RS row")
+    parser.add_argument(
+        "--heldout-seeds",
+        type=int,
+        nargs="*",
+        default=[0, 1, 2],
+        help="seeds of the FGSM-RS runs that validate on held-out training images (none: skip)",
+    )
+    parser.add_argument("--val-size", type=int, default=1000, help="training images those runs hold out")
     parser.add_argument("--pgd-epochs", type=int, default=100, help="epochs of the PGD-40 row (paper: 100; 0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's)")
     parser.add_argument("--no-autoattack", dest="autoattack", action="store_false", help="skip AutoAttack")
@@ -248,14 +287,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="where mnist.md/json go")
     parser.add_argument("--no-authors", dest="authors_rows", action="store_false",
                         help="leave out the authors' released models (offline, without them in --authors)")  # fmt: skip
+    parser.add_argument("--name", default="mnist", help="the results' file name in --out (<name>.md, <name>.json)")
     parser.add_argument("--fresh", action="store_true", help="measure every row again")
     args = parser.parse_args(argv)
-    if args.pgd_epochs < 0 or any(s < 0 for s in args.seeds):
-        parser.error("--pgd-epochs and --seeds must be 0 or more")
+    if args.pgd_epochs < 0 or any(s < 0 for s in [*args.seeds, *args.heldout_seeds]):
+        parser.error("--pgd-epochs, --seeds and --heldout-seeds must be 0 or more")
+    if args.val_size < 1:
+        parser.error(f"--val-size must be at least 1, got {args.val_size}")
     env = work_env(args)
     rows = []
     for seed in args.seeds:
         rows.append(ours("configs/mnist_fgsm.yaml", f"fgsm_seed{seed}", seed, args.train_args, args, env))
+    for seed in args.heldout_seeds:
+        rows.extend(heldout(seed, args, env))
     if args.authors_rows:
         rows.append(theirs("fgsm", args, env))
     if args.pgd_epochs:
@@ -266,12 +310,16 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(theirs("pgd_madry", args, env))
     if args.train_only:
         return {"rows": rows}
-    mean = mean_row([r for r in rows if r["name"].startswith("fgsm_seed")]) if args.seeds else None
+    means = {}
+    for key, prefix, suffix in (("fgsm_mean", "fgsm_seed", ""), ("heldout_mean", "fgsm_heldout_seed", ""),
+                                ("heldout_best_mean", "fgsm_heldout_seed", "_best")):  # fmt: skip
+        if recipe := seed_rows(rows, prefix, suffix):
+            means[key] = mean_row(recipe, key) | ({"val_size": args.val_size} if "heldout" in key else {})
     line = machine()
     command = "python experiments/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = table(rows, mean, args, line)
-    doc = {"machine": line, "command": command.strip(), "rows": rows, "fgsm_mean": mean}
-    write_results(args.out, "mnist", document(text, command.strip(), rows[0]["n"]), doc)
+    text = table(rows, means, line)
+    doc = {"machine": line, "command": command.strip(), "rows": rows, **means}
+    write_results(args.out, args.name, document(text, command.strip(), rows[0]["n"]), doc)
     print(text)
     return doc
 

@@ -3,7 +3,8 @@
 
 - :class:`Digits`: scikit-learn's bundled 8×8 digits upsampled to 32×32 (RGB, or grayscale). Embedded: no download.
 - :class:`MNIST`: the official MNIST, 60,000 + 10,000 28×28 grayscale digits, through torchvision (reads
-  ``<root>/MNIST/raw``; downloads there for online users). ``root`` defaults to ``$ROBUST_DATA``.
+  ``<root>/MNIST/raw``; downloads there for online users). ``root`` defaults to ``$ROBUST_DATA``. Validates on the
+  test split, or on ``val_size`` held-out training images so that the checkpoint's choice never sees a test image.
 - :class:`CIFAR10`: torchvision's CIFAR-10 (downloads to ``root`` for online users).
 - :class:`ImageFolder`: any ``root/<split>/<class>/<image>`` tree, e.g. ``../shared/data/cifar10-subset``.
 """
@@ -52,6 +53,15 @@ def digits_tensors(size: int = 32, channels: int = 3) -> tuple[torch.Tensor, tor
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
     return x.expand(-1, channels, -1, -1).contiguous(), torch.tensor(bunch.target, dtype=torch.int64)
+
+
+def holdout_split(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(kept, held_out)`` of ``n`` examples: ``size`` of them held out, drawn by ``seed`` (the same
+    ``(n, size, seed)`` gives the same split on any machine); both sorted, disjoint, together all ``n``."""
+    if not 0 < size < n:
+        raise RobustError(f"val_size must be between 1 and {n - 1} (the training images to hold out), got {size}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[size:].sort().values, order[:size].sort().values
 
 
 class _Base(L.LightningDataModule):
@@ -159,13 +169,18 @@ def mnist_tensors(root: str | Path, train: bool, download: bool) -> tuple[torch.
 
 
 class MNIST(_Base):
-    """The official MNIST: 60,000 training and 10,000 test digits (the validation set), 28×28 grayscale.
+    """The official MNIST: 60,000 training and 10,000 test digits, 28×28 grayscale. The validation set (per-epoch
+    ``val/*`` and the checkpoint's choice) is the test split, as in torchvision's examples, or with ``val_size`` N
+    that many training images held out (drawn by ``split_seed``), trained on by nobody and never a test image.
+    ``test_set`` is always the test split.
 
     Args:
         root: the folder holding ``MNIST/raw`` (torchvision's layout); default ``$ROBUST_DATA``, else ``data``.
         batch_size: images per batch. num_workers: data loading processes. limit: keep that many evenly spaced
             images of each split (quick runs). download: let torchvision download the files when missing.
         channels: 1 (grayscale, as published) or 3 (the digit repeated as RGB, for RGB backbones).
+        val_size: 0 validates on the test split; N holds out N training images to validate on.
+        split_seed: seed of the held-out draw.
     """
 
     class_names = DIGIT_NAMES
@@ -179,9 +194,15 @@ class MNIST(_Base):
         limit: int | None = None,
         download: bool = True,
         channels: int = 1,
+        val_size: int = 0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, limit)
+        if val_size < 0:
+            raise RobustError(f"val_size must be 0 (validate on the test split) or more, got {val_size}")
         self.root, self.download, self.channels = root or data_root(), download, check_channels(channels)
+        self.val_size, self.split_seed = val_size, split_seed
+        self.test_set: Dataset | None = None
 
     def prepare_data(self) -> None:
         for train in (True, False):
@@ -190,11 +211,18 @@ class MNIST(_Base):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        splits = []
-        for train in (True, False):
-            x, y = mnist_tensors(self.root, train, self.download)
-            splits.append(self._limited(TensorDataset(x.expand(-1, self.channels, -1, -1), y)))
-        self.train_set, self.val_set = splits
+        (x, y), (x_test, y_test) = (mnist_tensors(self.root, train, self.download) for train in (True, False))
+        x, x_test = x.expand(-1, self.channels, -1, -1), x_test.expand(-1, self.channels, -1, -1)
+        self.test_set = self._limited(TensorDataset(x_test, y_test))
+        if self.val_size:
+            kept, held = holdout_split(len(y), self.val_size, self.split_seed)
+            self.train_set = self._limited(TensorDataset(x[kept], y[kept]))
+            self.val_set = self._limited(TensorDataset(x[held], y[held]))
+        else:
+            self.train_set, self.val_set = self._limited(TensorDataset(x, y)), self.test_set
+
+    def describe(self) -> dict:
+        return {**super().describe(), "val_size": self.val_size, "split_seed": self.split_seed}
 
 
 def _train_transform(size: int, augment: bool) -> v2.Compose:

@@ -114,8 +114,8 @@ def eval_data(
             raise RobustError(f"MNIST images are {MNIST.image_size}×{MNIST.image_size}; the model takes {size}×{size}")
         dm = MNIST(root=mnist_root or data_root(), limit=None, download=True, channels=channels)
         dm.setup()
-        match = _align_labels(dm.val_set, DIGIT_NAMES, card)
-        ds = evenly_spaced(dm.val_set, limit)
+        match = _align_labels(dm.test_set, DIGIT_NAMES, card)
+        ds = evenly_spaced(dm.test_set, limit)
         identity = {"name": "mnist", "root": str(Path(dm.root).resolve()), "split": "test"}
     elif data == "cifar10":
         from torchvision import datasets

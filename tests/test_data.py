@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robust.data import CIFAR10, CIFAR10_NAMES, Digits, ImageFolder
+from robust.data import CIFAR10, CIFAR10_NAMES, MNIST, Digits, ImageFolder, holdout_split
 from robust.errors import RobustError
 
 
@@ -52,3 +52,30 @@ def test_cifar10_offline_without_files_is_a_clear_error(tmp_path):
 def test_digits_rejects_an_empty_image_size(size):
     with pytest.raises(RobustError, match=f"image_size must be at least 1 pixel, got {size}"):
         Digits(image_size=size)
+
+
+def test_holdout_split_is_a_seeded_partition():
+    kept, held = holdout_split(100, 10, seed=3)
+    assert len(held) == 10 and torch.equal(torch.cat([kept, held]).sort().values, torch.arange(100))
+    assert torch.equal(held, holdout_split(100, 10, seed=3)[1]) and not torch.equal(held, holdout_split(100, 10, 4)[1])
+    for size in (0, 100):
+        with pytest.raises(RobustError, match=f"val_size must be between 1 and 99 .* got {size}"):
+            holdout_split(100, size, seed=0)
+    with pytest.raises(RobustError, match="val_size must be 0"):
+        MNIST(val_size=-1)
+
+
+@pytest.mark.shared_data
+def test_mnist_validates_on_held_out_training_images(shared_data):
+    """With ``val_size`` the validation (and so the checkpoint's choice) sees training images nobody trains on, never
+    a test image; the test split stays whole for evaluate.py."""
+    plain, held = MNIST(root=str(shared_data)), MNIST(root=str(shared_data), val_size=1000, split_seed=1)
+    plain.setup()
+    held.setup()
+    assert (len(held.train_set), len(held.val_set), len(held.test_set)) == (59_000, 1000, 10_000)
+    assert plain.val_set is plain.test_set and len(plain.train_set) == 60_000
+    train_x = plain.train_set.tensors[0]
+    _, index = holdout_split(60_000, 1000, seed=1)
+    assert torch.equal(held.val_set.tensors[0], train_x[index])  # training images, as drawn
+    assert torch.equal(held.test_set.tensors[0], plain.test_set.tensors[0])
+    assert held.describe()["val_size"] == 1000

@@ -3,6 +3,8 @@ rows trained and measured by the report, the table written, its hand-written Rea
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from experiments import mnist, mnist_control
@@ -19,18 +21,25 @@ def _check_figures(row: dict) -> None:
 @pytest.mark.shared_data
 def test_a_tiny_reproduction_writes_the_table_and_keeps_its_reading(shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("ROBUST_DATA", str(shared_data))
-    argv = ["--seeds", "0", "--pgd-epochs", "1", "--no-authors", "--no-autoattack", "--limit", "20", "--threads", "1",
-            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+    argv = ["--seeds", "0", "--heldout-seeds", "1", "--val-size", "200", "--pgd-epochs", "1", "--no-authors",
+            "--no-autoattack", "--limit", "20", "--threads", "1", "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "out"),
             "--train-args", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]  # fmt: skip
     doc = mnist.main(argv)
-    assert [r["name"] for r in doc["rows"]] == ["fgsm_seed0", "pgd_1ep"]  # no authors' rows offline
+    names = ["fgsm_seed0", "fgsm_heldout_seed1", "fgsm_heldout_seed1_best", "pgd_1ep"]  # no authors' rows offline
+    assert [r["name"] for r in doc["rows"]] == names
     for row in doc["rows"]:
         _check_figures(row)
         assert row["n"] == 20
+    last, best = doc["rows"][1:3]
+    assert Path(best["checkpoint"]).name.startswith("best-") and last["checkpoint"].endswith("last.ckpt")
+    assert doc["heldout_best_mean"]["figures"] == best["figures"] and doc["heldout_mean"]["seeds"] == [1]
     page = tmp_path / "out" / "mnist.md"
     text = page.read_text()
+    held = "| ours FGSM-RS, 200 training images held out: most robust epoch by held-out val, mean of 1 (range) |"
+    assert held in text
     assert "| ours FGSM-RS, seed 0 |" in text and "| ours PGD-40, 1 of 100 epochs |" in text
-    assert "python experiments/mnist.py --seeds 0 --pgd-epochs 1" in text
+    assert "python experiments/mnist.py --seeds 0 --heldout-seeds 1 --val-size 200" in text
     page.write_text(text + "\n## Reading\n\nOnly a smoke run.\n")
     again = mnist.main(argv)  # every row kept in --work: nothing trained or measured twice
     assert again["rows"] == doc["rows"]

@@ -24,8 +24,6 @@ from robust.threats import ThreatSpec, accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ROOT = Path(__file__).resolve().parents[1]
-
 GREY = ["--data.init_args.channels", "1", "--data.init_args.image_size", "28", "--model.arch", "mnist_net",
         "--model.cifar_stem", "false", "--model.mean", "[0.0]", "--model.std", "[1.0]", "--model.eps", "0.3",
         "--model.channels_last", "false"]  # fmt: skip
