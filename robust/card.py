@@ -79,7 +79,9 @@ class TrainingRecord(_Record):
     )
     seed: int | None = _unset("the run's global seed (seed_everything); null: unseeded")
     optimizer: dict | None = _unset("the optimizer in force: {class, <its defaults>}")
-    lr_scheduler: dict | None = _unset("the learning-rate schedule in force: {class, total_steps, ...}; null: none")
+    lr_scheduler: dict | None = _unset(
+        "the learning-rate schedule in force: {class, <the arguments it was built with>}; null: none"
+    )
 
     @classmethod
     def from_values(cls, values: Mapping, **override: Any) -> TrainingRecord:

@@ -38,6 +38,7 @@ class OneCycle(OneCycleLR):
     run (up from ``lr / 25``, down to ``lr / 25e4``; SGD momentum cycled 0.95 -> 0.85 -> 0.95, torch's defaults)."""
 
     def __init__(self, optimizer: Optimizer, total_steps: int, peak_at: float = 0.4) -> None:
+        self.peak_at = float(peak_at)  # kept for the card
         super().__init__(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
                          pct_start=peak_at, anneal_strategy="linear")  # fmt: skip
 
@@ -91,6 +92,7 @@ class Cosine(CosineAnnealingLR):
     """Cosine annealing from each group's ``lr`` to 0 over the run."""
 
     def __init__(self, optimizer: Optimizer, total_steps: int) -> None:
+        self.total_steps = int(total_steps)
         super().__init__(optimizer, T_max=total_steps)
 
 

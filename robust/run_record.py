@@ -19,6 +19,7 @@ starts.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import TYPE_CHECKING
 
@@ -88,21 +89,34 @@ def restore(module: AdversarialClassifier, checkpoint: dict) -> None:
         torch.cuda.set_rng_state_all(checkpoint[RNG_CUDA])
 
 
+def _json_native(value: object) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_json_native(v) for v in value)
+    return isinstance(value, (int, float, str, bool, type(None)))
+
+
+def _record(obj: object, values: dict) -> dict:
+    """``{"class": <its import path>, **values}``, keeping the JSON-native values only (tuples as lists)."""
+    kept = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if _json_native(v)}
+    return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **kept}
+
+
+def schedule_record(sched: object) -> dict:
+    """A learning-rate schedule for the card: its class and each argument of its ``__init__`` that it keeps under
+    the same name (``total_steps``, ``peak_at``, ``milestones``, ``gamma``, torch's ``step_size``...)."""
+    names = [n for n in inspect.signature(type(sched).__init__).parameters if n not in ("self", "optimizer")]
+    return _record(sched, {n: getattr(sched, n) for n in names if n != "last_epoch" and hasattr(sched, n)})
+
+
 def optimization_record(trainer: L.Trainer) -> dict:
     """The optimizer and schedule in force, for the card: ``{"optimizer": {"class", <its defaults>},
-    "lr_scheduler": {"class", ...} or None}`` (JSON-native values only)."""
-
-    def plain(obj: object, names: dict) -> dict:
-        values = {k: v for k, v in names.items() if isinstance(v, (int, float, str, bool, type(None), tuple, list))}
-        return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **values}
-
+    "lr_scheduler": schedule_record(...) or None}`` (JSON-native values only)."""
     if not trainer.optimizers:
         return {"optimizer": None, "lr_scheduler": None}
     opt = trainer.optimizers[0]
     configs = trainer.lr_scheduler_configs
-    sched = configs[0].scheduler if configs else None
-    sched_args = {} if sched is None else {k: v for k, v in vars(sched).items() if k in ("total_steps", "peak_at")}
-    return {"optimizer": plain(opt, opt.defaults), "lr_scheduler": None if sched is None else plain(sched, sched_args)}
+    return {"optimizer": _record(opt, opt.defaults),
+            "lr_scheduler": schedule_record(configs[0].scheduler) if configs else None}  # fmt: skip
 
 
 def split_rng_by_rank(rank: int, world_size: int) -> None:

@@ -16,6 +16,8 @@ from robust.errors import RobustError
 from robust.files import load_checkpoint
 from robust.loading import CARD_KEY, load_model
 from robust.module import AdversarialClassifier
+from robust.optim import Cosine, Cyclic, OneCycle, Piecewise
+from robust.run_record import schedule_record
 
 CARD = ModelCard(arch="resnet18", num_classes=3, class_names=["a", "b", "c"], image_size=16, resize=18,
                  mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], cifar_stem=True, data="Digits",
@@ -113,3 +115,26 @@ def test_a_card_of_another_version_in_a_checkpoint_is_refused(fitted, tmp_path):
     torch.save(ckpt, tmp_path / "future.ckpt")
     with pytest.raises(RobustError, match="future.ckpt is format 'robust-export' version 2"):
         load_model(tmp_path / "future.ckpt")
+
+
+def test_the_card_records_every_schedule_by_its_own_arguments():
+    """A schedule's record holds what rebuilds it: Piecewise's milestones and gamma as well as the run's length."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    records = [
+        schedule_record(s)
+        for s in (
+            Cyclic(opt, 50, peak_at=0.3),
+            Piecewise(opt, 50, (0.5, 0.9), 0.2),
+            Cosine(opt, 50),
+            OneCycle(opt, 50, peak_at=0.25),
+            torch.optim.lr_scheduler.StepLR(opt, 7, gamma=0.5),
+        )
+    ]
+    assert records == [
+        {"class": "robust.optim.Cyclic", "total_steps": 50, "peak_at": 0.3},
+        {"class": "robust.optim.Piecewise", "total_steps": 50, "milestones": [0.5, 0.9], "gamma": 0.2},
+        {"class": "robust.optim.Cosine", "total_steps": 50},
+        {"class": "robust.optim.OneCycle", "total_steps": 50, "peak_at": 0.25},
+        {"class": "torch.optim.lr_scheduler.StepLR", "step_size": 7, "gamma": 0.5},
+    ]
+    assert json.loads(json.dumps(records)) == records
