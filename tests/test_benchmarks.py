@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from robust.errors import RobustError
+from robust.threats import DEFAULT_THREATS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,9 +57,9 @@ def test_quick_run_prints_table_and_json_with_every_ratio(tmp_path):
 def test_time_interleaved_takes_medians_after_warmup(monkeypatch):
     """On a fake clock that each call advances by its own scripted duration: the figures are the medians of the
     timed rounds, warm-up rounds left out, whatever the machine's speed or load."""
-    run = load_script("run")
+    timing = load_script("timing")
     now = [0.0]
-    monkeypatch.setattr(run.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
     durations = {"fast": [9.0, 9.0, 0.003, 0.001, 0.002], "slow": [9.0, 9.0, 0.02, 0.05, 0.03]}  # 2 warm-up rounds
     calls = {"fast": 0, "slow": 0}
 
@@ -69,7 +70,7 @@ def test_time_interleaved_takes_medians_after_warmup(monkeypatch):
 
         return fn
 
-    t = run.time_interleaved({"fast": call("fast"), "slow": call("slow")}, repeats=3, warmup=2, sync=lambda: None)
+    t = timing.time_interleaved({"fast": call("fast"), "slow": call("slow")}, repeats=3, warmup=2, sync=lambda: None)
     assert calls == {"fast": 5, "slow": 5}
     assert t == pytest.approx({"fast": 0.002, "slow": 0.03})
 
@@ -108,7 +109,7 @@ def test_quick_suite_row_never_reports_higher_accuracy_with_early_exit(tmp_path)
     for case in cases:
         acc = record[f"{case}_accuracy"]
         full = acc["all_steps"]
-        assert set(full) == set(run.DEFAULT_THREATS)
+        assert set(full) == set(DEFAULT_THREATS)
         for mode in ("early_exit", "cascade"):
             for key, value in acc[mode].items():
                 if key == "targeted_success":
