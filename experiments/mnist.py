@@ -126,8 +126,9 @@ def train(config: str, name: str, seed: int, extra: list[str], args: argparse.Na
 
 def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, env: dict,
              protocol: list[str] = PROTOCOL) -> dict:  # fmt: skip
-    """The paper's protocol on all test images, then AutoAttack (and the worst case over every attack) on
-    ``--aa-limit`` of them, evenly spaced; each report kept in ``--work``."""
+    """The paper's protocol on all test images (``--limit``: that many), then AutoAttack (and the worst case over
+    every attack) on ``--aa-limit`` of them, evenly spaced; each report kept in ``--work`` under a name that says how
+    many images it measured, so a run with another limit measures again instead of reading it back."""
 
     def report(kind: str, extra: list[str]) -> dict:
         out = args.work / "reports" / f"{name}-{kind}"
@@ -137,12 +138,14 @@ def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, 
         result = json.loads((out / "report.json").read_text())
         return {"row": result["rows"][0], "n": result["n"], "eval_s": round(seconds, 1), "report": str(out)}
 
-    full = kept(f"{name}.eval", args, lambda: report("protocol", ["--limit", str(args.limit)] if args.limit else []))
+    limited = f"-limit{args.limit}" if args.limit else ""
+    full = kept(f"{name}.eval{limited}", args,
+                lambda: report(f"protocol{limited}", ["--limit", str(args.limit)] if args.limit else []))  # fmt: skip
     figures = {key: full["row"].get(key) for key in ("clean", "pgd", "apgd")}
     out = {"figures": figures, "n": full["n"], "eval_s": full["eval_s"], "reports": [full["report"]]}
     if args.autoattack:
         extra = ["--autoattack", "--limit", str(args.aa_limit), "--threats", *CHEAP_WORST]
-        aa = kept(f"{name}.aa", args, lambda: report("autoattack", extra))
+        aa = kept(f"{name}.aa-limit{args.aa_limit}", args, lambda: report(f"autoattack-limit{args.aa_limit}", extra))
         figures.update(autoattack=aa["row"]["autoattack"], worst=aa["row"]["aa_worst"],
                        aa_pgd_worst=aa["row"]["pgd_worst"])  # fmt: skip
         out.update(aa_n=aa["n"], aa_eval_s=aa["eval_s"], reports=[full["report"], aa["report"]])

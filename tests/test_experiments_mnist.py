@@ -44,6 +44,10 @@ def test_a_tiny_reproduction_writes_the_table_and_keeps_its_reading(shared_data,
     again = mnist.main(argv)  # every row kept in --work: nothing trained or measured twice
     assert again["rows"] == doc["rows"]
     assert page.read_text().rstrip().endswith("## Reading\n\nOnly a smoke run.")
+    # Another limit measures again: a kept row never stands in for a measurement on other images.
+    other = mnist.main(["--seeds", "0", "--heldout-seeds", "--pgd-epochs", "0", "--no-authors", "--no-autoattack",
+                        "--limit", "12", *argv[argv.index("--threads") :]])  # fmt: skip
+    assert [r["name"] for r in other["rows"]] == ["fgsm_seed0"] and other["rows"][0]["n"] == 12
 
 
 @pytest.mark.slow  # one epoch of three batches in the plain loop, then the report on 20 test digits
