@@ -77,6 +77,7 @@ class _Base(L.LightningDataModule):
         self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None  # the test split where it is not the validation set
 
     @property
     def num_classes(self) -> int:
@@ -92,10 +93,11 @@ class _Base(L.LightningDataModule):
     def _limited(self, ds: Dataset) -> Dataset:
         return evenly_spaced(ds, self.limit)
 
-    def _loader(self, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        ds = self.train_set if shuffle else self.val_set
+        shuffle = split == "train"
+        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set or self.val_set}[split]
         # Every DataLoader iterator draws a worker seed from its generator; the validation loader gets its own so
         # that how often one validates does not shift the global RNG that shuffles, augments and attacks.
         return DataLoader(
@@ -109,13 +111,13 @@ class _Base(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._loader("test")
 
 
 class Digits(_Base):
@@ -202,7 +204,6 @@ class MNIST(_Base):
             raise RobustError(f"val_size must be 0 (validate on the test split) or more, got {val_size}")
         self.root, self.download, self.channels = root or data_root(), download, check_channels(channels)
         self.val_size, self.split_seed = val_size, split_seed
-        self.test_set: Dataset | None = None
 
     def prepare_data(self) -> None:
         for train in (True, False):

@@ -79,3 +79,4 @@ def test_mnist_validates_on_held_out_training_images(shared_data):
     assert torch.equal(held.val_set.tensors[0], train_x[index])  # training images, as drawn
     assert torch.equal(held.test_set.tensors[0], plain.test_set.tensors[0])
     assert held.describe()["val_size"] == 1000
+    assert len(held.test_dataloader().dataset) == 10_000 and len(held.val_dataloader().dataset) == 1000
