@@ -77,7 +77,7 @@ class _Base(L.LightningDataModule):
         self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None  # the test split where it is not the validation set
+        self.test_set: Dataset | None = None  # the test split; None: the validation set is the test split
 
     @property
     def num_classes(self) -> int:
@@ -97,7 +97,8 @@ class _Base(L.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         shuffle = split == "train"
-        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set or self.val_set}[split]
+        test = self.val_set if self.test_set is None else self.test_set
+        ds = {"train": self.train_set, "val": self.val_set, "test": test}[split]
         # Every DataLoader iterator draws a worker seed from its generator; the validation loader gets its own so
         # that how often one validates does not shift the global RNG that shuffles, augments and attacks.
         return DataLoader(

@@ -104,8 +104,10 @@ def _record(obj: object, values: dict) -> dict:
 def schedule_record(sched: object) -> dict:
     """A learning-rate schedule for the card: its class and each argument of its ``__init__`` that it keeps under
     the same name (``total_steps``, ``peak_at``, ``milestones``, ``gamma``, torch's ``step_size``...)."""
-    names = [n for n in inspect.signature(type(sched).__init__).parameters if n not in ("self", "optimizer")]
-    return _record(sched, {n: getattr(sched, n) for n in names if n != "last_epoch" and hasattr(sched, n)})
+    names = [
+        n for n in inspect.signature(type(sched).__init__).parameters if n not in ("self", "optimizer", "last_epoch")
+    ]
+    return _record(sched, {n: getattr(sched, n) for n in names if hasattr(sched, n)})
 
 
 def optimization_record(trainer: L.Trainer) -> dict:
