@@ -4,8 +4,9 @@
   step, through the product's own ``AdversarialClassifier.training_step`` + backward + optimizer step;
 - attacks: our PGD-10 throughput over torchattacks' PGD-10, same model and batch, both in eval mode;
 - JPEG: our batched ``robust.defenses.jpeg`` over a per-image PIL save/load loop, quality 75;
-- suite (long, only with ``--only suite``): the report's threat suite with and without early exit and cascade, and
-  the cheap worst case against AutoAttack (``benchmarks/suite.py``).
+- suite (long, only with ``--only suite``): the report's threat suite with and without early exit and cascade
+  (``benchmarks/suite.py``);
+- autoattack (long, only with ``--only autoattack``): the cheap worst case against AutoAttack (the same file).
 
 Every benchmark runs ours and its reference in alternating rounds (after warm-up rounds), so background load
 hits both alike, and reports the median time per batch. ``--fast-paths`` (default on CUDA) adds the bf16
@@ -52,8 +53,8 @@ from robust.runfiles import shared_data_dir  # noqa: E402
 EPS, QUALITY = 8 / 255, 75
 PGD_ALPHA = default_step("pgd", EPS)  # the registry's evaluation step: eps/4 = 2/255
 KEY_JPEG = "jpeg_batched_over_pil"
-BENCHMARKS = ("train", "pgd", "jpeg", "suite")
-DEFAULT_BENCHMARKS = ("train", "pgd", "jpeg")  # the suite takes minutes: only with --only suite
+BENCHMARKS = ("train", "pgd", "jpeg", "suite", "autoattack")
+DEFAULT_BENCHMARKS = ("train", "pgd", "jpeg")  # the suite and AutoAttack take minutes: only when named
 
 
 @dataclass(frozen=True)
@@ -240,10 +241,11 @@ def run_benchmarks(
             images, record[f"{key}_images"] = sample_images(n, side, seed=1)
             new_rows, record[key], record[f"{key}_pixels_identical"] = bench_jpeg(images.to(device), run)
             rows += new_rows
-    if "suite" in only:
+    if {"suite", "autoattack"} & set(only):
         suite = suite or parse_args([])
         suite_run = {**run, "repeats": suite.suite_repeats or (1 if sizes.quick else 3), "warmup": 0}
-        new_rows, keys = bench_suite(device, sizes, suite_run, suite)
+        which = tuple(b for b in ("suite", "autoattack") if b in only)
+        new_rows, keys = bench_suite(device, sizes, suite_run, suite, which)
         rows += new_rows
         record.update(keys, suite_repeats=suite_run["repeats"])
     print_table(rows)
@@ -268,7 +270,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fast-paths", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure bf16 autocast and channels_last variants (default: on for cuda)")  # fmt: skip
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(DEFAULT_BENCHMARKS),
-                   help="run only these (default: all but suite, which takes minutes)")  # fmt: skip
+                   help="run only these (default: all but suite and autoattack, which take minutes)")  # fmt: skip
     p.add_argument("--suite-repeats", type=int, help="suite: timed rounds (median), none warmed up; default 3, quick "
                    "1; AutoAttack and the cheap worst cases beside it: always one")  # fmt: skip
     p.add_argument("--digits-model", help="suite: the default digits model's checkpoint (default: configs/digits.yaml "

@@ -2,8 +2,9 @@
 (``robust.threats.DEFAULT_THREATS``) every example every step, with early exit, and with early exit + cascade, in
 interleaved rounds, on the default digits model (``configs/digits.yaml``, what ``make train`` trains), the same
 recipe clean-trained, and the authors' robust MNIST ``fgsm.pth`` (Wong et al. 2020) at eps 0.3: time ratios and
-every accuracy, which must never be higher than the all-steps figure. On that MNIST model, the cheap worst case
-``pgd_worst`` against torchattacks' AutoAttack (standard) on the same images: time ratio and accuracy gap."""
+every accuracy, which must never be higher than the all-steps figure. On the default digits model and the MNIST
+one, the cheap worst case ``pgd_worst`` (as the report runs it, with APGD-100, with Square) against torchattacks'
+AutoAttack (standard) on the same images: time ratio and accuracy gap."""
 
 from __future__ import annotations
 
@@ -105,11 +106,14 @@ def mnist_test(n: int) -> tuple[Tensor, Tensor]:
     return x[idx], y[idx]
 
 
-def suite_cases(device: torch.device, sizes: Sizes, args: argparse.Namespace) -> list[SuiteCase]:
+def suite_cases(
+    device: torch.device, sizes: Sizes, args: argparse.Namespace, keys: tuple[str, ...] | None = None
+) -> list[SuiteCase]:
     """The default digits model, the same recipe clean-trained (both at the config's eps, on the first
     ``suite_n`` held-out digits) and the authors' robust MNIST model (eps 0.3, ``suite_n`` evenly spaced test
     images). ``--quick``: stand-ins for the digits models (:func:`quick_digits_model`); the MNIST model must be
-    there (``--mnist-model``), else its rows are left out with one line saying so."""
+    there (``--mnist-model``), else its rows are left out with one line saying so. ``keys``: only these cases
+    (default all)."""
     mnist, raw = Path(args.mnist_model), shared_data_dir() / "MNIST" / "raw"
     if not mnist.is_file() and not sizes.quick:  # before minutes of training the digits models
         raise RobustError(f"{mnist} is missing: give the authors' fgsm.pth with --mnist-model (experiments/mnist.py "
@@ -118,6 +122,8 @@ def suite_cases(device: torch.device, sizes: Sizes, args: argparse.Namespace) ->
     cases = []
     for key, label, attack, given in (("digits", "digits FGSM-RS", "fgsm_rs", args.digits_model),
                                       ("digits_clean", "digits clean", "none", args.clean_model)):  # fmt: skip
+        if keys is not None and key not in keys:
+            continue
         if given is None and sizes.quick:
             model = quick_digits_model(attack, eps)
         else:
@@ -186,19 +192,30 @@ def autoattack_reference(model: nn.Module, eps: float, quick: bool):
     return attack
 
 
-def bench_cheap_vs_autoattack(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, sizes: Sizes, run: dict
-) -> tuple[list[Row], dict]:
-    """The report's cheap worst case ``pgd_worst`` (as the report runs it; with the cascade; with the cascade and
-    AutoAttack's 100 APGD iterations) against AutoAttack (standard) on the same images, which, as AutoAttack's
-    reference code and our report do, attacks only the images the model gets right."""
-    cheap = {"cheap": {}, "cheap_cascade": {"cascade": True}, "cheap_cascade_apgd100": {"cascade": True,
-             "apgd_steps": 2 if sizes.quick else 100}}  # fmt: skip
-    labels = {"cheap": "cheap worst case", "cheap_cascade": "cheap worst case, cascade",
-              "cheap_cascade_apgd100": "cheap worst, cascade, APGD-100"}  # fmt: skip
-    specs = {
-        k: ThreatSpec(eps, steps=sizes.suite_steps, threats=("clean", "pgd_worst"), **kw) for k, kw in cheap.items()
-    }
+# The cheap worst case ``pgd_worst`` beside AutoAttack: as the report runs it; with AutoAttack's 100 APGD iterations;
+# with Square (the gradient-free part a masked model needs; ``--square-queries``). Key: (ThreatSpec settings, quick
+# settings, label).
+CHEAP_SETTINGS = {
+    "cheap": ({}, {}, "cheap worst case"),
+    "cheap_cascade_apgd100": ({"cascade": True, "apgd_steps": 100}, {"cascade": True, "apgd_steps": 2},
+                              "cheap worst, cascade, APGD-100"),
+    "cheap_cascade_square": ({"cascade": True, "square_queries": 1000}, {"cascade": True, "square_queries": 10},
+                             "cheap worst, cascade, Square-1000"),
+}  # fmt: skip
+
+
+def bench_cheap_vs_autoattack(case: SuiteCase, sizes: Sizes, run: dict) -> tuple[list[Row], dict]:
+    """The report's cheap worst case ``pgd_worst`` in each of :data:`CHEAP_SETTINGS` against AutoAttack (standard) on
+    the first ``aa_n`` of ``case``'s digits or ``aa_mnist_n`` evenly spaced MNIST test images, which, as AutoAttack's
+    reference code and our report do, attacks only the images the model gets right. Keys are prefixed
+    ``<case.key>_``."""
+    if case.key == "mnist":
+        x, y = (t.to(case.x.device) for t in mnist_test(sizes.aa_mnist_n))
+    else:
+        x, y = case.x[: sizes.aa_n], case.y[: sizes.aa_n]
+    model, eps = case.model, case.eps
+    specs = {k: ThreatSpec(eps, steps=sizes.suite_steps, threats=("clean", "pgd_worst"), **(q if sizes.quick else kw))
+             for k, (kw, q, _) in CHEAP_SETTINGS.items()}  # fmt: skip
     reference = autoattack_reference(model, eps, sizes.quick)
     out: dict[str, Tensor] = {}
 
@@ -219,36 +236,44 @@ def bench_cheap_vs_autoattack(
         model.zero_grad(set_to_none=True)  # some torchattacks components backpropagate into the weights
         out["autoattack"] = pred
 
-    t = time_interleaved({**{k: ours(k) for k in cheap}, "autoattack": theirs}, **run)
+    t = time_interleaved({**{k: ours(k) for k in specs}, "autoattack": theirs}, **run)
     acc = {k: (p == y).float().mean().item() for k, p in out.items()}
     union = worst_case(y, [out["cheap"], out["autoattack"]])
     aa = "AutoAttack (quick: cut down)" if sizes.quick else "AutoAttack standard"
-    rows = [Row(f"MNIST {labels[k]}", f"eps {eps:g}", t[k], len(y), t[k] / t["autoattack"], "<= 0.2")
-            for k in cheap]  # fmt: skip
-    rows.append(Row(f"MNIST {aa}, torchattacks", f"eps {eps:g}", t["autoattack"], len(y)))
+    rows = [Row(f"{case.label} {label}", f"eps {eps:g}", t[k], len(y), t[k] / t["autoattack"], "<= 0.2")
+            for k, (_, _, label) in CHEAP_SETTINGS.items()]  # fmt: skip
+    rows.append(Row(f"{case.label} {aa}, torchattacks", f"eps {eps:g}", t["autoattack"], len(y)))
+    k = case.key
     keys = {
-        **{f"{k}_over_autoattack": t[k] / t["autoattack"] for k in cheap},
-        **{f"{k}_minus_autoattack_points": 100 * (acc[k] - acc["autoattack"]) for k in cheap},
-        "cheap_vs_autoattack_seconds": t,
-        "cheap_vs_autoattack_accuracy": {**acc, "worst_of_cheap_and_autoattack": (union == y).float().mean().item()},
-        "cheap_vs_autoattack_n": len(y),
-    }
+        **{f"{k}_{c}_over_autoattack": t[c] / t["autoattack"] for c in specs},
+        **{f"{k}_{c}_minus_autoattack_points": 100 * (acc[c] - acc["autoattack"]) for c in specs},
+        f"{k}_cheap_vs_autoattack_seconds": t,
+        f"{k}_cheap_vs_autoattack_accuracy": {**acc,
+                                              "worst_of_cheap_and_autoattack": (union == y).float().mean().item()},
+        f"{k}_cheap_vs_autoattack_n": len(y),
+    }  # fmt: skip
     return rows, keys
 
 
-def bench_suite(device: torch.device, sizes: Sizes, run: dict, args: argparse.Namespace) -> tuple[list[Row], dict]:
-    """Every :func:`suite_cases` model through :func:`bench_suite_case`, then, on the MNIST model,
-    :func:`bench_cheap_vs_autoattack`."""
+AUTOATTACK_CASES = ("digits", "mnist")  # issue #28's two models for the cheap worst case against AutoAttack
+
+
+def bench_suite(
+    device: torch.device, sizes: Sizes, run: dict, args: argparse.Namespace, which: tuple[str, ...] = ("suite",)
+) -> tuple[list[Row], dict]:
+    """``which``: ``suite``, every :func:`suite_cases` model through :func:`bench_suite_case`; ``autoattack``, the
+    :data:`AUTOATTACK_CASES` through :func:`bench_cheap_vs_autoattack`."""
     rows: list[Row] = []
     record: dict = {"suite_steps": sizes.suite_steps, "suite_threats": list(DEFAULT_THREATS)}
-    for case in suite_cases(device, sizes, args):
-        new_rows, keys = bench_suite_case(case, sizes, run)
-        rows += new_rows
-        record.update(keys)
-        if case.key == "mnist":
-            x, y = (t.to(device) for t in mnist_test(sizes.aa_n))
+    keys_needed = None if "suite" in which else AUTOATTACK_CASES
+    for case in suite_cases(device, sizes, args, keys_needed):
+        if "suite" in which:
+            new_rows, keys = bench_suite_case(case, sizes, run)
+            rows += new_rows
+            record.update(keys)
+        if "autoattack" in which and case.key in AUTOATTACK_CASES:
             # one round: AutoAttack's minutes dwarf the machine's noise, and a second would double them
-            new_rows, keys = bench_cheap_vs_autoattack(case.model, x, y, case.eps, sizes, {**run, "repeats": 1})
+            new_rows, keys = bench_cheap_vs_autoattack(case, sizes, {**run, "repeats": 1})
             rows += new_rows
             record.update(keys)
     return rows, record
@@ -268,6 +293,7 @@ def print_suite_accuracy(record: dict) -> None:
             )
             check = "" if mode == "all_steps" else str(record[f"{k}_never_higher"])
             print(f"{k.removeprefix('suite_'):<22} {SUITE_LABELS[mode]:<20} {figures}  {check}")
-    if "cheap_vs_autoattack_accuracy" in record:
-        acc = record["cheap_vs_autoattack_accuracy"]
-        print("MNIST accuracy (%): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in acc.items()))
+    for key in ("digits", "mnist"):
+        if f"{key}_cheap_vs_autoattack_accuracy" in record:
+            acc = record[f"{key}_cheap_vs_autoattack_accuracy"]
+            print(f"{key} accuracy (%): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in acc.items()))

@@ -37,6 +37,12 @@ def check_at_least_one(value: int, what: str) -> None:
         raise RobustError(f"{what} must be at least 1, got {value}")
 
 
+def check_square_queries(queries: int) -> None:
+    """Square's query budget: 0 (Square does not run) or more."""
+    if int(queries) < 0:
+        raise RobustError(f"Square's queries must be 0 (no Square) or more, got {queries}")
+
+
 NORMS = ("linf", "l2")
 
 

@@ -111,14 +111,20 @@ def threat_names(report: dict) -> dict[str, str]:
     q = report["quality"]
     apgd_rest = apgd_name.removeprefix("APGD-CE")
     names = {"clean": "Clean", "fgsm": "FGSM", "pgd": pgd_name, "apgd": apgd_name, "apgd_dlr": f"APGD-DLR{apgd_rest}",
-             "apgd_t": f"APGD-T{apgd_rest}",
-             "pgd_worst": "Worst case (FGSM, PGD, APGD-CE, -DLR, -T)", "jpeg": f"JPEG q{q}",
+             "apgd_t": f"APGD-T{apgd_rest}", "square": f"Square-{report.get('square_queries', 0)}",
+             "pgd_worst": f"Worst case ({worst_parts(report)})", "jpeg": f"JPEG q{q}",
              "jpeg_fgsm": f"JPEG q{q} ∘ FGSM",
              "jpeg_pgd": f"JPEG q{q} ∘ {pgd_name} (transfer)", "bpda_pgd": f"JPEG q{q} ∘ BPDA {pgd_name} (adaptive)",
              "jpeg_worst": f"JPEG q{q} worst case", "autoattack": "AutoAttack",
              "aa_worst": "Worst case (all of them and AutoAttack)",
              "targeted_success": "Targeted success ↓"}  # fmt: skip
     return {k: names[k] for k in THREATS if k in report["rows"][0]}
+
+
+def worst_parts(report: dict) -> str:
+    """The cheap worst case's attacks as its title names them: ``FGSM, PGD, APGD-CE, -DLR, -T`` (``, Square`` when
+    the report ran Square)."""
+    return "FGSM, PGD, APGD-CE, -DLR, -T" + (", Square" if report.get("square_queries") else "")
 
 
 # report.md's first table: what to claim; the second: every attack behind it.
@@ -187,7 +193,7 @@ def markdown_table(report: dict) -> str:
                 "fooling step; " if report.get("early_exit", True) else "Every image runs every step; ")
              + "the parts of each worst case are measured "
              f"{'on the survivors of the parts before' if report.get('mode') == 'cascade' else 'independently'}. "
-             "Worst case (FGSM, PGD, APGD-CE, -DLR, -T): correct under all of them; JPEG worst case: correct "
+             f"Worst case ({worst_parts(report)}): correct under all of them; JPEG worst case: correct "
              f"through JPEG under FGSM and PGD made on the bare model (transfer) and BPDA PGD through it (adaptive). "
              f"Warnings below fire only beyond sampling noise: {FLAG_RULE}."]  # fmt: skip
     if {"autoattack", "pgd_worst"} <= report["rows"][0].keys():
@@ -202,6 +208,7 @@ def markdown_table(report: dict) -> str:
 CURVE_STYLE = {
     "clean": ("black", "-", "o"), "fgsm": ("tab:blue", "--", "s"), "pgd": ("tab:orange", "-", "^"),
     "apgd": ("tab:brown", "-.", "v"), "apgd_dlr": ("goldenrod", ":", "<"), "apgd_t": ("teal", "-.", ">"),
+    "square": ("darkkhaki", "--", "p"),
     "pgd_worst": ("tab:red", "-", "D"), "jpeg": ("tab:gray", ":", "o"),
     "jpeg_fgsm": ("tab:cyan", "--", "s"), "jpeg_pgd": ("tab:green", "--", "^"), "bpda_pgd": ("tab:olive", "-.", "v"),
     "jpeg_worst": ("tab:purple", "-", "D"), "autoattack": ("magenta", "-", "*"), "aa_worst": ("darkmagenta", "-", "P"),

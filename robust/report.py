@@ -48,6 +48,7 @@ def evaluate(
     apgd_restarts: int | None = None,
     early_exit: bool = True,
     cascade: bool = False,
+    square_queries: int = 0,
 ) -> dict:
     """Accuracy of ``model`` under every threat, on the same images, for each eps.
 
@@ -64,7 +65,8 @@ def evaluate(
         early_exit: attack only the images still standing (:class:`robust.threats.ThreatSpec`); cascade: measure each
             worst case's parts on the survivors of the parts before (the report then says so).
         norm: the threat model, ``linf`` or ``l2`` (eps in its units). apgd_steps, apgd_restarts: APGD-CE's own
-            (default ``steps`` and ``restarts``; AutoAttack's standard APGD-CE is 100 × 1).
+            (default ``steps`` and ``restarts``; AutoAttack's standard APGD-CE is 100 × 1). square_queries: also run
+            Square with this many queries (the ``square`` threat, a part of ``pgd_worst``; 0: not run).
         seed: seeds random starts and the random targets (batch ``i`` with ``seed + i``; the global RNG is left
             untouched).
         world: the processes sharing the batches (:func:`robust.sharding.launch`; default this process alone, on
@@ -78,11 +80,13 @@ def evaluate(
     if not eps_list:
         raise RobustError("give at least one eps")
     asked = set(threats or DEFAULT_THREATS) | (set(AUTOATTACK_THREATS) if autoattack else set())
+    asked |= {"square"} if square_queries and not threats else set()
     keys = tuple(k for k in THREATS if k in asked)
     if asked - set(keys):
         raise RobustError(f"unknown threat(s) {', '.join(sorted(asked - set(keys)))}; known: {', '.join(THREATS)}")
     specs = [ThreatSpec(e, alpha, steps, restarts, quality, seed, keys, norm=norm, apgd_steps=apgd_steps,
-                        apgd_restarts=apgd_restarts, early_exit=early_exit, cascade=cascade)
+                        apgd_restarts=apgd_restarts, early_exit=early_exit, cascade=cascade,
+                        square_queries=square_queries)
              for e in eps_list]  # fmt: skip
     world = world or World(next(model.parameters()).device)
     count = partial(batch_counts, model, keys, world.device)
@@ -96,7 +100,7 @@ def evaluate(
             "restarts": int(restarts), "alpha": alpha, "quality": int(quality), "seed": int(seed),
             "autoattack": bool(autoattack), "norm": norm, "apgd_steps": apgd_steps or int(steps),
             "apgd_restarts": apgd_restarts or int(restarts), "mode": specs[0].mode,
-            "early_exit": bool(early_exit)}  # fmt: skip
+            "early_exit": bool(early_exit), "square_queries": int(square_queries)}  # fmt: skip
 
 
 def batch_counts(

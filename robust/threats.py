@@ -6,16 +6,18 @@ A threat is a key of :data:`THREATS`; its predictions are ``N`` class ids, score
 - ``clean``; ``fgsm``, ``pgd`` (PGD-``steps``, random start), ``apgd`` (APGD-CE, AutoAttack's first component,
   :func:`robust.attacks.apgd_run`: torchattacks' arithmetic, per example), ``apgd_dlr`` (APGD with the DLR loss)
   and ``apgd_t`` (APGD-T toward the ``apgd_targets`` most likely other classes, AutoAttack's second component),
-  made against the bare model;
+  made against the bare model; ``square`` (torchattacks' Square, AutoAttack's gradient-free fourth component, with
+  ``square_queries`` queries: opt-in, it finds what a model's masked gradients hide from the others);
 - ``jpeg`` (clean images through JPEG); ``jpeg_fgsm``, ``jpeg_pgd`` (those adversarial examples, transferred
   through JPEG); ``bpda_pgd`` (PGD through the straight-through JPEG, then JPEG: the adaptive attack);
 - ``autoattack`` (torchattacks' standard AutoAttack, slow, opt-in) and ``aa_worst`` (the per-example worst case of
   ``pgd_worst``'s attacks and AutoAttack); ``targeted_success`` (targeted PGD);
 - worst cases, per example (:data:`WORST_CASES`): ``pgd_worst`` is correct only where ``fgsm``, ``pgd``,
-  ``apgd``, ``apgd_dlr`` and ``apgd_t`` all are (the last two are left out for a model with too few classes for
-  their loss: 3 and 4), ``jpeg_worst`` only where every attack through JPEG (``jpeg_fgsm``, ``jpeg_pgd``,
-  ``bpda_pgd``) is: the figures to claim. Their predictions equal the label only where every part is correct
-  (else the first wrong part's prediction), so accuracy metrics work unchanged for every key.
+  ``apgd``, ``apgd_dlr``, ``apgd_t`` and, when it runs, ``square`` all are (``apgd_dlr`` and ``apgd_t`` are left
+  out for a model with too few classes for their loss: 3 and 4), ``jpeg_worst`` only where every attack through
+  JPEG (``jpeg_fgsm``, ``jpeg_pgd``, ``bpda_pgd``) is: the figures to claim. Their predictions equal the label
+  only where every part is correct (else the first wrong part's prediction), so accuracy metrics work unchanged
+  for every key.
 
 Every threat runs in the spec's threat model (``norm``: L-inf or L2). How much is attacked is the spec's choice:
 
@@ -44,22 +46,23 @@ from torch import Tensor, nn
 
 from robust.attacks import apgd as _apgd
 from robust.attacks import apgd_run, check_budget, default_step, fgsm, pgd_run, random_other_class, seeded_rng
-from robust.checks import check_norm
+from robust.checks import check_norm, check_square_queries
 from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
 
-THREATS = ("clean", "fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "pgd_worst", "jpeg", "jpeg_fgsm", "jpeg_pgd",
+THREATS = ("clean", "fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "square", "pgd_worst", "jpeg", "jpeg_fgsm", "jpeg_pgd",
            "bpda_pgd", "jpeg_worst", "autoattack", "aa_worst", "targeted_success")  # fmt: skip
 AUTOATTACK_THREATS = ("autoattack", "aa_worst")  # slow: opt-in
-DEFAULT_THREATS = tuple(k for k in THREATS if k not in AUTOATTACK_THREATS)
+DEFAULT_THREATS = tuple(k for k in THREATS if k not in (*AUTOATTACK_THREATS, "square"))  # Square: with its queries
 # Each worst case's parts, in the order the cascade runs them: cheap first, so the costly ones see few examples. The
-# APGD-DLR and APGD-T parts break examples that FGSM, PGD and APGD-CE leave (docs/evaluation-cost.md measures it).
-_CHEAP = ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t")
+# APGD-DLR and APGD-T parts break examples that FGSM, PGD and APGD-CE leave; Square those a model's masked gradients
+# hide from all of them (docs/evaluation-cost.md measures both). Square is a part only when it runs
+# (ThreatSpec.parts).
+_CHEAP = ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "square")
 WORST_CASES = {"pgd_worst": _CHEAP, "jpeg_worst": ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd"),
                "aa_worst": (*_CHEAP, "autoattack")}  # fmt: skip
-_PREVIOUS = {part: parts[i - 1] for parts in WORST_CASES.values() for i, part in enumerate(parts) if i}
 _THROUGH_JPEG = ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd")  # judged by the defended model: its clean prediction is jpeg
-_ATTACKED = ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "autoattack",
+_ATTACKED = ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "square", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "autoattack",
              "targeted_success")  # fmt: skip
 # the fewest classes each APGD loss needs: DLR's denominator uses the 3 largest logits, the targeted one the 4 largest
 _MIN_CLASSES = {"apgd_dlr": 3, "apgd_t": 4}
@@ -85,7 +88,9 @@ class ThreatSpec:
     the examples still standing (default; False: every example, every step, for comparison); ``cascade``: run each
     worst case's parts on the survivors of the parts before (the module docstring says what the figures then
     mean); ``apgd_targets``: the target classes of ``apgd_t`` (AutoAttack's standard version uses 9);
-    ``apgd_steps``/``apgd_restarts``: APGD's own (default PGD's; AutoAttack's standard APGD-CE runs 100 × 1)."""
+    ``apgd_steps``/``apgd_restarts``: APGD's own (default PGD's; AutoAttack's standard APGD-CE runs 100 × 1);
+    ``square_queries``: the queries of the ``square`` threat, which then joins ``pgd_worst`` (0: Square does not run;
+    AutoAttack's standard version spends 5,000)."""
 
     eps: float
     alpha: float | None = None
@@ -100,6 +105,7 @@ class ThreatSpec:
     apgd_targets: int = 3
     apgd_steps: int | None = None
     apgd_restarts: int | None = None
+    square_queries: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threats", tuple(self.threats))
@@ -109,6 +115,9 @@ class ThreatSpec:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RobustError(f"{name} must be at least 1, got {value}")
+        check_square_queries(self.square_queries)
+        if "square" in self.threats and not self.square_queries:
+            raise RobustError("the square threat needs its queries: square_queries (evaluate.py --square-queries N)")
         check_quality(self.quality)
         unknown = [k for k in self.threats if k not in THREATS]
         if unknown or not self.threats:
@@ -121,6 +130,20 @@ class ThreatSpec:
         return (
             default_step("pgd", self.eps, norm=self.norm, steps=self.steps) if self.alpha is None else float(self.alpha)
         )
+
+    def parts(self, worst: str) -> tuple[str, ...]:
+        """The parts of the worst case ``worst`` (a key of :data:`WORST_CASES`) in force, in cascade order:
+        ``square`` only when this spec gives it queries."""
+        return tuple(p for p in WORST_CASES[worst] if p != "square" or self.square_queries)
+
+    def previous(self, key: str) -> str | None:
+        """The part a cascade runs before ``key`` (``None`` for the first part of a worst case, or a threat in
+        none)."""
+        for worst in WORST_CASES:
+            parts = self.parts(worst)
+            if key in parts[1:]:
+                return parts[parts.index(key) - 1]
+        return None
 
     @property
     def mode(self) -> str:
@@ -156,14 +179,16 @@ def apgd(
         return _apgd(model, x, y, eps, steps, restarts=restarts, norm=norm)
 
 
-def _autoattack(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, num_classes: int) -> Tensor:
+def _torchattacks(name: str, model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, **kwargs) -> Tensor:
+    """torchattacks' attack ``name`` (``AutoAttack``, ``Square``) at the spec's budget, seeded with ``spec.seed``, on
+    ``x`` (``N×C×H×W`` in [0, 1]): adversarial images; an image it fails on comes back unchanged."""
     import torchattacks
 
     if len(x) == 0:
         return x.detach().clone()
     check_budget(spec.eps, norm=spec.norm, dims=x[0].numel())
-    attack = torchattacks.AutoAttack(model, norm=_torchattacks_norm(spec.norm), eps=spec.eps, version="standard",
-                                     n_classes=num_classes, seed=spec.seed)  # fmt: skip
+    attack = getattr(torchattacks, name)(model, norm=_torchattacks_norm(spec.norm), eps=spec.eps, seed=spec.seed,
+                                         **kwargs)  # fmt: skip
     return attack(x, y).detach()
 
 
@@ -180,13 +205,12 @@ def _wanted(spec: ThreatSpec) -> set[str]:
     """The keys to compute for ``spec``: those asked, the parts of the worst cases asked and, in a cascade, every
     part before a part asked (a part's figure is measured on its predecessors' survivors)."""
     wanted = set(spec.threats)
-    for key, parts in WORST_CASES.items():
+    for key in WORST_CASES:
         if key in wanted:
-            wanted.update(parts)
+            wanted.update(spec.parts(key))
     if spec.cascade:
         for key in list(wanted):
-            while key in _PREVIOUS:
-                key = _PREVIOUS[key]
+            while (key := spec.previous(key)) is not None:
                 wanted.add(key)
     return wanted
 
@@ -238,7 +262,7 @@ class _Suite:
         y = self.y
         base = self.preds["jpeg" if key in _THROUGH_JPEG else "clean"] if self.fast else y
         mask = base == y if self.fast else self.everyone
-        previous = _PREVIOUS.get(key) if self.spec.cascade else None
+        previous = self.spec.previous(key) if self.spec.cascade else None
         if previous is None:
             return mask, base
         return mask & (self.preds[previous] == y), self.preds[previous]
@@ -317,6 +341,12 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
                 kwargs["targets"] = min(kwargs["targets"], num_classes - 1)
             preds[key] = suite.attacked(key, suite.run(apgd_run, model, y, mask, **kwargs), mask, fallback)
 
+        if "square" in wanted:
+            mask, fallback = suite.gate("square")
+            with suite.seeded():
+                made = _torchattacks("Square", model, x[mask], y[mask], spec, n_queries=spec.square_queries)
+            preds["square"] = _predict(model, made, mask, fallback)
+
         if "bpda_pgd" in wanted:
             mask, fallback = suite.gate("bpda_pgd")
             run = suite.run(pgd_run, JpegDefended(model, q, straight_through=True), y, mask)
@@ -325,7 +355,8 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
         if "autoattack" in wanted:
             mask, fallback = suite.gate("autoattack")
             with suite.seeded():
-                made = _autoattack(model, x[mask], y[mask], spec, num_classes)
+                made = _torchattacks("AutoAttack", model, x[mask], y[mask], spec, version="standard",
+                                     n_classes=num_classes)  # fmt: skip
             preds["autoattack"] = _predict(model, made, mask, fallback)
 
         if "targeted_success" in wanted:
@@ -334,9 +365,9 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
             run = suite.run(pgd_run, model, target, mask, targeted=True)
             preds["targeted_success"] = suite.attacked("targeted_success", run, mask, preds.get("clean", y))
 
-    for key, parts in WORST_CASES.items():
+    for key in WORST_CASES:
         if key in wanted:
-            preds[key] = worst_case(y, [preds[p] for p in parts])
+            preds[key] = worst_case(y, [preds[p] for p in spec.parts(key)])
     out = {k: preds[k] for k in spec.threats}
     if "targeted_success" in wanted:
         out["target"] = target

@@ -95,14 +95,16 @@ def test_bad_options_are_clear_errors(argv, match):
 
 
 def test_quick_suite_row_never_reports_higher_accuracy_with_early_exit(tmp_path):
-    """``--only suite --quick``: the threat suite with early exit and with the cascade, side by side with every
-    example every step, on stand-in digits models (and the authors' MNIST model with AutoAttack cut down, when
-    ``.cache/fast_adversarial/fgsm.pth`` and MNIST are there). Whatever the timings, on the same images and seeds no
-    accuracy may be higher than the all-steps run's (the targeted success rate no lower), the clean figures are
-    equal, and the cascade's worst cases equal the early-exit run's (the same attacks, run on survivors)."""
+    """``--only suite autoattack --quick``: the threat suite with early exit and with the cascade, side by side with
+    every example every step, on stand-in digits models (and the authors' MNIST model, when
+    ``.cache/fast_adversarial/fgsm.pth`` and MNIST are there), then the cheap worst cases beside AutoAttack (cut
+    down). Whatever the timings, on the same images and seeds no accuracy may be higher than the all-steps run's
+    (the targeted success rate no lower), the clean figures are equal, and the cascade's worst cases equal the
+    early-exit run's (the same attacks, run on survivors)."""
     run = load_script("run")
     out = tmp_path / "suite.json"
-    record = run.main(["--quick", "--only", "suite", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    record = run.main(["--quick", "--only", "suite", "autoattack", "--device", "cpu", "--threads", "1", "--out",
+                       str(out)])  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     cases = [k.removesuffix("_accuracy") for k in record if k.startswith("suite_") and k.endswith("_accuracy")]
     assert {"suite_digits", "suite_digits_clean"} <= set(cases)
@@ -123,9 +125,13 @@ def test_quick_suite_row_never_reports_higher_accuracy_with_early_exit(tmp_path)
         for mode in ("early_exit", "cascade"):
             ratio = record[f"{case}_{mode}_over_all_steps"]
             assert math.isfinite(ratio) and ratio > 0
-    if "suite_mnist" in cases:
-        acc = record["cheap_vs_autoattack_accuracy"]
+    for key in ("digits", "mnist"):
+        if f"suite_{key}" not in cases:
+            continue
+        acc = record[f"{key}_cheap_vs_autoattack_accuracy"]
+        assert set(acc) == {"cheap", "cheap_cascade_apgd100", "cheap_cascade_square", "autoattack",
+                            "worst_of_cheap_and_autoattack"}  # fmt: skip
         assert acc["worst_of_cheap_and_autoattack"] <= min(acc["cheap"], acc["autoattack"])
-        assert acc["cheap_cascade"] == acc["cheap"]  # the cascade changes the cost, not the worst case
-        assert math.isfinite(record["cheap_over_autoattack"]) and record["cheap_vs_autoattack_n"] == 4
+        assert acc["cheap_cascade_square"] <= acc["cheap"]  # the same attacks on survivors, then Square
+        assert math.isfinite(record[f"{key}_cheap_over_autoattack"]) and record[f"{key}_cheap_vs_autoattack_n"] == 4
     assert record["suite_repeats"] == 1 and record["threads"] == 1

@@ -19,8 +19,8 @@ from robust.errors import RobustError
 from robust.threats import AUTOATTACK_THREATS, ThreatSpec, predictions
 from robust.threats import WORST_CASES as ALL_WORST_CASES
 
-# AutoAttack is opt-in and slow: the cheap worst cases only.
-WORST_CASES = {k: v for k, v in ALL_WORST_CASES.items() if k not in AUTOATTACK_THREATS}
+# AutoAttack and Square are opt-in and slow: the cheap worst cases, with the parts a default spec runs.
+WORST_CASES = {k: ThreatSpec(0.03).parts(k) for k in ALL_WORST_CASES if k not in AUTOATTACK_THREATS}
 
 SHAPE = (3, 8, 8)  # JPEG needs 1 or 3 channels
 
@@ -136,7 +136,9 @@ def test_early_exit_accuracy_is_never_above_the_all_steps_run(digits_model, digi
         torch.manual_seed(0)
         early = predicted(digits_model, pgd(digits_model, x, y, eps, eps / 4, 5, restarts=2, early_exit=True))
     acc_every, acc_early = (every == y).float().mean().item(), (early == y).float().mean().item()
-    assert acc_early <= acc_every and 0.0 < acc_every < 0.9, (acc_early, acc_every)
+    clean = (predicted(digits_model, x) == y).float().mean().item()
+    # something to measure: PGD fools some images and leaves some (how many depends on the trained model)
+    assert acc_early <= acc_every and 0.0 < acc_every < clean, (acc_early, acc_every, clean)
 
 
 def test_where_nothing_is_fooled_early_exit_is_the_all_steps_run(digits_model, digits_val):
