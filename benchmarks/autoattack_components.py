@@ -2,9 +2,11 @@
 early exit: ``python benchmarks/autoattack_components.py [--eps 0.02 0.03] [--n 200] [--steps 20]``.
 
 Model: the test suite's kind of digits model (``tests/conftest.py``'s ``train_digits_model``: ResNet18, clean
-training, 3 epochs, seed 0), evaluated on the first ``--n`` held-out digits (3×32×32 in [0, 1]), L-inf.
+training, 3 epochs, seed 0), evaluated on the first ``--n`` held-out digits (3×32×32 in [0, 1]), L-inf; or, with
+``--model mnist``, the authors' MNIST ``fgsm.pth`` (Wong et al. 2020) on ``--n`` evenly spaced test images.
 
-1. The cheap suite (FGSM, PGD-10, APGD-CE-10, as :mod:`robust.threats` runs them, cascade) leaves survivors.
+1. The cheap suite (``--cheap apgd``: FGSM, PGD-10, APGD-CE-10; ``--cheap pgd_worst``: the whole cheap worst case,
+   with APGD-DLR and APGD-T; as :mod:`robust.threats` runs them, cascade) leaves survivors.
 2. On those survivors, each AutoAttack component of torchattacks, alone, with ``--steps`` iterations (AutoAttack's
    standard version uses 100, and 5,000 Square queries: ``--steps`` / ``--square-queries`` scale that down to fit a
    shared CPU): APGD-CE, APGD-DLR, APGD-T (9 target classes), FAB-T (9 target classes), Square. And our own
@@ -32,8 +34,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import train_digits_model  # noqa: E402  (the test suite's model, one home)
 
+from benchmarks.suite import MNIST_MODEL, mnist_test  # noqa: E402
 from robust.attacks import apgd, seeded_rng  # noqa: E402
 from robust.data import Digits  # noqa: E402
+from robust.loading import external_model  # noqa: E402
 from robust.machine import machine  # noqa: E402
 from robust.threats import DEFAULT_THREATS, ThreatSpec, predictions  # noqa: E402
 
@@ -58,13 +62,13 @@ def _ours(model, x, y, eps, steps, loss, targets):
         return apgd(model, x, y, eps, steps, loss=loss, targets=targets, early_exit=True)
 
 
-def measure_components(model, x, y, eps: float, steps: int, square_queries: int) -> dict:
-    # in a cascade, apgd's predictions are those after FGSM, PGD and APGD-CE: the cheap suite's worst case
-    spec = ThreatSpec(eps, steps=10, threats=("clean", "apgd"), cascade=True)
+def measure_components(model, x, y, eps: float, steps: int, square_queries: int, cheap: str = "apgd") -> dict:
+    # in a cascade, a part's predictions are those after it and the parts before: apgd's after FGSM, PGD and APGD-CE
+    spec = ThreatSpec(eps, steps=10, threats=("clean", cheap), cascade=True)
     t0 = time.perf_counter()
     preds = predictions(model, x, y, spec)
     cheap_s = time.perf_counter() - t0
-    alive = preds["apgd"] == y
+    alive = preds[cheap] == y
     xs, ys = x[alive], y[alive]
     row = {"eps": eps, "n": len(y), "clean": int((preds["clean"] == y).sum()), "cheap_survivors": int(alive.sum()),
            "cheap_s": round(cheap_s, 1), "fooled": {}, "seconds": {}}  # fmt: skip
@@ -101,8 +105,21 @@ def measure_cost(model, x, y, eps: float) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--eps", type=float, nargs="+", default=[0.02, 0.03])
-    parser.add_argument("--n", type=int, default=200, help="held-out digits evaluated (of 360)")
+    parser.add_argument(
+        "--model",
+        choices=["digits", "mnist"],
+        default="digits",
+        help="the test suite's digits model, or the authors' MNIST fgsm.pth (--mnist-model)",
+    )
+    parser.add_argument("--mnist-model", default=str(MNIST_MODEL))
+    parser.add_argument(
+        "--cheap",
+        choices=["apgd", "pgd_worst"],
+        default="apgd",
+        help="whose survivors the components attack: FGSM, PGD, APGD-CE, or the whole cheap worst case",
+    )
+    parser.add_argument("--eps", type=float, nargs="+", help="default 0.02 0.03 (digits), 0.3 (mnist)")
+    parser.add_argument("--n", type=int, default=200, help="held-out digits (of 360) or MNIST test images")
     parser.add_argument("--steps", type=int, default=20, help="iterations of each AutoAttack component")
     parser.add_argument("--square-queries", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
@@ -111,17 +128,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = train_digits_model()
+    if args.model == "mnist":
+        model = external_model(args.mnist_model, "state_dict", arch="mnist_net").eval()
+        x, y = mnist_test(args.n)
+    else:
+        model = train_digits_model()
+        dm = Digits()
+        dm.setup()
+        x, y = (t[: args.n] for t in dm.val_set.tensors)
     train_s = time.perf_counter() - t0
-    dm = Digits()
-    dm.setup()
-    x, y = (t[: args.n] for t in dm.val_set.tensors)
+    args.eps = args.eps or ([0.3] if args.model == "mnist" else [0.02, 0.03])
     record = {"machine": machine(), "torch": torch.__version__,
               "torchattacks": torchattacks.__version__, "threads": args.threads, "train_s": round(train_s, 1),
               "args": vars(args), "components": [], "cost": []}  # fmt: skip
     for eps in args.eps:
         if not args.skip_components:
-            record["components"].append(measure_components(model, x, y, eps, args.steps, args.square_queries))
+            record["components"].append(
+                measure_components(model, x, y, eps, args.steps, args.square_queries, args.cheap)
+            )
         if not args.skip_cost:
             record["cost"].extend(measure_cost(model, x, y, eps))
 

@@ -268,6 +268,8 @@ def test_the_component_benchmark_runs(digits_model, digits_val):
     x, y = digits_val[0][:12], digits_val[1][:12]
     row = bench.measure_components(digits_model, x, y, 0.03, steps=2, square_queries=5)
     assert row["cheap_survivors"] <= row["clean"] <= 12
+    whole = bench.measure_components(digits_model, x, y, 0.03, steps=2, square_queries=5, cheap="pgd_worst")
+    assert whole["cheap_survivors"] <= row["cheap_survivors"]  # the whole cheap worst case leaves no more
     assert all(0 <= n <= row["cheap_survivors"] for n in row["fooled"].values())
     assert row["fooled_by_any"] >= max(v for k, v in row["fooled"].items() if not k.startswith("ours"))
     cost = bench.measure_cost(digits_model, x, y, 0.03)
