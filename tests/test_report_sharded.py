@@ -24,7 +24,7 @@ from robust.threats import ThreatSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-KEYS = ("clean", "fgsm", "pgd", "targeted_success")
+KEYS = ("clean", "fgsm", "pgd", "square", "targeted_success")  # Square: torchattacks, seeded per batch too
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Replay(World):
 def test_two_ranks_split_the_batches_and_sum_to_the_single_process_counts(digits_model, digits_val):
     x, y = digits_val
     batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]  # three batches: rank 0 takes two
-    specs = [ThreatSpec(eps, steps=1, threats=KEYS) for eps in (0.05, 0.1)]
+    specs = [ThreatSpec(eps, steps=1, threats=KEYS, square_queries=5) for eps in (0.05, 0.1)]
     calls = []
 
     def count(b, xb, yb, todo):
