@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--square-queries", type=_square_queries, default=0, metavar="N",
                         help="also run Square (AutoAttack's gradient-free part) with N queries as a part of the worst "
-                        "case: it finds what masked gradients hide (1000 closes most of the gap to AutoAttack on "
-                        "single-step-trained MNIST models; default 0: not run)")  # fmt: skip
+                        "case: it finds what masked gradients hide (1000 closed most of the gap to AutoAttack on the "
+                        "FGSM-trained MNIST fgsm.pth; default 0: not run)")  # fmt: skip
     report.add_argument("--cascade", action="store_true",
                         help="measure each worst case's parts on the survivors of the parts before (AutoAttack's "
                         "order); the per-attack columns are then cumulative, and report.md says so")  # fmt: skip
