@@ -51,6 +51,7 @@ PROTOCOL = ["--eps", "0.3", "--steps", "50", "--alpha", "0.01", "--restarts", "1
             "--apgd-restarts", "1", "--threats", "clean", "pgd", "apgd"]  # fmt: skip
 # On the AutoAttack subset: the report's cheap worst case and its parts (an argument given last wins).
 CHEAP_WORST = ("clean", "pgd", "apgd", "pgd_worst")
+MNIST_TEST_IMAGES = 10_000  # the official test split
 COLUMNS = (("clean", "Clean"), ("pgd", "PGD-50×10"), ("apgd", "APGD-CE-100"), ("aa_pgd_worst", "Cheap worst case†"),
            ("autoattack", "AutoAttack†"), ("worst", "Worst case†"))  # fmt: skip
 
@@ -126,9 +127,10 @@ def train(config: str, name: str, seed: int, extra: list[str], args: argparse.Na
 
 def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, env: dict,
              protocol: list[str] = PROTOCOL) -> dict:  # fmt: skip
-    """The paper's protocol on all test images (``--limit``: that many), then AutoAttack (and the worst case over
-    every attack) on ``--aa-limit`` of them, evenly spaced; each report kept in ``--work`` under a name that says how
-    many images it measured, so a run with another limit measures again instead of reading it back."""
+    """AutoAttack (and the worst case over every attack) on ``--aa-limit`` test images, evenly spaced, and the
+    paper's protocol on all of them (``--limit``: that many; AutoAttack's report when it covers as many); each
+    report kept in ``--work`` under a name that says how many images it measured, so a run with another limit
+    measures again instead of reading it back."""
 
     def report(kind: str, extra: list[str]) -> dict:
         out = args.work / "reports" / f"{name}-{kind}"
@@ -138,17 +140,23 @@ def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, 
         result = json.loads((out / "report.json").read_text())
         return {"row": result["rows"][0], "n": result["n"], "eval_s": round(seconds, 1), "report": str(out)}
 
-    limited = f"-limit{args.limit}" if args.limit else ""
-    full = kept(f"{name}.eval{limited}", args,
-                lambda: report(f"protocol{limited}", ["--limit", str(args.limit)] if args.limit else []))  # fmt: skip
-    figures = {key: full["row"].get(key) for key in ("clean", "pgd", "apgd")}
-    out = {"figures": figures, "n": full["n"], "eval_s": full["eval_s"], "reports": [full["report"]]}
+    aa = None
     if args.autoattack:
         extra = ["--autoattack", "--limit", str(args.aa_limit), "--threats", *CHEAP_WORST]
         aa = kept(f"{name}.aa-limit{args.aa_limit}", args, lambda: report(f"autoattack-limit{args.aa_limit}", extra))
+    limited = f"-limit{args.limit}" if args.limit else ""
+    if aa is not None and min(args.aa_limit, MNIST_TEST_IMAGES) == min(args.limit or MNIST_TEST_IMAGES,
+                                                                       MNIST_TEST_IMAGES):  # fmt: skip
+        full = aa  # AutoAttack's report ran the protocol's threats on the same images
+    else:
+        only = ["--limit", str(args.limit)] if args.limit else []
+        full = kept(f"{name}.eval{limited}", args, lambda: report(f"protocol{limited}", only))
+    figures = {key: full["row"].get(key) for key in ("clean", "pgd", "apgd")}
+    out = {"figures": figures, "n": full["n"], "eval_s": full["eval_s"], "reports": [full["report"]]}
+    if aa is not None:
         figures.update(autoattack=aa["row"]["autoattack"], worst=aa["row"]["aa_worst"],
                        aa_pgd_worst=aa["row"]["pgd_worst"])  # fmt: skip
-        out.update(aa_n=aa["n"], aa_eval_s=aa["eval_s"], reports=[full["report"], aa["report"]])
+        out.update(aa_n=aa["n"], aa_eval_s=aa["eval_s"], reports=list(dict.fromkeys([full["report"], aa["report"]])))
     return out
 
 
@@ -236,8 +244,10 @@ def table(rows: list[dict], means: dict[str, dict], line: str) -> str:
     return "\n".join([*lines, "", f"Accuracy (%) on {n:,} MNIST test images at eps 0.3 (L∞), measured on {line}."])
 
 
-def document(text: str, command: str, n: int) -> str:
-    """``docs/results/mnist.md``: what was run, the command, the table."""
+def document(text: str, command: str, n: int, aa_n: int | None) -> str:
+    """``docs/results/mnist.md``: what was run (``n`` images for the protocol, ``aa_n`` for AutoAttack), the command,
+    the table."""
+    aa = "all" if aa_n == n else f"{aa_n:,} evenly spaced" if aa_n else "none of the"
     return "\n".join([
         "# MNIST: Wong, Rice & Kolter 2020 reproduced",
         "",
@@ -246,8 +256,8 @@ def document(text: str, command: str, n: int) -> str:
         "(`MNIST/evaluate_mnist.py` of locuslab/fast_adversarial):",
         "eps 0.3, PGD-50 with step 0.01 and 10 random restarts (an image counts as broken when any restart breaks",
         f"it) and APGD-CE-100 (AutoAttack's first attack) on {n:,} test images (evenly spaced; all 10,000 without",
-        "`--limit`); † on 500 evenly spaced test",
-        "images (AutoAttack's Square costs hours on all 10,000 on a CPU): the report's cheap worst case (FGSM, PGD,",
+        f"`--limit`); † on {aa} test images (`--aa-limit`; AutoAttack's Square costs 20 min to hours per",
+        "model on all 10,000 on a CPU): the report's cheap worst case (FGSM, PGD,",
         "APGD-CE, APGD-DLR, APGD-T), AutoAttack (standard, torchattacks) and the per-example worst case over all",
         "of them. Ours are the final weights (`last.ckpt`) of",
         "`configs/mnist_fgsm.yaml` and `configs/mnist_pgd.yaml`, except the held-out rows' most robust epoch",
@@ -322,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python experiments/mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(rows, means, line)
     doc = {"machine": line, "command": command.strip(), "rows": rows, **means}
-    write_results(args.out, args.name, document(text, command.strip(), rows[0]["n"]), doc)
+    write_results(args.out, args.name, document(text, command.strip(), rows[0]["n"], rows[0].get("aa_n")), doc)
     print(text)
     return doc
 

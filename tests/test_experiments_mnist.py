@@ -48,6 +48,14 @@ def test_a_tiny_reproduction_writes_the_table_and_keeps_its_reading(shared_data,
     other = mnist.main(["--seeds", "0", "--heldout-seeds", "--pgd-epochs", "0", "--no-authors", "--no-autoattack",
                         "--limit", "12", *argv[argv.index("--threads") :]])  # fmt: skip
     assert [r["name"] for r in other["rows"]] == ["fgsm_seed0"] and other["rows"][0]["n"] == 12
+    # AutoAttack on every image the protocol measures: its one report gives the protocol's figures too
+    both = mnist.main(["--seeds", "0", "--heldout-seeds", "--pgd-epochs", "0", "--no-authors", "--limit", "12",
+                       "--aa-limit", "12", *argv[argv.index("--threads") :]])  # fmt: skip
+    (row,) = both["rows"]
+    assert row["n"] == row["aa_n"] == 12 and len(row["reports"]) == 1 and "autoattack-limit12" in row["reports"][0]
+    _check_figures(row)
+    assert row["figures"]["worst"] <= min(row["figures"]["autoattack"], row["figures"]["aa_pgd_worst"])
+    assert "† on all test images" in page.read_text()
 
 
 @pytest.mark.slow  # one epoch of three batches in the plain loop, then the report on 20 test digits
