@@ -125,6 +125,11 @@ def train(config: str, name: str, seed: int, extra: list[str], args: argparse.Na
     return kept(f"{name}.train", args, fit)
 
 
+def images_measured(limit: int | None) -> int:
+    """How many test images a ``--limit`` or ``--aa-limit`` measures (``None``: all of them)."""
+    return min(limit or MNIST_TEST_IMAGES, MNIST_TEST_IMAGES)
+
+
 def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, env: dict,
              protocol: list[str] = PROTOCOL) -> dict:  # fmt: skip
     """AutoAttack (and the worst case over every attack) on ``--aa-limit`` test images, evenly spaced, and the
@@ -144,11 +149,10 @@ def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, 
     if args.autoattack:
         extra = ["--autoattack", "--limit", str(args.aa_limit), "--threats", *CHEAP_WORST]
         aa = kept(f"{name}.aa-limit{args.aa_limit}", args, lambda: report(f"autoattack-limit{args.aa_limit}", extra))
-    limited = f"-limit{args.limit}" if args.limit else ""
-    if aa is not None and min(args.aa_limit, MNIST_TEST_IMAGES) == min(args.limit or MNIST_TEST_IMAGES,
-                                                                       MNIST_TEST_IMAGES):  # fmt: skip
+    if aa is not None and images_measured(args.aa_limit) == images_measured(args.limit):
         full = aa  # AutoAttack's report ran the protocol's threats on the same images
     else:
+        limited = f"-limit{args.limit}" if args.limit else ""
         only = ["--limit", str(args.limit)] if args.limit else []
         full = kept(f"{name}.eval{limited}", args, lambda: report(f"protocol{limited}", only))
     figures = {key: full["row"].get(key) for key in ("clean", "pgd", "apgd")}
@@ -156,7 +160,9 @@ def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, 
     if aa is not None:
         figures.update(autoattack=aa["row"]["autoattack"], worst=aa["row"]["aa_worst"],
                        aa_pgd_worst=aa["row"]["pgd_worst"])  # fmt: skip
-        out.update(aa_n=aa["n"], aa_eval_s=aa["eval_s"], reports=list(dict.fromkeys([full["report"], aa["report"]])))
+        out.update(aa_n=aa["n"], aa_eval_s=aa["eval_s"])
+        if full is not aa:
+            out["reports"].append(aa["report"])
     return out
 
 
@@ -305,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.pgd_epochs < 0 or any(s < 0 for s in [*args.seeds, *args.heldout_seeds]):
         parser.error("--pgd-epochs, --seeds and --heldout-seeds must be 0 or more")
+    if args.aa_limit < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--limit and --aa-limit must be 1 or more")
     if args.val_size < 1:
         parser.error(f"--val-size must be at least 1, got {args.val_size}")
     env = work_env(args)
