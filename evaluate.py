@@ -65,16 +65,19 @@ _square_queries = _checked(lambda text: parse_int(text, "Square queries"), check
 
 def _common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--steps", type=_count("steps"), default=10, help="PGD steps (default 10)")
-    sub.add_argument("--norm", choices=["linf", "l2"],
-                     help="threat model (default: the one the model was trained in, else linf)")  # fmt: skip
+    sub.add_argument(
+        "--norm", choices=["linf", "l2"], help="threat model (default: the one the model was trained in, else linf)"
+    )
     sub.add_argument("--alpha", type=_alpha, help="PGD step size, e.g. 2/255 (default L∞ eps/4, L2 2.5·eps/steps)")
     sub.add_argument("--quality", type=_quality, default=75, help="JPEG defense quality 1..100 (default 75)")
     sub.add_argument("--seed", type=int, default=0, help="seed of random starts and targets (default 0)")
     sub.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default auto)")
 
 
-MODEL_HELP = ("a .ckpt, an export folder, 'imagenet', 'hf:<id>', a plain state dict file (with --arch) or a factory "
-              "'package.module:function' (with --weights)")  # fmt: skip
+MODEL_HELP = (
+    "a .ckpt, an export folder, 'imagenet', 'hf:<id>', a plain state dict file (with --arch) or a factory "
+    "'package.module:function' (with --weights)"
+)
 
 
 def _model_options(sub: argparse.ArgumentParser) -> None:
@@ -85,8 +88,12 @@ def _model_options(sub: argparse.ArgumentParser) -> None:
         "--arch", help="architecture of a plain state dict file: resnet18, mnist_net, preact_resnet18, …"
     )
     group.add_argument("--weights", help="state dict file for a factory's network (loaded with weights_only=True)")
-    group.add_argument("--mean", type=_number, nargs="+", help="normalization mean the network expects, one value per "
-                       "channel in [0, 1] pixel units (default none: 0)")  # fmt: skip
+    group.add_argument(
+        "--mean",
+        type=_number,
+        nargs="+",
+        help="normalization mean the network expects, one value per channel in [0, 1] pixel units (default none: 0)",
+    )
     group.add_argument("--std", type=_number, nargs="+", help="normalization std per channel (default none: 1)")
     group.add_argument("--classes", nargs="+", help="class names, one per output (default 0, 1, …; or the data's)")
     group.add_argument("--image-size", type=_count("image size"), help="input size in pixels (default: the arch's)")
@@ -94,8 +101,14 @@ def _model_options(sub: argparse.ArgumentParser) -> None:
 
 def external_options(args: argparse.Namespace) -> dict:
     """The model-description options the user gave (for :func:`robust.load_model`)."""
-    names = {"arch": args.arch, "weights": args.weights, "mean": args.mean, "std": args.std,
-             "class_names": args.classes, "image_size": args.image_size}  # fmt: skip
+    names = {
+        "arch": args.arch,
+        "weights": args.weights,
+        "mean": args.mean,
+        "std": args.std,
+        "class_names": args.classes,
+        "image_size": args.image_size,
+    }
     return {k: v for k, v in names.items() if v is not None}
 
 
@@ -108,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = subs.add_parser("report", parents=[debug], help="robustness report of a model on a data set", epilog=UNITS)
     _model_options(report)
-    report.add_argument("--data", required=True,
-                        help="digits, mnist, cifar10 or an image folder (one sub-folder per class)")  # fmt: skip
+    report.add_argument(
+        "--data", required=True, help="digits, mnist, cifar10 or an image folder (one sub-folder per class)"
+    )
     report.add_argument(
         "--eps",
         type=_eps,
@@ -117,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="budgets in --norm's units, e.g. 0.05 8/255 (L∞) or 0.5 2.0 (L2); default: training eps",
     )
     report.add_argument("--restarts", type=_count("restarts"), default=1, help="PGD random restarts")
-    report.add_argument("--apgd-steps", type=_count("APGD steps"), help="APGD-CE steps (default --steps; "
-                        "AutoAttack's standard APGD-CE: 100)")  # fmt: skip
+    report.add_argument(
+        "--apgd-steps",
+        type=_count("APGD steps"),
+        help="APGD-CE steps (default --steps; AutoAttack's standard APGD-CE: 100)",
+    )
     report.add_argument("--apgd-restarts", type=_count("APGD restarts"), help="APGD-CE restarts (default --restarts)")
     report.add_argument(
         "--no-early-exit",
@@ -127,29 +144,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="attack every image every step (by default an image the model gets wrong is not attacked "
         "and each leaves an attack at its first fooling step: the same or lower accuracy, cheaper)",
     )
-    report.add_argument("--square-queries", type=_square_queries, default=0, metavar="N",
-                        help="also run Square (AutoAttack's gradient-free part) with N queries as a part of the worst "
-                        "case: it finds what masked gradients hide (1000 closed most of the gap to AutoAttack on the "
-                        "FGSM-trained MNIST fgsm.pth; default 0: not run)")  # fmt: skip
-    report.add_argument("--cascade", action="store_true",
-                        help="measure each worst case's parts on the survivors of the parts before (AutoAttack's "
-                        "order); the per-attack columns are then cumulative, and report.md says so")  # fmt: skip
+    report.add_argument(
+        "--square-queries",
+        type=_square_queries,
+        default=0,
+        metavar="N",
+        help="also run Square (AutoAttack's gradient-free part) with N queries as a part of the worst "
+        "case: it finds what masked gradients hide (1000 closed most of the gap to AutoAttack on the "
+        "FGSM-trained MNIST fgsm.pth; default 0: not run)",
+    )
+    report.add_argument(
+        "--cascade",
+        action="store_true",
+        help="measure each worst case's parts on the survivors of the parts before (AutoAttack's "
+        "order); the per-attack columns are then cumulative, and report.md says so",
+    )
     report.add_argument("--limit", type=_count("limit"), help="evaluate N images spread evenly over the data")
     report.add_argument("--batch-size", type=_count("batch size"), default=128)
     report.add_argument("--num-workers", type=int, default=0, help="data loading processes (default 0)")
     report.add_argument("--cifar10-root", default="data/cifar10", help="where CIFAR-10 is (or is downloaded to)")
     report.add_argument("--data-root", help="mnist: the folder holding MNIST/raw (default $ROBUST_DATA, else data)")
-    report.add_argument("--threats", nargs="+", metavar="KEY",
-                        help="measure only these threats (keys of robust.threats.THREATS, e.g. clean pgd apgd "
-                        "pgd_worst); default: all but autoattack")  # fmt: skip
+    report.add_argument(
+        "--threats",
+        nargs="+",
+        metavar="KEY",
+        help="measure only these threats (keys of robust.threats.THREATS, e.g. clean pgd apgd "
+        "pgd_worst); default: all but autoattack",
+    )
     report.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard; slow)")
     report.add_argument("--out", help="output folder (default reports/<model>-<data>)")
-    report.add_argument("--devices", type=_count("devices"), default=1,
-                        help="processes per node, one device of --device's type each (default 1)")  # fmt: skip
-    report.add_argument("--num-nodes", type=_count("number of nodes"), default=1,
-                        help="nodes (under torchrun or SLURM; default 1)")  # fmt: skip
-    report.add_argument("--resume", action="store_true",
-                        help="reuse the counts of batches a killed run of the same report finished")  # fmt: skip
+    report.add_argument(
+        "--devices",
+        type=_count("devices"),
+        default=1,
+        help="processes per node, one device of --device's type each (default 1)",
+    )
+    report.add_argument(
+        "--num-nodes", type=_count("number of nodes"), default=1, help="nodes (under torchrun or SLURM; default 1)"
+    )
+    report.add_argument(
+        "--resume", action="store_true", help="reuse the counts of batches a killed run of the same report finished"
+    )
     _common(report)
     report.set_defaults(func=run_report)
 
@@ -159,8 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(fool)
     fool.add_argument("--target", help="target class name or id (default: untargeted)")
     fool.add_argument("--attack", choices=["fgsm", "pgd"], default="pgd")
-    fool.add_argument("--eps", type=_eps, default=8 / 255,
-                      help="budget in --norm's units, e.g. 0.03 or 8/255 (L∞; default 8/255), 2.0 (L2)")  # fmt: skip
+    fool.add_argument(
+        "--eps",
+        type=_eps,
+        default=8 / 255,
+        help="budget in --norm's units, e.g. 0.03 or 8/255 (L∞; default 8/255), 2.0 (L2)",
+    )
     _common(fool)
     fool.set_defaults(func=run_fool)
 
@@ -168,10 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="a Lightning .ckpt")
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--torch-export", action="store_true", help="also write a torch.export program (model.pt2)")
-    export.add_argument("--onnx", action="store_true",
-                        help="also write model.onnx, checked in onnxruntime (extra robust[onnx])")  # fmt: skip
-    export.add_argument("--onnx-data", help="images for the onnxruntime check: digits, cifar10 or an image folder "
-                        "(default: the digits for a digits model, else seeded random images)")  # fmt: skip
+    export.add_argument(
+        "--onnx", action="store_true", help="also write model.onnx, checked in onnxruntime (extra robust[onnx])"
+    )
+    export.add_argument(
+        "--onnx-data",
+        help="images for the onnxruntime check: digits, cifar10 or an image folder "
+        "(default: the digits for a digits model, else seeded random images)",
+    )
     export.set_defaults(func=run_export)
     return parser
 
@@ -213,10 +256,26 @@ def run_report(args: argparse.Namespace) -> None:
     out = args.out or default_out(args.model, args.data)
     model_info = rep.model_identity(args.model, model)
     journal = report_journal(out, model_info, data_info, args.batch_size, world.device, args.resume)
-    results = rep.evaluate(model, loader, eps, args.steps, args.alpha, args.restarts, args.quality, args.autoattack,
-                           args.seed, world=world, journal=journal, threats=args.threats, norm=norm,
-                           apgd_steps=args.apgd_steps, apgd_restarts=args.apgd_restarts, early_exit=args.early_exit,
-                           cascade=args.cascade, square_queries=args.square_queries)  # fmt: skip
+    results = rep.evaluate(
+        model,
+        loader,
+        eps,
+        args.steps,
+        args.alpha,
+        args.restarts,
+        args.quality,
+        args.autoattack,
+        args.seed,
+        world=world,
+        journal=journal,
+        threats=args.threats,
+        norm=norm,
+        apgd_steps=args.apgd_steps,
+        apgd_restarts=args.apgd_restarts,
+        early_exit=args.early_exit,
+        cascade=args.cascade,
+        square_queries=args.square_queries,
+    )
     if world.rank == 0:
         report = rep.build_report(results, model_info, data_info)
         paths = write_report(report, out)
@@ -252,9 +311,11 @@ def run_export(args: argparse.Namespace) -> None:
         from robust.loading import CARD_FILE
 
         onnx = ModelCard.from_json((folder / CARD_FILE).read_text(), CARD_FILE).onnx
-        print(f"model.onnx: opset {onnx['opset']}, max |logit difference| to torch "
-              f"{onnx['check']['max_abs_logit_diff']:.2g} on {onnx['check']['data']['n']} "
-              f"{onnx['check']['data']['name']} images in onnxruntime")  # fmt: skip
+        print(
+            f"model.onnx: opset {onnx['opset']}, max |logit difference| to torch "
+            f"{onnx['check']['max_abs_logit_diff']:.2g} on {onnx['check']['data']['n']} "
+            f"{onnx['check']['data']['name']} images in onnxruntime"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

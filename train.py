@@ -72,23 +72,31 @@ class RobustCLI(LightningCLI):
         # last.ckpt from its own checkpoint callback, written at every train-epoch end: the monitored one writes
         # last.ckpt only when it also writes a best checkpoint, so it would lag behind when validation is rare.
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/pgd_worst", "checkpoint.mode": "max",
-            "checkpoint.filename": "best-epoch{epoch:03d}-pgd_worst{val/pgd_worst:.4f}",
-            "checkpoint.auto_insert_metric_name": False,
-            "last_checkpoint.filename": ModelCheckpoint.CHECKPOINT_NAME_LAST, "last_checkpoint.monitor": None,
-            "last_checkpoint.save_top_k": 1, "last_checkpoint.every_n_epochs": 1,
-            "last_checkpoint.save_on_train_epoch_end": True, "last_checkpoint.enable_version_counter": False,
-        })  # fmt: skip
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/pgd_worst",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best-epoch{epoch:03d}-pgd_worst{val/pgd_worst:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "last_checkpoint.filename": ModelCheckpoint.CHECKPOINT_NAME_LAST,
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.every_n_epochs": 1,
+                "last_checkpoint.save_on_train_epoch_end": True,
+                "last_checkpoint.enable_version_counter": False,
+            }
+        )
         parser.add_lightning_class_args(AdversarialImages, "image_grid")
         parser.add_lightning_class_args(CatastrophicOverfittingGuard, "overfit_guard")
         # After image_grid: callbacks run in this order, and the grid must be drawn before the average is swapped out.
         parser.add_lightning_class_args(WeightEMA, "ema")
         parser.add_argument(
-            "--accept_config_changes", type=bool, default=False,
+            "--accept_config_changes",
+            type=bool,
+            default=False,
             help="with --ckpt_path: resume a run although settings other than its length (max_epochs, max_steps) "
             "differ from those it was trained with (default: refused, naming them)",
-        )  # fmt: skip
+        )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -118,8 +126,9 @@ class RobustCLI(LightningCLI):
             return
         logger = trainer.get("logger")
         log_init = getattr(logger, "init_args", None) or {}
-        folder = run_folder(Path(log_init.get("save_dir", "lightning_logs")) / (log_init.get("name") or ""),
-                            config["ckpt_path"])  # fmt: skip
+        folder = run_folder(
+            Path(log_init.get("save_dir", "lightning_logs")) / (log_init.get("name") or ""), config["ckpt_path"]
+        )
         if folder is None:
             return
         if config["ckpt_path"] == "last":
@@ -166,7 +175,7 @@ def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
                 },
                 "callbacks": [LearningRateMonitor(logging_interval="epoch")],
                 "plugins": [{"class_path": "robust.checkpointing.AtomicCheckpointIO"}],
-            },  # fmt: skip
+            },
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "formatter_class": RobustHelpFormatter,

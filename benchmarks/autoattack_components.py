@@ -70,8 +70,15 @@ def measure_components(model, x, y, eps: float, steps: int, square_queries: int,
     cheap_s = time.perf_counter() - t0
     alive = preds[cheap] == y
     xs, ys = x[alive], y[alive]
-    row = {"eps": eps, "n": len(y), "clean": int((preds["clean"] == y).sum()), "cheap_survivors": int(alive.sum()),
-           "cheap_s": round(cheap_s, 1), "fooled": {}, "seconds": {}}  # fmt: skip
+    row = {
+        "eps": eps,
+        "n": len(y),
+        "clean": int((preds["clean"] == y).sum()),
+        "cheap_survivors": int(alive.sum()),
+        "cheap_s": round(cheap_s, 1),
+        "fooled": {},
+        "seconds": {},
+    }
     fooled = {}
     for name, attack in components(model, eps, steps, square_queries).items():
         t0 = time.perf_counter()
@@ -85,15 +92,21 @@ def measure_components(model, x, y, eps: float, steps: int, square_queries: int,
     reference = [k for k in fooled if not k.startswith("ours")]
     union = torch.stack([fooled[k] for k in reference]).any(0) if len(xs) else torch.zeros(0, dtype=torch.bool)
     row["fooled_by_any"] = int(union.sum())
-    row["only"] = {k: int((fooled[k] & ~torch.stack([fooled[o] for o in reference if o != k]).any(0)).sum())
-                   for k in reference} if len(xs) else {}  # fmt: skip
+    row["only"] = (
+        {k: int((fooled[k] & ~torch.stack([fooled[o] for o in reference if o != k]).any(0)).sum()) for k in reference}
+        if len(xs)
+        else {}
+    )
     return row
 
 
 def measure_cost(model, x, y, eps: float) -> list[dict]:
     rows = []
-    for label, kw in [("every example, every step", {"early_exit": False}), ("early exit", {}),
-                      ("early exit + cascade", {"cascade": True})]:  # fmt: skip
+    for label, kw in [
+        ("every example, every step", {"early_exit": False}),
+        ("early exit", {}),
+        ("early exit + cascade", {"cascade": True}),
+    ]:
         spec = ThreatSpec(eps, steps=10, threats=DEFAULT_THREATS, **kw)
         t0 = time.perf_counter()
         preds = predictions(model, x, y, spec)
@@ -138,9 +151,16 @@ def main(argv: list[str] | None = None) -> dict:
         x, y = (t[: args.n] for t in dm.val_set.tensors)
     train_s = time.perf_counter() - t0
     args.eps = args.eps or ([0.3] if args.model == "mnist" else [0.02, 0.03])
-    record = {"machine": machine(), "torch": torch.__version__,
-              "torchattacks": torchattacks.__version__, "threads": args.threads, "train_s": round(train_s, 1),
-              "args": vars(args), "components": [], "cost": []}  # fmt: skip
+    record = {
+        "machine": machine(),
+        "torch": torch.__version__,
+        "torchattacks": torchattacks.__version__,
+        "threads": args.threads,
+        "train_s": round(train_s, 1),
+        "args": vars(args),
+        "components": [],
+        "cost": [],
+    }
     for eps in args.eps:
         if not args.skip_components:
             record["components"].append(
@@ -155,8 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
         print("|---" * (5 + len(names)) + "|")
         for r in record["components"]:
             cells = [f"{r['fooled'][k]} ({r['only'].get(k, '-')}) {r['seconds'][k]} s" for k in names]
-            print(f"| {r['eps']} | {r['n']} | {r['clean']} | {r['cheap_survivors']} | {' | '.join(cells)} | "
-                  f"{r['fooled_by_any']} |")  # fmt: skip
+            print(
+                f"| {r['eps']} | {r['n']} | {r['clean']} | {r['cheap_survivors']} | {' | '.join(cells)} | "
+                f"{r['fooled_by_any']} |"
+            )
     if record["cost"]:
         print("\n| eps | threat suite | seconds | clean | pgd_worst | jpeg_worst |\n|---|---|---|---|---|---|")
         for r in record["cost"]:

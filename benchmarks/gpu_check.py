@@ -95,8 +95,11 @@ def pytest_figures(junit: Path) -> tuple[dict, str]:
     suites = list(ET.parse(junit).getroot().iter("testsuite"))
     count = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     failed = count["failures"] + count["errors"]
-    figures: dict = {"passed": count["tests"] - failed - count["skipped"], "failed": failed,
-                     "skipped": count["skipped"]}  # fmt: skip
+    figures: dict = {
+        "passed": count["tests"] - failed - count["skipped"],
+        "failed": failed,
+        "skipped": count["skipped"],
+    }
     for prop in ET.parse(junit).getroot().iter("property"):
         figures[prop.get("name")] = _number(prop.get("value", ""))
     note = "" if failed == 0 and count["skipped"] == 0 and figures["passed"] > 0 else "not all tests passed"
@@ -122,10 +125,27 @@ def scalars(log_dir: Path, prefix: str = "val/") -> dict[str, float]:
 
 def train_command(data_root: Path, log_dir: Path) -> list[str]:
     """One epoch of the fast CIFAR-10 recipe (bf16, channels-last) on the image-folder subset, on the GPU."""
-    return [sys.executable, "train.py", "fit", "--config", "configs/cifar10_fast.yaml", "--data.class_path",
-            "robust.data.ImageFolder", "--data.init_args.root", str(data_root), "--trainer.accelerator", "gpu",
-            "--trainer.max_epochs", "1", "--trainer.limit_val_batches", str(VAL_BATCHES),
-            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(log_dir)]  # fmt: skip
+    return [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/cifar10_fast.yaml",
+        "--data.class_path",
+        "robust.data.ImageFolder",
+        "--data.init_args.root",
+        str(data_root),
+        "--trainer.accelerator",
+        "gpu",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_val_batches",
+        str(VAL_BATCHES),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(log_dir),
+    ]
 
 
 def run_steps(out: Path, budget: float, env: dict[str, str]) -> list[Step]:
@@ -137,11 +157,27 @@ def run_steps(out: Path, budget: float, env: dict[str, str]) -> list[Step]:
     steps: list[Step] = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         plan = {
-            PYTEST: ("pytest.log", [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "-o",
-                     "junit_family=xunit1", f"--junitxml={junit}", "--continue-on-collection-errors", "tests"]),
+            PYTEST: (
+                "pytest.log",
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-m",
+                    "cuda",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-o",
+                    "junit_family=xunit1",
+                    f"--junitxml={junit}",
+                    "--continue-on-collection-errors",
+                    "tests",
+                ],
+            ),
             BENCH: ("bench.log", [sys.executable, "benchmarks/run.py", "--device", "cuda"]),
             TRAIN: ("train.log", train_command(data_root, Path(tmp))),
-        }  # fmt: skip
+        }
         for name, (log_name, cmd) in plan.items():
             left = budget - (time.perf_counter() - start)
             if left < 1:
@@ -196,13 +232,23 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # The project root on PYTHONPATH: benchmarks/run.py imports robust where the project is not installed.
     python_path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-    env = {**os.environ, "ROBUST_DATA": str(shared_data_dir().resolve()), "ROBUST_REQUIRE_SHARED_DATA": "1",
-           "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}  # fmt: skip
+    env = {
+        **os.environ,
+        "ROBUST_DATA": str(shared_data_dir().resolve()),
+        "ROBUST_REQUIRE_SHARED_DATA": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": python_path,
+    }
     start = time.perf_counter()
     steps = run_steps(out, args.budget, env)
-    record = {"ok": all(s.status == "ok" for s in steps), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "budget_s": args.budget, "seconds": round(time.perf_counter() - start, 1),
-              "steps": [asdict(s) | {"seconds": round(s.seconds, 1)} for s in steps]}  # fmt: skip
+    record = {
+        "ok": all(s.status == "ok" for s in steps),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "budget_s": args.budget,
+        "seconds": round(time.perf_counter() - start, 1),
+        "steps": [asdict(s) | {"seconds": round(s.seconds, 1)} for s in steps],
+    }
     print(format_table(steps))
     line = json.dumps(record)
     (out / "gpu_check.json").write_text(line + "\n")

@@ -114,10 +114,18 @@ def pil_jpeg(x: Tensor, quality: int = QUALITY) -> Tensor:
 
 def make_classifier(device: torch.device, variant: Variant, **kwargs) -> AdversarialClassifier:
     """The product's module: ResNet18 with the CIFAR stem, CIFAR-10 normalization, SGD at a constant lr."""
-    module = AdversarialClassifier(arch="resnet18", num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                                   cifar_stem=True, channels_last=variant.channels_last, eps=EPS, lr_scheduler=None,
-                                   optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9, nesterov=True,
-                                                     weight_decay=5e-4), **kwargs)  # fmt: skip
+    module = AdversarialClassifier(
+        arch="resnet18",
+        num_classes=10,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        cifar_stem=True,
+        channels_last=variant.channels_last,
+        eps=EPS,
+        lr_scheduler=None,
+        optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        **kwargs,
+    )
     return module.to(device)
 
 
@@ -146,11 +154,17 @@ def bench_training(x: Tensor, y: Tensor, sizes: Sizes, variant: Variant, run: di
         steps[name] = step
     t = time_interleaved(steps, **run)
     pgd_name = f"PGD-{sizes.pgd_steps}"
-    labels = {"clean": "train step, clean", "fgsm_rs": "train step, FGSM-RS", "fgsm_rs_half": "train step, "
-              "FGSM-RS adv_ratio=0.5", "pgd": f"train step, {pgd_name}"}  # fmt: skip
+    labels = {
+        "clean": "train step, clean",
+        "fgsm_rs": "train step, FGSM-RS",
+        "fgsm_rs_half": "train step, FGSM-RS adv_ratio=0.5",
+        "pgd": f"train step, {pgd_name}",
+    }
     goals = {"fgsm_rs": "<= 2.1"}
-    rows = [Row(labels[k], variant.label, t[k], len(x), t[k] / t["clean"] if k != "clean" else None, goals.get(k, ""))
-            for k in cases]  # fmt: skip
+    rows = [
+        Row(labels[k], variant.label, t[k], len(x), t[k] / t["clean"] if k != "clean" else None, goals.get(k, ""))
+        for k in cases
+    ]
     s = variant.suffix
     keys = {
         f"fgsm_step_over_clean_step{s}": t["fgsm_rs"] / t["clean"],
@@ -192,8 +206,14 @@ def bench_jpeg(x: Tensor, run: dict) -> tuple[list[Row], float, bool]:
     threads = torch.get_num_threads()
     codec = "nvjpeg" if x.is_cuda else f"{threads} thread{'s' if threads > 1 else ''}"
     goal = ">= 20 (GPU)" if x.is_cuda else ">= 3"
-    return [Row(f"JPEG q75 {size}, ours", codec, t["ours"], len(x), ratio, goal),
-            Row(f"JPEG q75 {size}, PIL loop", "1 thread", t["pil"], len(x))], ratio, identical  # fmt: skip
+    return (
+        [
+            Row(f"JPEG q75 {size}, ours", codec, t["ours"], len(x), ratio, goal),
+            Row(f"JPEG q75 {size}, PIL loop", "1 thread", t["pil"], len(x)),
+        ],
+        ratio,
+        identical,
+    )
 
 
 def print_table(rows: list[Row]) -> None:
@@ -250,13 +270,22 @@ def run_benchmarks(
         record.update(keys, suite_repeats=suite_run["repeats"])
     print_table(rows)
     print_suite_accuracy(record)
-    record.update({
-        "device": machine(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup, "batch": sizes.batch,
-        "image_size": sizes.image, "pgd_steps": sizes.pgd_steps, "jpeg_sizes": [sizes.jpeg_small, sizes.jpeg_large],
-        "images_per_s": {f"{r.name} [{r.variant}]": round(r.images / r.seconds, 2) for r in rows},
-    })  # fmt: skip
+    record.update(
+        {
+            "device": machine(device),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "warmup": warmup,
+            "batch": sizes.batch,
+            "image_size": sizes.image,
+            "pgd_steps": sizes.pgd_steps,
+            "jpeg_sizes": [sizes.jpeg_small, sizes.jpeg_large],
+            "images_per_s": {f"{r.name} [{r.variant}]": round(r.images / r.seconds, 2) for r in rows},
+        }
+    )
     return record
 
 
@@ -267,16 +296,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed rounds per benchmark (median reported); default 5, quick 1")
     p.add_argument("--warmup", type=int, help="untimed rounds first; default 1")
     p.add_argument("--threads", type=int, help="torch intra-op threads (and JPEG codec threads); default torch's")
-    p.add_argument("--fast-paths", action=argparse.BooleanOptionalAction, default=None,
-                   help="also measure bf16 autocast and channels_last variants (default: on for cuda)")  # fmt: skip
-    p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(DEFAULT_BENCHMARKS),
-                   help="run only these (default: all but suite and autoattack, which take minutes)")  # fmt: skip
-    p.add_argument("--suite-repeats", type=int, help="suite: timed rounds (median), none warmed up; default 3, quick "
-                   "1; AutoAttack and the cheap worst cases beside it: always one")  # fmt: skip
-    p.add_argument("--digits-model", help="suite: the default digits model's checkpoint (default: configs/digits.yaml "
-                   "trained once into .cache/benchmarks/digits/; --quick: a stand-in)")  # fmt: skip
-    p.add_argument("--clean-model", help="suite: the clean-trained one (default: configs/digits.yaml with "
-                   "--model.attack none, trained once into .cache/benchmarks/digits_clean/)")  # fmt: skip
+    p.add_argument(
+        "--fast-paths",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure bf16 autocast and channels_last variants (default: on for cuda)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=BENCHMARKS,
+        default=list(DEFAULT_BENCHMARKS),
+        help="run only these (default: all but suite and autoattack, which take minutes)",
+    )
+    p.add_argument(
+        "--suite-repeats",
+        type=int,
+        help="suite: timed rounds (median), none warmed up; default 3, quick "
+        "1; AutoAttack and the cheap worst cases beside it: always one",
+    )
+    p.add_argument(
+        "--digits-model",
+        help="suite: the default digits model's checkpoint (default: configs/digits.yaml "
+        "trained once into .cache/benchmarks/digits/; --quick: a stand-in)",
+    )
+    p.add_argument(
+        "--clean-model",
+        help="suite: the clean-trained one (default: configs/digits.yaml with "
+        "--model.attack none, trained once into .cache/benchmarks/digits_clean/)",
+    )
     p.add_argument("--mnist-model", default=str(MNIST_MODEL), help="suite: the authors' MNIST fgsm.pth (mnist_net)")
     p.add_argument("--out", help="also write the JSON record to this file")
     return p.parse_args(argv)

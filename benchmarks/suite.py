@@ -69,9 +69,20 @@ def recipe_checkpoint(name: str, extra: tuple[str, ...], threads: int) -> Path:
     ckpt = SUITE_CACHE / name / "best.ckpt"
     if not ckpt.is_file():
         print(f"training {name} once (configs/digits.yaml {' '.join(extra)}) into {ckpt.parent}", flush=True)
-        cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(DIGITS_CONFIG),
-               "--trainer.logger.init_args.save_dir", str(SUITE_CACHE), "--trainer.logger.init_args.name", name,
-               "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "fit",
+            "--config",
+            str(DIGITS_CONFIG),
+            "--trainer.logger.init_args.save_dir",
+            str(SUITE_CACHE),
+            "--trainer.logger.init_args.name",
+            name,
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode or not ckpt.is_file():
@@ -85,9 +96,17 @@ def quick_digits_model(attack: str, eps: float, steps: int = 6) -> nn.Module:
     torch.manual_seed(0)
     data = Digits(batch_size=32, image_size=8)
     data.setup()
-    module = AdversarialClassifier(arch="resnet18", num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3, cifar_stem=True,
-                                   attack=attack, eps=eps, lr_scheduler=None,
-                                   optimizer=partial(torch.optim.Adam, lr=1e-3))  # fmt: skip
+    module = AdversarialClassifier(
+        arch="resnet18",
+        num_classes=10,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        cifar_stem=True,
+        attack=attack,
+        eps=eps,
+        lr_scheduler=None,
+        optimizer=partial(torch.optim.Adam, lr=1e-3),
+    )
     optimizer = module.configure_optimizers()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step logs; no Trainer here
@@ -116,12 +135,16 @@ def suite_cases(
     (default all)."""
     mnist, raw = Path(args.mnist_model), shared_data_dir() / "MNIST" / "raw"
     if not mnist.is_file() and not sizes.quick:  # before minutes of training the digits models
-        raise RobustError(f"{mnist} is missing: give the authors' fgsm.pth with --mnist-model (experiments/mnist.py "
-                          "downloads it to .cache/fast_adversarial/)")  # fmt: skip
+        raise RobustError(
+            f"{mnist} is missing: give the authors' fgsm.pth with --mnist-model (experiments/mnist.py "
+            "downloads it to .cache/fast_adversarial/)"
+        )
     eps, threads = digits_eps(), torch.get_num_threads()
     cases = []
-    for key, label, attack, given in (("digits", "digits FGSM-RS", "fgsm_rs", args.digits_model),
-                                      ("digits_clean", "digits clean", "none", args.clean_model)):  # fmt: skip
+    for key, label, attack, given in (
+        ("digits", "digits FGSM-RS", "fgsm_rs", args.digits_model),
+        ("digits_clean", "digits clean", "none", args.clean_model),
+    ):
         if keys is not None and key not in keys:
             continue
         if given is None and sizes.quick:
@@ -137,8 +160,7 @@ def suite_cases(
     if mnist.is_file() and (raw.is_dir() or not sizes.quick):
         model = external_model(str(mnist), "state_dict", arch="mnist_net").to(device).eval()
         x, y = mnist_test(sizes.suite_n)
-        cases.append(SuiteCase("mnist", f"MNIST {mnist.name}", model, x.to(device), y.to(device),
-                               MNIST_EPS))  # fmt: skip
+        cases.append(SuiteCase("mnist", f"MNIST {mnist.name}", model, x.to(device), y.to(device), MNIST_EPS))
     else:
         print(f"note: {mnist if not mnist.is_file() else raw} is missing: the MNIST rows are left out", flush=True)
     return cases
@@ -164,9 +186,17 @@ def bench_suite_case(case: SuiteCase, sizes: Sizes, run: dict) -> tuple[list[Row
 
     t = time_interleaved({mode: call(mode) for mode in specs}, **run)
     goal = SUITE_GOALS.get(case.key, "")
-    rows = [Row(f"suite {case.label}, {SUITE_LABELS[m]}", f"eps {case.eps:g}", t[m], len(case.y),
-                t[m] / t["all_steps"] if m != "all_steps" else None, goal if m != "all_steps" else "")
-            for m in specs]  # fmt: skip
+    rows = [
+        Row(
+            f"suite {case.label}, {SUITE_LABELS[m]}",
+            f"eps {case.eps:g}",
+            t[m],
+            len(case.y),
+            t[m] / t["all_steps"] if m != "all_steps" else None,
+            goal if m != "all_steps" else "",
+        )
+        for m in specs
+    ]
     k = f"suite_{case.key}"
     keys = {
         f"{k}_early_exit_over_all_steps": t["early_exit"] / t["all_steps"],
@@ -197,11 +227,17 @@ def autoattack_reference(model: nn.Module, eps: float, quick: bool):
 # settings, label).
 CHEAP_SETTINGS = {
     "cheap": ({}, {}, "cheap worst case"),
-    "cheap_cascade_apgd100": ({"cascade": True, "apgd_steps": 100}, {"cascade": True, "apgd_steps": 2},
-                              "cheap worst, cascade, APGD-100"),
-    "cheap_cascade_square": ({"cascade": True, "square_queries": 1000}, {"cascade": True, "square_queries": 10},
-                             "cheap worst, cascade, Square-1000"),
-}  # fmt: skip
+    "cheap_cascade_apgd100": (
+        {"cascade": True, "apgd_steps": 100},
+        {"cascade": True, "apgd_steps": 2},
+        "cheap worst, cascade, APGD-100",
+    ),
+    "cheap_cascade_square": (
+        {"cascade": True, "square_queries": 1000},
+        {"cascade": True, "square_queries": 10},
+        "cheap worst, cascade, Square-1000",
+    ),
+}
 
 
 def bench_cheap_vs_autoattack(case: SuiteCase, sizes: Sizes, run: dict) -> tuple[list[Row], dict]:
@@ -214,8 +250,10 @@ def bench_cheap_vs_autoattack(case: SuiteCase, sizes: Sizes, run: dict) -> tuple
     else:
         x, y = case.x[: sizes.aa_n], case.y[: sizes.aa_n]
     model, eps = case.model, case.eps
-    specs = {k: ThreatSpec(eps, steps=sizes.suite_steps, threats=("clean", "pgd_worst"), **(q if sizes.quick else kw))
-             for k, (kw, q, _) in CHEAP_SETTINGS.items()}  # fmt: skip
+    specs = {
+        k: ThreatSpec(eps, steps=sizes.suite_steps, threats=("clean", "pgd_worst"), **(q if sizes.quick else kw))
+        for k, (kw, q, _) in CHEAP_SETTINGS.items()
+    }
     reference = autoattack_reference(model, eps, sizes.quick)
     out: dict[str, Tensor] = {}
 
@@ -240,18 +278,22 @@ def bench_cheap_vs_autoattack(case: SuiteCase, sizes: Sizes, run: dict) -> tuple
     acc = {k: (p == y).float().mean().item() for k, p in out.items()}
     union = worst_case(y, [out["cheap"], out["autoattack"]])
     aa = "AutoAttack (quick: cut down)" if sizes.quick else "AutoAttack standard"
-    rows = [Row(f"{case.label} {label}", f"eps {eps:g}", t[k], len(y), t[k] / t["autoattack"], "<= 0.2")
-            for k, (_, _, label) in CHEAP_SETTINGS.items()]  # fmt: skip
+    rows = [
+        Row(f"{case.label} {label}", f"eps {eps:g}", t[k], len(y), t[k] / t["autoattack"], "<= 0.2")
+        for k, (_, _, label) in CHEAP_SETTINGS.items()
+    ]
     rows.append(Row(f"{case.label} {aa}, torchattacks", f"eps {eps:g}", t["autoattack"], len(y)))
     k = case.key
     keys = {
         **{f"{k}_{c}_over_autoattack": t[c] / t["autoattack"] for c in specs},
         **{f"{k}_{c}_minus_autoattack_points": 100 * (acc[c] - acc["autoattack"]) for c in specs},
         f"{k}_cheap_vs_autoattack_seconds": t,
-        f"{k}_cheap_vs_autoattack_accuracy": {**acc,
-                                              "worst_of_cheap_and_autoattack": (union == y).float().mean().item()},
+        f"{k}_cheap_vs_autoattack_accuracy": {
+            **acc,
+            "worst_of_cheap_and_autoattack": (union == y).float().mean().item(),
+        },
         f"{k}_cheap_vs_autoattack_n": len(y),
-    }  # fmt: skip
+    }
     return rows, keys
 
 

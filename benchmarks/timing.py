@@ -26,8 +26,18 @@ class Sizes:
 
 
 FULL = Sizes(batch=128, image=32, pgd_steps=10, jpeg_small=(256, 32), jpeg_large=(32, 224))
-QUICK = Sizes(batch=2, image=8, pgd_steps=2, jpeg_small=(8, 32), jpeg_large=(2, 64), suite_n=8, suite_steps=2,
-              aa_n=4, aa_mnist_n=4, quick=True)  # fmt: skip
+QUICK = Sizes(
+    batch=2,
+    image=8,
+    pgd_steps=2,
+    jpeg_small=(8, 32),
+    jpeg_large=(2, 64),
+    suite_n=8,
+    suite_steps=2,
+    aa_n=4,
+    aa_mnist_n=4,
+    quick=True,
+)
 
 
 @dataclass

@@ -77,15 +77,36 @@ def held_out(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
 
 def run(seed: int, args: argparse.Namespace) -> dict:
     save_dir = Path(args.out) / args.attack / f"seed{seed}"
-    cli = train.main([
-        "--config", str(ROOT / "configs" / "digits.yaml"), "--seed_everything", str(seed),
-        "--model.attack", args.attack, "--model.eps", str(args.eps),
-        "--data.init_args.image_size", str(IMAGE_SIZE), "--trainer.max_epochs", str(args.epochs),
-        "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-        "--overfit_guard.action", "stop", "--overfit_guard.min_drop", str(args.min_drop),
-        "--overfit_guard.force", "true",  # watch N-FGSM too (by default the guard watches fgsm and fgsm_rs only)
-        "--trainer.logger.init_args.save_dir", str(save_dir), *limit_args(args.limit_train_batches),
-    ], run=False)  # fmt: skip
+    cli = train.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "digits.yaml"),
+            "--seed_everything",
+            str(seed),
+            "--model.attack",
+            args.attack,
+            "--model.eps",
+            str(args.eps),
+            "--data.init_args.image_size",
+            str(IMAGE_SIZE),
+            "--trainer.max_epochs",
+            str(args.epochs),
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--overfit_guard.action",
+            "stop",
+            "--overfit_guard.min_drop",
+            str(args.min_drop),
+            "--overfit_guard.force",
+            "true",  # watch N-FGSM too (by default the guard watches fgsm and fgsm_rs only)
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+            *limit_args(args.limit_train_batches),
+        ],
+        run=False,
+    )
     recorder = CollapseRecorder()
     cli.trainer.callbacks.insert(0, recorder)
     start = time.perf_counter()
@@ -96,12 +117,22 @@ def run(seed: int, args: argparse.Namespace) -> dict:
     kept = held_out(load_model(last), x, y, args.eps)
     collapsed = held_out(recorder.collapsed, x, y, args.eps) if recorder.collapsed is not None else (None, None)
     flagged = recorder.flagged
-    return {"attack": args.attack, "seed": seed, "threads": torch.get_num_threads(),
-            "flagged_epoch": flagged.get("epoch"),
-            "probe_best_pgd": flagged.get("best", recorder.best_probe_pgd), "probe_pgd": flagged.get("guard/pgd"),
-            "probe_fgsm": flagged.get("guard/fgsm"), "collapsed_pgd": collapsed[0], "collapsed_fgsm": collapsed[1],
-            "kept_pgd": kept[0], "kept_fgsm": kept[1], "epochs_run": len(recorder.probe_pgd),
-            "seconds": round(seconds, 1), "probe_pgd_by_epoch": recorder.probe_pgd}  # fmt: skip
+    return {
+        "attack": args.attack,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "flagged_epoch": flagged.get("epoch"),
+        "probe_best_pgd": flagged.get("best", recorder.best_probe_pgd),
+        "probe_pgd": flagged.get("guard/pgd"),
+        "probe_fgsm": flagged.get("guard/fgsm"),
+        "collapsed_pgd": collapsed[0],
+        "collapsed_fgsm": collapsed[1],
+        "kept_pgd": kept[0],
+        "kept_fgsm": kept[1],
+        "epochs_run": len(recorder.probe_pgd),
+        "seconds": round(seconds, 1),
+        "probe_pgd_by_epoch": recorder.probe_pgd,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

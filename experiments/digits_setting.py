@@ -42,15 +42,32 @@ def fit(size: int, epochs: int, eps: float, adv: bool, args: argparse.Namespace)
     """Train the config's recipe at ``size``×``size`` for ``epochs`` (clean when not ``adv``); the fitted CLI
     (its ``model`` and ``datamodule``) and the training wall time in seconds."""
     kind = "adv" if adv else "clean"
-    cli = train.main([
-        "--config", str(CONFIG), "--seed_everything", str(args.seed), "--model.eps", str(eps),
-        "--model.adv_ratio", "1.0" if adv else "0", "--model.cifar_stem", str(args.stem == "cifar").lower(),
-        "--data.init_args.image_size", str(size),
-        "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(Path(args.out) / f"{args.stem}-{size}px-{epochs}ep-{kind}"),
-        *limit_args(args.limit_train_batches),
-    ], run=False)  # fmt: skip
+    cli = train.main(
+        [
+            "--config",
+            str(CONFIG),
+            "--seed_everything",
+            str(args.seed),
+            "--model.eps",
+            str(eps),
+            "--model.adv_ratio",
+            "1.0" if adv else "0",
+            "--model.cifar_stem",
+            str(args.stem == "cifar").lower(),
+            "--data.init_args.image_size",
+            str(size),
+            "--trainer.max_epochs",
+            str(epochs),
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(Path(args.out) / f"{args.stem}-{size}px-{epochs}ep-{kind}"),
+            *limit_args(args.limit_train_batches),
+        ],
+        run=False,
+    )
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli, time.perf_counter() - start
@@ -109,9 +126,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(args.twin_eps) + "---:|")
     for r in rows:
         twin = " | ".join(fmt(v) for v in r["twin_pgd"].values())
-        print(f"| {r['stem']} | {r['size']} | {r['epochs']} | {fmt(r['robust_clean'])} | {fmt(r['robust_pgd'])} | "
-              f"{fmt(r['robust_pgd_worst'])} | {fmt(r['twin_clean'])} | {twin} | "
-              f"{r['robust_train_s']:.0f} ({r['twin_train_s']:.0f}) |")  # fmt: skip
+        print(
+            f"| {r['stem']} | {r['size']} | {r['epochs']} | {fmt(r['robust_clean'])} | {fmt(r['robust_pgd'])} | "
+            f"{fmt(r['robust_pgd_worst'])} | {fmt(r['twin_clean'])} | {twin} | "
+            f"{r['robust_train_s']:.0f} ({r['twin_train_s']:.0f}) |"
+        )
     return rows
 
 

@@ -41,19 +41,43 @@ from experiments.common import machine, write_results  # noqa: E402
 from robust.files import atomic_write_files, sha256_hex  # noqa: E402
 
 AUTHORS_URL = "https://github.com/locuslab/fast_adversarial/raw/master/MNIST/models/{name}.pth"
-AUTHORS_SHA256 = {"fgsm": "07536ed24c714dac89507d38ffc0090f110de3cd70c40d02d8d56491e187905b",
-                  "pgd_madry": "877b74b1d2bf22a2ea958f7d8c892c02710e7c84627d14b44b1c67046fcd5a79"}  # fmt: skip
+AUTHORS_SHA256 = {
+    "fgsm": "07536ed24c714dac89507d38ffc0090f110de3cd70c40d02d8d56491e187905b",
+    "pgd_madry": "877b74b1d2bf22a2ea958f7d8c892c02710e7c84627d14b44b1c67046fcd5a79",
+}
 # The paper's own figures (clean, PGD at eps 0.3 with 50 steps × 10 restarts), as the AutoAttack leaderboard
 # (fra31/auto-attack README, MNIST L-inf) quotes Wong et al. 2020; the PGD-40 row's are not quoted there.
 PAPER = {"fgsm": {"clean": 0.9850, "pgd": 0.8877, "autoattack": 0.8293}}
 # evaluate_mnist.py's PGD (50 steps of 0.01, 10 restarts), AutoAttack's standard APGD-CE (100 steps, 1 restart).
-PROTOCOL = ["--eps", "0.3", "--steps", "50", "--alpha", "0.01", "--restarts", "10", "--apgd-steps", "100",
-            "--apgd-restarts", "1", "--threats", "clean", "pgd", "apgd"]  # fmt: skip
+PROTOCOL = [
+    "--eps",
+    "0.3",
+    "--steps",
+    "50",
+    "--alpha",
+    "0.01",
+    "--restarts",
+    "10",
+    "--apgd-steps",
+    "100",
+    "--apgd-restarts",
+    "1",
+    "--threats",
+    "clean",
+    "pgd",
+    "apgd",
+]
 # On the AutoAttack subset: the report's cheap worst case and its parts (an argument given last wins).
 CHEAP_WORST = ("clean", "pgd", "apgd", "pgd_worst")
 MNIST_TEST_IMAGES = 10_000  # the official test split
-COLUMNS = (("clean", "Clean"), ("pgd", "PGD-50×10"), ("apgd", "APGD-CE-100"), ("aa_pgd_worst", "Cheap worst case†"),
-           ("autoattack", "AutoAttack†"), ("worst", "Worst case†"))  # fmt: skip
+COLUMNS = (
+    ("clean", "Clean"),
+    ("pgd", "PGD-50×10"),
+    ("apgd", "APGD-CE-100"),
+    ("aa_pgd_worst", "Cheap worst case†"),
+    ("autoattack", "AutoAttack†"),
+    ("worst", "Worst case†"),
+)
 
 
 def authors_model(name: str, folder: Path) -> Path:
@@ -112,15 +136,34 @@ def train(config: str, name: str, seed: int, extra: list[str], args: argparse.Na
 
     def fit() -> dict:
         save_dir = args.work / "logs"
-        cmd = [sys.executable, "train.py", "fit", "--config", config, "--seed_everything", str(seed),
-               "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", name,
-               "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false",
-               *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "train.py",
+            "fit",
+            "--config",
+            config,
+            "--seed_everything",
+            str(seed),
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+            "--trainer.logger.init_args.name",
+            name,
+            "--trainer.logger.init_args.version",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
         seconds = run(cmd, env, args.work / f"{name}.train.log")
         folder = save_dir / name / "version_0" / "checkpoints"
         best = (save_dir / name / "best.ckpt").resolve()  # train.py's link to the run's most robust checkpoint
-        return {"config": config, "seed": seed, "checkpoint": str(folder / "last.ckpt"), "best": str(best),
-                "train_s": round(seconds, 1)}  # fmt: skip
+        return {
+            "config": config,
+            "seed": seed,
+            "checkpoint": str(folder / "last.ckpt"),
+            "best": str(best),
+            "train_s": round(seconds, 1),
+        }
 
     return kept(f"{name}.train", args, fit)
 
@@ -130,8 +173,9 @@ def images_measured(limit: int | None) -> int:
     return min(limit or MNIST_TEST_IMAGES, MNIST_TEST_IMAGES)
 
 
-def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, env: dict,
-             protocol: list[str] = PROTOCOL) -> dict:  # fmt: skip
+def evaluate(
+    model: Path, name: str, arch: list[str], args: argparse.Namespace, env: dict, protocol: list[str] = PROTOCOL
+) -> dict:
     """AutoAttack (and the worst case over every attack) on ``--aa-limit`` test images, evenly spaced, and the
     paper's protocol on all of them (``--limit``: that many; AutoAttack's report when it covers as many); each
     report kept in ``--work`` under a name that says how many images it measured, so a run with another limit
@@ -139,8 +183,22 @@ def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, 
 
     def report(kind: str, extra: list[str]) -> dict:
         out = args.work / "reports" / f"{name}-{kind}"
-        cmd = [sys.executable, "evaluate.py", "report", "--model", str(model), *arch, "--data", "mnist", *protocol,
-               "--batch-size", "500", "--out", str(out), *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "evaluate.py",
+            "report",
+            "--model",
+            str(model),
+            *arch,
+            "--data",
+            "mnist",
+            *protocol,
+            "--batch-size",
+            "500",
+            "--out",
+            str(out),
+            *extra,
+        ]
         seconds = run(cmd, env, args.work / f"{name}-{kind}.report.log")
         result = json.loads((out / "report.json").read_text())
         return {"row": result["rows"][0], "n": result["n"], "eval_s": round(seconds, 1), "report": str(out)}
@@ -158,8 +216,9 @@ def evaluate(model: Path, name: str, arch: list[str], args: argparse.Namespace, 
     figures = {key: full["row"].get(key) for key in ("clean", "pgd", "apgd")}
     out = {"figures": figures, "n": full["n"], "eval_s": full["eval_s"], "reports": [full["report"]]}
     if aa is not None:
-        figures.update(autoattack=aa["row"]["autoattack"], worst=aa["row"]["aa_worst"],
-                       aa_pgd_worst=aa["row"]["pgd_worst"])  # fmt: skip
+        figures.update(
+            autoattack=aa["row"]["autoattack"], worst=aa["row"]["aa_worst"], aa_pgd_worst=aa["row"]["pgd_worst"]
+        )
         out.update(aa_n=aa["n"], aa_eval_s=aa["eval_s"])
         if full is not aa:
             out["reports"].append(aa["report"])
@@ -185,8 +244,14 @@ def heldout(seed: int, args, env) -> list[dict]:
 
 def theirs(name: str, args, env) -> dict:
     path = authors_model(name, args.authors)
-    row = {"name": f"authors_{name}", "source": f"authors' {name}.pth", "seed": None, "checkpoint": str(path),
-           "train_s": None, "figures": {}}  # fmt: skip
+    row = {
+        "name": f"authors_{name}",
+        "source": f"authors' {name}.pth",
+        "seed": None,
+        "checkpoint": str(path),
+        "train_s": None,
+        "figures": {},
+    }
     return row if args.train_only else {**row, **evaluate(path, f"authors_{name}", ["--arch", "mnist_net"], args, env)}
 
 
@@ -208,8 +273,13 @@ def mean_row(rows: list[dict], name: str) -> dict:
 
 def seed_rows(rows: list[dict], prefix: str, suffix: str = "") -> list[dict]:
     """The rows of one recipe, one per seed: named ``prefix<seed>suffix``."""
-    return [r for r in rows if r["name"].startswith(prefix) and r["name"].endswith(suffix) and
-            r["name"][len(prefix) : len(r["name"]) - len(suffix)].isdigit()]  # fmt: skip
+    return [
+        r
+        for r in rows
+        if r["name"].startswith(prefix)
+        and r["name"].endswith(suffix)
+        and r["name"][len(prefix) : len(r["name"]) - len(suffix)].isdigit()
+    ]
 
 
 def table(rows: list[dict], means: dict[str, dict], line: str) -> str:
@@ -237,8 +307,12 @@ def table(rows: list[dict], means: dict[str, dict], line: str) -> str:
         if key in means:
             mean = means[key]
             n_val = mean["val_size"]
-            add(f"ours FGSM-RS, {n_val:,} training images held out: {what}, mean of {len(mean['seeds'])} (range)",
-                mean, "", mean["range"])  # fmt: skip
+            add(
+                f"ours FGSM-RS, {n_val:,} training images held out: {what}, mean of {len(mean['seeds'])} (range)",
+                mean,
+                "",
+                mean["range"],
+            )
     for row in rows:
         if row["name"] == "authors_fgsm":
             add("authors' `fgsm.pth`", row, paper_fgsm)
@@ -254,29 +328,31 @@ def document(text: str, command: str, n: int, aa_n: int | None) -> str:
     """``docs/results/mnist.md``: what was run (``n`` images for the protocol, ``aa_n`` for AutoAttack), the command,
     the table."""
     aa = "all" if aa_n == n else f"{aa_n:,} evenly spaced" if aa_n else "none of the"
-    return "\n".join([
-        "# MNIST: Wong, Rice & Kolter 2020 reproduced",
-        "",
-        "Written by `experiments/mnist.py` (rerun it; only the Reading section is by hand). Each row is one model",
-        "measured by the same `evaluate.py report` with the paper's protocol",
-        "(`MNIST/evaluate_mnist.py` of locuslab/fast_adversarial):",
-        "eps 0.3, PGD-50 with step 0.01 and 10 random restarts (an image counts as broken when any restart breaks",
-        f"it) and APGD-CE-100 (AutoAttack's first attack) on {n:,} test images (evenly spaced; all 10,000 without",
-        f"`--limit`); † on {aa} test images (`--aa-limit`; AutoAttack's Square costs 20 min to hours per",
-        "model on all 10,000 on a CPU): the report's cheap worst case (FGSM, PGD,",
-        "APGD-CE, APGD-DLR, APGD-T), AutoAttack (standard, torchattacks) and the per-example worst case over all",
-        "of them. Ours are the final weights (`last.ckpt`) of",
-        "`configs/mnist_fgsm.yaml` and `configs/mnist_pgd.yaml`, except the held-out rows' most robust epoch",
-        "(`best.ckpt`, chosen on training images held out from training, never on a test image); the authors' are",
-        "their released state dicts,",
-        "loaded as `--arch mnist_net`. The paper's column is its own figures as the AutoAttack leaderboard",
-        "(fra31/auto-attack) quotes them: clean and PGD from the paper, AutoAttack measured by Croce & Hein.",
-        "",
-        f"    {command}",
-        "",
-        text,
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "# MNIST: Wong, Rice & Kolter 2020 reproduced",
+            "",
+            "Written by `experiments/mnist.py` (rerun it; only the Reading section is by hand). Each row is one model",
+            "measured by the same `evaluate.py report` with the paper's protocol",
+            "(`MNIST/evaluate_mnist.py` of locuslab/fast_adversarial):",
+            "eps 0.3, PGD-50 with step 0.01 and 10 random restarts (an image counts as broken when any restart breaks",
+            f"it) and APGD-CE-100 (AutoAttack's first attack) on {n:,} test images (evenly spaced; all 10,000 without",
+            f"`--limit`); † on {aa} test images (`--aa-limit`; AutoAttack's Square costs 20 min to hours per",
+            "model on all 10,000 on a CPU): the report's cheap worst case (FGSM, PGD,",
+            "APGD-CE, APGD-DLR, APGD-T), AutoAttack (standard, torchattacks) and the per-example worst case over all",
+            "of them. Ours are the final weights (`last.ckpt`) of",
+            "`configs/mnist_fgsm.yaml` and `configs/mnist_pgd.yaml`, except the held-out rows' most robust epoch",
+            "(`best.ckpt`, chosen on training images held out from training, never on a test image); the authors' are",
+            "their released state dicts,",
+            "loaded as `--arch mnist_net`. The paper's column is its own figures as the AutoAttack leaderboard",
+            "(fra31/auto-attack) quotes them: clean and PGD from the paper, AutoAttack measured by Croce & Hein.",
+            "",
+            f"    {command}",
+            "",
+            text,
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -294,18 +370,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's)")
     parser.add_argument("--no-autoattack", dest="autoattack", action="store_false", help="skip AutoAttack")
     parser.add_argument("--limit", type=int, help="evaluate this many test images only (smoke tests)")
-    parser.add_argument("--aa-limit", type=int, default=500,
-                        help="AutoAttack (and the worst case over every attack) on this many test images, evenly "
-                        "spaced (default 500: AutoAttack's Square costs hours on all 10,000 on a CPU)")  # fmt: skip
+    parser.add_argument(
+        "--aa-limit",
+        type=int,
+        default=500,
+        help="AutoAttack (and the worst case over every attack) on this many test images, evenly "
+        "spaced (default 500: AutoAttack's Square costs hours on all 10,000 on a CPU)",
+    )
     parser.add_argument("--train-only", action="store_true", help="train (or keep) the runs, evaluate nothing")
-    parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
-                        help="extra train.py arguments for every run (smoke tests), last on the line")  # fmt: skip
+    parser.add_argument(
+        "--train-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="extra train.py arguments for every run (smoke tests), last on the line",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "mnist", help="logs, checkpoints, reports")
-    parser.add_argument("--authors", type=Path, default=ROOT / ".cache" / "fast_adversarial",
-                        help="where the authors' released models are (or are downloaded to)")  # fmt: skip
+    parser.add_argument(
+        "--authors",
+        type=Path,
+        default=ROOT / ".cache" / "fast_adversarial",
+        help="where the authors' released models are (or are downloaded to)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="where mnist.md/json go")
-    parser.add_argument("--no-authors", dest="authors_rows", action="store_false",
-                        help="leave out the authors' released models (offline, without them in --authors)")  # fmt: skip
+    parser.add_argument(
+        "--no-authors",
+        dest="authors_rows",
+        action="store_false",
+        help="leave out the authors' released models (offline, without them in --authors)",
+    )
     parser.add_argument("--name", default="mnist", help="the results' file name in --out (<name>.md, <name>.json)")
     parser.add_argument("--fresh", action="store_true", help="measure every row again")
     args = parser.parse_args(argv)
@@ -332,8 +424,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.train_only:
         return {"rows": rows}
     means = {}
-    for key, prefix, suffix in (("fgsm_mean", "fgsm_seed", ""), ("heldout_mean", "fgsm_heldout_seed", ""),
-                                ("heldout_best_mean", "fgsm_heldout_seed", "_best")):  # fmt: skip
+    for key, prefix, suffix in (
+        ("fgsm_mean", "fgsm_seed", ""),
+        ("heldout_mean", "fgsm_heldout_seed", ""),
+        ("heldout_best_mean", "fgsm_heldout_seed", "_best"),
+    ):
         if recipe := seed_rows(rows, prefix, suffix):
             means[key] = mean_row(recipe, key) | ({"val_size": args.val_size} if "heldout" in key else {})
     line = machine()

@@ -104,16 +104,19 @@ def main(argv: list[str] | None = None) -> dict:
     lines = ["| Seed | Clean | PGD-50×10 | APGD-CE-100 | Training |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         f = r["figures"]
-        lines.append(f"| {r['seed']} | {pct(f['clean'])} | {pct(f['pgd'])} | {pct(f['apgd'])} | "
-                     f"{r['train_s'] / 60:.1f} min |")  # fmt: skip
+        lines.append(
+            f"| {r['seed']} | {pct(f['clean'])} | {pct(f['pgd'])} | {pct(f['apgd'])} | {r['train_s'] / 60:.1f} min |"
+        )
     spread = f"{pct(statistics.mean(pgd))} ({pct(min(pgd))}–{pct(max(pgd))})"
     lines.append(f"| mean (range) | | {spread} | | |")
     command = "python experiments/mnist_control.py " + " ".join(argv if argv is not None else sys.argv[1:])
     line = machine()
     text = "\n".join(lines) + f"\n\nAccuracy (%) on {rows[0]['n']:,} MNIST test images at eps 0.3 (L∞); {line}.\n"
     doc = {"machine": line, "command": command.strip(), "rows": rows}
-    body = f"# MNIST FGSM-RS: the paper's recipe in a plain PyTorch loop\n\n{__doc__.split(chr(10) * 2, 2)[2]}\n" \
-           f"    {command.strip()}\n\n{text}"  # fmt: skip
+    body = (
+        f"# MNIST FGSM-RS: the paper's recipe in a plain PyTorch loop\n\n{__doc__.split(chr(10) * 2, 2)[2]}\n"
+        f"    {command.strip()}\n\n{text}"
+    )
     write_results(args.out, "mnist_control", body, doc)
     print(text)
     return doc

@@ -24,17 +24,41 @@ from experiments.common import write_results  # noqa: E402
 from experiments.mnist import evaluate, pct, train, work_env  # noqa: E402
 from robust.machine import machine  # noqa: E402
 
-COLUMNS = (("clean", "Clean"), ("pgd", "L2 PGD-50×10"), ("apgd", "L2 APGD-CE-100"), ("aa_pgd_worst", "Cheap worst†"),
-           ("autoattack", "AutoAttack-L2†"), ("worst", "Worst case†"))  # fmt: skip
-RUNS = (("l2", "configs/mnist_l2.yaml", [], "ours, L2 PGD-10 at eps 2.0 (`configs/mnist_l2.yaml`)"),
-        ("clean", "configs/mnist_fgsm.yaml", ["--model.adv_ratio", "0"], "clean-trained twin"),
-        ("fgsm_seed0", "configs/mnist_fgsm.yaml", [], "ours, L∞ FGSM-RS at eps 0.3, evaluated in L2"))  # fmt: skip
+COLUMNS = (
+    ("clean", "Clean"),
+    ("pgd", "L2 PGD-50×10"),
+    ("apgd", "L2 APGD-CE-100"),
+    ("aa_pgd_worst", "Cheap worst†"),
+    ("autoattack", "AutoAttack-L2†"),
+    ("worst", "Worst case†"),
+)
+RUNS = (
+    ("l2", "configs/mnist_l2.yaml", [], "ours, L2 PGD-10 at eps 2.0 (`configs/mnist_l2.yaml`)"),
+    ("clean", "configs/mnist_fgsm.yaml", ["--model.adv_ratio", "0"], "clean-trained twin"),
+    ("fgsm_seed0", "configs/mnist_fgsm.yaml", [], "ours, L∞ FGSM-RS at eps 0.3, evaluated in L2"),
+)
 
 
 def protocol(eps: float) -> list[str]:
     """The report's arguments: L2 PGD-50×10 at the registry's step, APGD-CE-100 × 1, their worst case."""
-    return ["--norm", "l2", "--eps", str(eps), "--steps", "50", "--restarts", "10", "--apgd-steps", "100",
-            "--apgd-restarts", "1", "--threats", "clean", "pgd", "apgd"]  # fmt: skip
+    return [
+        "--norm",
+        "l2",
+        "--eps",
+        str(eps),
+        "--steps",
+        "50",
+        "--restarts",
+        "10",
+        "--apgd-steps",
+        "100",
+        "--apgd-restarts",
+        "1",
+        "--threats",
+        "clean",
+        "pgd",
+        "apgd",
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,8 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, help="evaluate this many test images only (smoke tests)")
     parser.add_argument("--aa-limit", type=int, default=500, help="AutoAttack on this many test images (default 500)")
     parser.add_argument("--train-only", action="store_true", help="train (or keep) the runs, evaluate nothing")
-    parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
-                        help="extra train.py arguments for every run (smoke tests), last on the line")  # fmt: skip
+    parser.add_argument(
+        "--train-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="extra train.py arguments for every run (smoke tests), last on the line",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "mnist", help="logs, checkpoints, reports")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="where mnist_l2.md/json go")
     parser.add_argument("--fresh", action="store_true", help="measure every row again")
@@ -59,8 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
         trained = train(config, name, 0, [*extra, *args.train_args], args, env)
         row = {"name": name, "label": label, **trained, "figures": {}}
         if not args.train_only:
-            row.update(evaluate(Path(trained["checkpoint"]), f"{name}-l2eps{args.eps:g}", [], args, env,
-                                protocol(args.eps)))  # fmt: skip
+            row.update(
+                evaluate(Path(trained["checkpoint"]), f"{name}-l2eps{args.eps:g}", [], args, env, protocol(args.eps))
+            )
         rows.append(row)
     if args.train_only:
         return {"rows": rows}
@@ -69,26 +98,30 @@ def main(argv: list[str] | None = None) -> dict:
     lines = ["| Model | " + " | ".join(t for _, t in COLUMNS) + " | Training |", "|---|" + "---:|" * (len(COLUMNS) + 1)]
     for row in rows:
         minutes = f"{row['train_s'] / 60:.1f} min"
-        lines.append(f"| {row['label']} | " + " | ".join(pct(row["figures"].get(k)) for k, _ in COLUMNS)
-                     + f" | {minutes} |")  # fmt: skip
+        lines.append(
+            f"| {row['label']} | " + " | ".join(pct(row["figures"].get(k)) for k, _ in COLUMNS) + f" | {minutes} |"
+        )
     n = rows[0]["n"]
-    text = "\n".join([
-        "# MNIST in L2, eps " + f"{args.eps:g}",
-        "",
-        "Written by `experiments/mnist_l2.py` (rerun it; only the Reading section is by hand). One",
-        "`evaluate.py report --norm l2` per",
-        f"model: L2 PGD-50 (step 2.5·eps/50) with 10 restarts and APGD-CE-100 on {n:,} test images (evenly spaced;",
-        "all 10,000 without `--limit`); † AutoAttack",
-        "(standard, L2, torchattacks), the report's cheap worst case and the per-example worst case over every attack",
-        "on 500 evenly spaced test images. The L∞ row is a cross-norm evaluation (the report's header says so).",
-        "",
-        f"    {command}",
-        "",
-        *lines,
-        "",
-        f"Accuracy (%) at L2 eps {args.eps:g}, measured on {line}.",
-        "",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            "# MNIST in L2, eps " + f"{args.eps:g}",
+            "",
+            "Written by `experiments/mnist_l2.py` (rerun it; only the Reading section is by hand). One",
+            "`evaluate.py report --norm l2` per",
+            f"model: L2 PGD-50 (step 2.5·eps/50) with 10 restarts and APGD-CE-100 on {n:,} test images (evenly spaced;",
+            "all 10,000 without `--limit`); † AutoAttack",
+            "(standard, L2, torchattacks), the report's cheap worst case and the per-example worst case over every",
+            "attack on 500 evenly spaced test images. The L∞ row is a cross-norm evaluation (the report's header says",
+            "so).",
+            "",
+            f"    {command}",
+            "",
+            *lines,
+            "",
+            f"Accuracy (%) at L2 eps {args.eps:g}, measured on {line}.",
+            "",
+        ]
+    )
     doc = {"machine": line, "command": command, "eps": args.eps, "rows": rows}
     write_results(args.out, "mnist_l2", text, doc)
     print(text)

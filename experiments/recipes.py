@@ -104,10 +104,39 @@ FAST_CONFIG = ROOT / "configs" / "cifar10_fast.yaml"  # the GPU settings taken o
 EPS, LARGE_EPS = 8 / 255, 16 / 255
 PGD_STEPS = 10  # the evaluation attack: PGD-10, step eps/4 (robust.attacks.ATTACKS), random start
 PREVIOUS_CKPT = "<last.ckpt of the previous stage>"  # replaced when the previous stage has written it
-ROW_KEYS = ("name", "recipe", "attack", "objective", "eps", "alpha", "attack_steps", "ema_decay", "epochs", "steps",
-            "clean", "pgd10", "n_test", "autoattack", "aa_clean", "aa_pgd10", "n_aa", "train_s", "probe_s", "eval_s",
-            "aa_s", "guard_pgd", "guard_fgsm", "guard_flagged", "checkpoint", "stages", "setup", "device", "threads",
-            "machine", "date")  # fmt: skip
+ROW_KEYS = (
+    "name",
+    "recipe",
+    "attack",
+    "objective",
+    "eps",
+    "alpha",
+    "attack_steps",
+    "ema_decay",
+    "epochs",
+    "steps",
+    "clean",
+    "pgd10",
+    "n_test",
+    "autoattack",
+    "aa_clean",
+    "aa_pgd10",
+    "n_aa",
+    "train_s",
+    "probe_s",
+    "eval_s",
+    "aa_s",
+    "guard_pgd",
+    "guard_fgsm",
+    "guard_flagged",
+    "checkpoint",
+    "stages",
+    "setup",
+    "device",
+    "threads",
+    "machine",
+    "date",
+)
 
 
 @dataclass(frozen=True)
@@ -195,8 +224,9 @@ class Setup:
             )
         counts = (self.test_images, self.batch_size, self.limit_train_batches)
         if self.aa_images < 0 or any(n is not None and n < 1 for n in counts):
-            raise RobustError("--aa-images must be 0 or more; --test-images, --batch-size and --limit-train-batches "
-                              "at least 1")  # fmt: skip
+            raise RobustError(
+                "--aa-images must be 0 or more; --test-images, --batch-size and --limit-train-batches at least 1"
+            )
 
     def key(self) -> dict:
         """What a row saved by an earlier run must share with this run to stand for it (all but ``logs``), as JSON."""
@@ -228,10 +258,24 @@ def decay_of(recipe: Recipe, setup: Setup) -> float | None:
 
 
 def _common(setup: Setup, name: str, epochs: int) -> list[str]:
-    args = ["--data.init_args.root", setup.root, "--seed_everything", str(setup.seed),
-            "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.logger.init_args.save_dir", setup.logs, "--trainer.logger.init_args.name", name]  # fmt: skip
+    args = [
+        "--data.init_args.root",
+        setup.root,
+        "--seed_everything",
+        str(setup.seed),
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        setup.logs,
+        "--trainer.logger.init_args.name",
+        name,
+    ]
     if setup.cifar_stem is not None:
         args += ["--model.cifar_stem", str(setup.cifar_stem).lower()]
     if setup.batch_size is not None:
@@ -246,22 +290,45 @@ def device_args(device: str) -> list[str]:
     if device != "cuda":
         return ["--trainer.accelerator", "cpu"]
     fast = yaml.safe_load(FAST_CONFIG.read_text())
-    return ["--trainer.accelerator", "gpu", "--trainer.precision", str(fast["trainer"]["precision"]),
-            "--model.channels_last", str(fast["model"]["channels_last"]).lower(),
-            "--data.init_args.num_workers", str(fast["data"]["init_args"]["num_workers"])]  # fmt: skip
+    return [
+        "--trainer.accelerator",
+        "gpu",
+        "--trainer.precision",
+        str(fast["trainer"]["precision"]),
+        "--model.channels_last",
+        str(fast["model"]["channels_last"]).lower(),
+        "--data.init_args.num_workers",
+        str(fast["data"]["init_args"]["num_workers"]),
+    ]
 
 
 def _adversarial(recipe: Recipe, setup: Setup) -> list[str]:
-    args = ["--model.attack", recipe.attack, "--model.objective", recipe.objective, "--model.eps", repr(recipe.eps),
-            "--model.alpha", repr(recipe.alpha)]  # fmt: skip
+    args = [
+        "--model.attack",
+        recipe.attack,
+        "--model.objective",
+        recipe.objective,
+        "--model.eps",
+        repr(recipe.eps),
+        "--model.alpha",
+        repr(recipe.alpha),
+    ]
     if recipe.steps is not None:
         args += ["--model.attack_steps", str(recipe.steps)]
     if recipe.attack == "nfgsm":
         args += ["--model.nfgsm_noise", "2"]
     decay = decay_of(recipe, setup)
-    return args + ["--ema.decay", "null" if decay is None else repr(decay), "--overfit_guard.action", "warn",
-                   "--overfit_guard.on_collapse", "shrink_step", "--overfit_guard.force", "true",
-                   *recipe.train_args]  # fmt: skip
+    return args + [
+        "--ema.decay",
+        "null" if decay is None else repr(decay),
+        "--overfit_guard.action",
+        "warn",
+        "--overfit_guard.on_collapse",
+        "shrink_step",
+        "--overfit_guard.force",
+        "true",
+        *recipe.train_args,
+    ]
 
 
 def stages(recipe: Recipe, setup: Setup) -> list[Stage]:
@@ -273,12 +340,27 @@ def stages(recipe: Recipe, setup: Setup) -> list[Stage]:
         return [Stage(recipe.name, args + _adversarial(recipe, setup) + extra)]
     pre, tune = setup.pretrain_epochs, setup.epochs - setup.pretrain_epochs
     if pre < 1 or tune < 1:
-        raise RobustError(f"{recipe.name}: --pretrain-epochs must be at least 1 and below --epochs ({setup.epochs}) "
-                          f"to leave epochs to fine-tune, got {pre}")  # fmt: skip
-    clean = ["--config", str(CONFIG), *_common(setup, f"{recipe.name}_pretrain", pre), "--model.attack", "none",
-             "--ema.decay", "null"]  # fmt: skip
-    adversarial = ["--config", str(FINETUNE_CONFIG), *_common(setup, recipe.name, tune), "--model.weights",
-                   PREVIOUS_CKPT, *_adversarial(recipe, setup)]  # fmt: skip
+        raise RobustError(
+            f"{recipe.name}: --pretrain-epochs must be at least 1 and below --epochs ({setup.epochs}) "
+            f"to leave epochs to fine-tune, got {pre}"
+        )
+    clean = [
+        "--config",
+        str(CONFIG),
+        *_common(setup, f"{recipe.name}_pretrain", pre),
+        "--model.attack",
+        "none",
+        "--ema.decay",
+        "null",
+    ]
+    adversarial = [
+        "--config",
+        str(FINETUNE_CONFIG),
+        *_common(setup, recipe.name, tune),
+        "--model.weights",
+        PREVIOUS_CKPT,
+        *_adversarial(recipe, setup),
+    ]
     return [Stage(f"{recipe.name}_pretrain", clean + extra), Stage(recipe.name, adversarial + extra)]
 
 
@@ -318,9 +400,13 @@ def train_recipe(recipe: Recipe, setup: Setup) -> dict:
         last = next(cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor is None).best_model_path
         history = guard.history or history
         test_dir = cli.datamodule.root / cli.datamodule.val_dir
-    out.update(checkpoint=last, test_dir=str(test_dir), guard_pgd=[round(h["guard/pgd"], 4) for h in history],
-               guard_fgsm=[round(h["guard/fgsm"], 4) for h in history],
-               guard_flagged=[k for k, h in enumerate(history) if h["guard/collapsed"]])  # fmt: skip
+    out.update(
+        checkpoint=last,
+        test_dir=str(test_dir),
+        guard_pgd=[round(h["guard/pgd"], 4) for h in history],
+        guard_fgsm=[round(h["guard/fgsm"], 4) for h in history],
+        guard_flagged=[k for k, h in enumerate(history) if h["guard/collapsed"]],
+    )
     return out
 
 
@@ -338,8 +424,11 @@ def trained_checkpoint(ckpt: dict) -> dict:
         raise RobustError("the checkpoint holds no trained weights besides its state_dict: it was not trained with EMA")
     card = ckpt[CARD_KEY]
     rest = {k: v for k, v in ckpt.items() if k not in ("current_model_state", "averaging_state", EMA_DECAY_KEY)}
-    return {**rest, "state_dict": ckpt["current_model_state"],
-            CARD_KEY: {**card, "training": {**card["training"], "ema_decay": None}}}  # fmt: skip
+    return {
+        **rest,
+        "state_dict": ckpt["current_model_state"],
+        CARD_KEY: {**card, "training": {**card["training"], "ema_decay": None}},
+    }
 
 
 def measure(model: CardedModel, test_dir: str, eps: float, setup: Setup, device: torch.device) -> dict:
@@ -355,8 +444,13 @@ def measure(model: CardedModel, test_dir: str, eps: float, setup: Setup, device:
         start = time.perf_counter()
         x, y = _images(test_dir, model, setup.aa_images)
         acc = accuracy(model, x, y, ThreatSpec(eps, steps=PGD_STEPS, threats=("clean", "pgd", "autoattack")))
-        out.update(autoattack=acc["autoattack"], aa_clean=acc["clean"], aa_pgd10=acc["pgd"], n_aa=len(y),
-                   aa_s=time.perf_counter() - start)  # fmt: skip
+        out.update(
+            autoattack=acc["autoattack"],
+            aa_clean=acc["clean"],
+            aa_pgd10=acc["pgd"],
+            n_aa=len(y),
+            aa_s=time.perf_counter() - start,
+        )
         out["eval_s"] += out["aa_s"]
     return out
 
@@ -372,11 +466,23 @@ def run_recipe(recipe: Recipe, setup: Setup, device: torch.device) -> list[dict]
     rows = []
     for name, (row_decay, state) in zip(recipe.row_names, weights, strict=True):
         model = model_from_ckpt(state, f"{trained['checkpoint']} ({'average' if row_decay else 'trained weights'})")
-        row = {"name": name, "recipe": recipe.label, "attack": recipe.attack, "objective": recipe.objective,
-               "eps": recipe.eps, "alpha": recipe.alpha, "attack_steps": recipe.steps, "ema_decay": row_decay,
-               **trained, **measure(model, test_dir, recipe.eps, setup, device), "setup": setup.key(),
-               "device": device.type, "threads": torch.get_num_threads(), "machine": machine(device),
-               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}  # fmt: skip
+        row = {
+            "name": name,
+            "recipe": recipe.label,
+            "attack": recipe.attack,
+            "objective": recipe.objective,
+            "eps": recipe.eps,
+            "alpha": recipe.alpha,
+            "attack_steps": recipe.steps,
+            "ema_decay": row_decay,
+            **trained,
+            **measure(model, test_dir, recipe.eps, setup, device),
+            "setup": setup.key(),
+            "device": device.type,
+            "threads": torch.get_num_threads(),
+            "machine": machine(device),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         for key in ("train_s", "probe_s", "eval_s", "aa_s"):
             row[key] = round(row[key], 1)
         rows.append({k: row[k] for k in ROW_KEYS})
@@ -432,13 +538,17 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         aa = f"{fmt(r['aa_clean'])} / {fmt(r['aa_pgd10'])} / **{fmt(r['autoattack'])}** (n {r['n_aa']})"
         ema = "-" if r["ema_decay"] is None else f"{r['ema_decay']:g}"
-        lines.append(f"| {r['name']} | {r['recipe']} | {_eps_label(r['eps'])} | {ema} | {r['epochs']} | {r['steps']} "
-                     f"| {fmt(r['clean'])} | **{fmt(r['pgd10'])}** | {aa} | {r['train_s'] / 60:.1f} "
-                     f"({r['probe_s'] / 60:.1f}) | {r['eval_s'] / 60:.1f} ({r['aa_s'] / 60:.1f}) |")  # fmt: skip
-    lines.append("\n`X` and `X_ema` are one training run: `X` its trained weights, `X_ema` their EMA (the decay in "
-                 "column EMA); they share the training columns. The guard's PGD accuracy on its probe of training "
-                 "images (the trained weights, not the average) before training, then after each epoch; the epochs "
-                 "it flagged as a collapse:")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['recipe']} | {_eps_label(r['eps'])} | {ema} | {r['epochs']} | {r['steps']} "
+            f"| {fmt(r['clean'])} | **{fmt(r['pgd10'])}** | {aa} | {r['train_s'] / 60:.1f} "
+            f"({r['probe_s'] / 60:.1f}) | {r['eval_s'] / 60:.1f} ({r['aa_s'] / 60:.1f}) |"
+        )
+    lines.append(
+        "\n`X` and `X_ema` are one training run: `X` its trained weights, `X_ema` their EMA (the decay in "
+        "column EMA); they share the training columns. The guard's PGD accuracy on its probe of training "
+        "images (the trained weights, not the average) before training, then after each epoch; the epochs "
+        "it flagged as a collapse:"
+    )
     for r in (r for r in rows if r["ema_decay"] is None):  # one per run: an X_ema row shares its X's
         flagged = ", ".join(map(str, r["guard_flagged"])) or "none"
         lines.append(f"- {r['name']}: {' → '.join(f'{p:.2f}' for p in r['guard_pgd'])}; flagged: {flagged}")
@@ -450,11 +560,21 @@ def markdown_table(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", choices=list(BY_NAME), default=list(BY_NAME), metavar="RECIPE",
-                   help=f"recipes to run, in this order (default all; each gives its X_ema row too where it keeps "
-                        f"an EMA): {', '.join(BY_NAME)}")  # fmt: skip
-    p.add_argument("--epochs", type=int, default=yaml.safe_load(CONFIG.read_text())["trainer"]["max_epochs"],
-                   help="training epochs of every row (default: the config's, 15)")  # fmt: skip
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=list(BY_NAME),
+        default=list(BY_NAME),
+        metavar="RECIPE",
+        help=f"recipes to run, in this order (default all; each gives its X_ema row too where it keeps "
+        f"an EMA): {', '.join(BY_NAME)}",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=yaml.safe_load(CONFIG.read_text())["trainer"]["max_epochs"],
+        help="training epochs of every row (default: the config's, 15)",
+    )
     p.add_argument("--pretrain-epochs", type=int, help="finetune: clean epochs of the total (default a third)")
     p.add_argument("--data", help="ImageFolder tree (default $ROBUST_DATA or ../shared/data, cifar10-subset)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda; cuda takes cifar10_fast's settings")
@@ -470,8 +590,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-images", type=int, help="evenly spaced test images for clean and PGD-10 (default all)")
     p.add_argument("--aa-images", type=int, default=200, help="evenly spaced test images for AutoAttack (0: none)")
-    p.add_argument("--train-args", default="", help='more train.py arguments for every stage, e.g. '
-                   '--train-args="--overfit_guard.n 32" (not the batch size: use --batch-size)')  # fmt: skip
+    p.add_argument(
+        "--train-args",
+        default="",
+        help="more train.py arguments for every stage, e.g. "
+        '--train-args="--overfit_guard.n 32" (not the batch size: use --batch-size)',
+    )
     p.add_argument("--out", type=Path, help="JSON-lines file: each row is appended; rows it holds are not rerun")
     p.add_argument("--logs", default="runs/recipes", help="TensorBoard logs and checkpoints (default runs/recipes)")
     return p.parse_args(argv)
@@ -487,9 +611,21 @@ def setup_of(args: argparse.Namespace, device: torch.device) -> Setup:
     if args.limit_train_batches is not None:
         per_epoch = min(per_epoch, args.limit_train_batches)
     pretrain = args.pretrain_epochs if args.pretrain_epochs is not None else max(1, args.epochs // 3)
-    return Setup(str(root.resolve()), args.epochs, pretrain, per_epoch, device.type, args.cifar_stem, args.batch_size,
-                 args.limit_train_batches, args.seed, tuple(shlex.split(args.train_args)), args.test_images,
-                 args.aa_images, args.logs)  # fmt: skip
+    return Setup(
+        str(root.resolve()),
+        args.epochs,
+        pretrain,
+        per_epoch,
+        device.type,
+        args.cifar_stem,
+        args.batch_size,
+        args.limit_train_batches,
+        args.seed,
+        tuple(shlex.split(args.train_args)),
+        args.test_images,
+        args.aa_images,
+        args.logs,
+    )
 
 
 def compare(args: argparse.Namespace, command: list[str]) -> list[dict]:
@@ -516,9 +652,11 @@ def compare(args: argparse.Namespace, command: list[str]) -> list[dict]:
             print("ROW " + json.dumps(row), flush=True)
             if args.out is not None:
                 append_row(args.out, row)
-    print(f"\n{machine(device)}; {setup.root}, {setup.epochs} epochs (finetune: {setup.pretrain_epochs} clean), "
-          f"{setup.steps_per_epoch} steps per epoch, seed {setup.seed}; PGD-10 with step eps/4 and random start; "
-          f"command: python experiments/recipes.py {shlex.join(command)}\n")  # fmt: skip
+    print(
+        f"\n{machine(device)}; {setup.root}, {setup.epochs} epochs (finetune: {setup.pretrain_epochs} clean), "
+        f"{setup.steps_per_epoch} steps per epoch, seed {setup.seed}; PGD-10 with step eps/4 and random start; "
+        f"command: python experiments/recipes.py {shlex.join(command)}\n"
+    )
     print(markdown_table(rows))
     if read_back:
         print(f"\n{read_back} row(s) read back from {args.out}; each has its own machine and date there.")

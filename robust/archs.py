@@ -109,12 +109,15 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {
-    **{name: Arch(_torchvision_resnet(name), "conv1", "fc", 224, 3, f"torchvision.models.{name}", torchvision=True)
-       for name in ("resnet18", "resnet34", "resnet50")},
+    **{
+        name: Arch(_torchvision_resnet(name), "conv1", "fc", 224, 3, f"torchvision.models.{name}", torchvision=True)
+        for name in ("resnet18", "resnet34", "resnet50")
+    },
     "mnist_net": Arch(mnist_net, "0", "7", 28, 1, "Wong et al. 2020, locuslab/fast_adversarial MNIST/mnist_net.py"),
-    "preact_resnet18": Arch(PreActResNet18, "conv1", "linear", 32, 3,
-                            "Wong et al. 2020, locuslab/fast_adversarial CIFAR10/preact_resnet.py"),
-}  # fmt: skip
+    "preact_resnet18": Arch(
+        PreActResNet18, "conv1", "linear", 32, 3, "Wong et al. 2020, locuslab/fast_adversarial CIFAR10/preact_resnet.py"
+    ),
+}
 
 
 def get_arch(name: str) -> Arch:

@@ -70,8 +70,10 @@ def _check_exit(model: nn.Module, seek: Tensor) -> None:
     train mode; a wrapper's own mode says nothing)."""
     batch_norm_training = any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     if batch_norm_training and seek.any():
-        raise RobustError("early exit needs the model in eval mode: in train mode BatchNorm makes each example's "
-                          "output depend on the batch around it")  # fmt: skip
+        raise RobustError(
+            "early exit needs the model in eval mode: in train mode BatchNorm makes each example's "
+            "output depend on the batch around it"
+        )
 
 
 def _logits_and_grad(model: nn.Module, x: Tensor, y: Tensor, targeted: bool, n: int) -> tuple[Tensor, Tensor]:
@@ -307,9 +309,20 @@ def pgd(
     _check_batch(x, y)
     active = _check_active(active, x)
     none = torch.zeros_like(active)
-    run = pgd_run(model, x, y, eps, alpha, steps, seek=active if early_exit else none,
-                  full=none if early_exit else active, targeted=targeted, random_start=random_start,
-                  restarts=restarts, norm=norm)  # fmt: skip
+    run = pgd_run(
+        model,
+        x,
+        y,
+        eps,
+        alpha,
+        steps,
+        seek=active if early_exit else none,
+        full=none if early_exit else active,
+        targeted=targeted,
+        random_start=random_start,
+        restarts=restarts,
+        norm=norm,
+    )
     return run.first if early_exit else run.last
 
 
@@ -399,8 +412,21 @@ def _apgd_single(model, x, y, target, eps, steps, norm, loss, rho, start, may_ex
     history = torch.zeros([steps, n], dtype=loss_now.dtype, device=x.device)  # the loss at each iterate
     loss_at_check, reduced_at_check = loss_best.clone(), torch.ones(n, dtype=torch.bool, device=x.device)
     k, since_check = steps_2, 0
-    state = [x, y, target, x_adv, x_old, x_best, grad, grad_best, loss_best, step, loss_at_check, reduced_at_check,
-             may_exit]  # fmt: skip
+    state = [
+        x,
+        y,
+        target,
+        x_adv,
+        x_old,
+        x_best,
+        grad,
+        grad_best,
+        loss_best,
+        step,
+        loss_at_check,
+        reduced_at_check,
+        may_exit,
+    ]
     for i in range(steps):
         leaving = wrong & state[-1]
         if leaving.any():
@@ -428,8 +454,20 @@ def _apgd_single(model, x, y, target, eps, steps, norm, loss, rho, start, may_ex
             step[halve] /= 2.0
             x_adv[halve], grad[halve] = x_best[halve], grad_best[halve]
             since_check, k = 0, max(k - size_decr, steps_min)
-        state[:12] = [x, y, target, x_adv, x_old, x_best, grad, grad_best, loss_best, step, loss_at_check,
-                      reduced_at_check]  # fmt: skip
+        state[:12] = [
+            x,
+            y,
+            target,
+            x_adv,
+            x_old,
+            x_best,
+            grad,
+            grad_best,
+            loss_best,
+            step,
+            loss_at_check,
+            reduced_at_check,
+        ]
     return _ApgdOut(fooled, first, pred, last)
 
 
@@ -482,8 +520,10 @@ def apgd_run(
         if logits is None:
             return PgdRun(first, pred, last)
         if logits.shape[1] < 4 or not 1 <= targets <= logits.shape[1] - 1:
-            raise RobustError(f"APGD-T needs 4 classes or more (its loss uses the 4 largest logits) and 1 <= targets "
-                              f"<= classes - 1, got {targets} targets for {logits.shape[1]} classes")  # fmt: skip
+            raise RobustError(
+                f"APGD-T needs 4 classes or more (its loss uses the 4 largest logits) and 1 <= targets "
+                f"<= classes - 1, got {targets} targets for {logits.shape[1]} classes"
+            )
         # the classes in torchattacks' order: its target_class-th largest clean logit, ties as its ascending sort
         ranked = torch.zeros(len(x), targets + 1, dtype=torch.long, device=x.device)
         ranked[standing] = logits.sort(dim=1)[1][:, -(targets + 1) :].flip(1)
@@ -494,8 +534,19 @@ def apgd_run(
             if not len(idx):
                 continue
             target = None if rank is None else ranked[idx, rank]
-            out = _apgd_single(model, x[idx], y[idx], target, eps, int(steps), norm, loss, rho, start[idx],
-                               may_exit=seek[idx] & ~full[idx])  # fmt: skip
+            out = _apgd_single(
+                model,
+                x[idx],
+                y[idx],
+                target,
+                eps,
+                int(steps),
+                norm,
+                loss,
+                rho,
+                start[idx],
+                may_exit=seek[idx] & ~full[idx],
+            )
             won = idx[out.fooled]
             first[won], pred[won], last[won] = out.first[out.fooled], out.pred[out.fooled], out.last[out.fooled]
             standing[won] = False
@@ -534,8 +585,19 @@ def apgd(
         if active.any():
             correct[active] = model(x[active]).argmax(1) == y[active]
     none = torch.zeros_like(correct)
-    run = apgd_run(model, x, y, eps, steps, seek=correct if early_exit else none, full=none if early_exit else correct,
-                   restarts=restarts, norm=norm, loss=loss, targets=targets)  # fmt: skip
+    run = apgd_run(
+        model,
+        x,
+        y,
+        eps,
+        steps,
+        seek=correct if early_exit else none,
+        full=none if early_exit else correct,
+        restarts=restarts,
+        norm=norm,
+        loss=loss,
+        targets=targets,
+    )
     return run.first if early_exit else run.last
 
 
@@ -616,15 +678,17 @@ class AttackInfo:
 ATTACKS: dict[str, AttackInfo] = {
     "fgsm": AttackInfo("fgsm", fgsm, train_step=1.0, eval_step=1.0, projects=True, single_step=True),
     # Wong et al. 2020's fast adversarial training: random start, step 1.25·eps (their alpha 10/255 at eps 8/255).
-    "fgsm_rs": AttackInfo("fgsm_rs", partial(fgsm, random_start=True), train_step=1.25, eval_step=None,
-                          projects=True, single_step=True),
+    "fgsm_rs": AttackInfo(
+        "fgsm_rs", partial(fgsm, random_start=True), train_step=1.25, eval_step=None, projects=True, single_step=True
+    ),
     # de Jorge et al. 2022: step eps from noise of 2·eps, no projection (pdejorge/N-FGSM defaults).
-    "nfgsm": AttackInfo("nfgsm", nfgsm, train_step=1.0, eval_step=None, projects=False, single_step=True,
-                        norms=("linf",)),
+    "nfgsm": AttackInfo(
+        "nfgsm", nfgsm, train_step=1.0, eval_step=None, projects=False, single_step=True, norms=("linf",)
+    ),
     # L-inf: eps/4 in training and evaluation. L2: 2.5·eps/steps, the rule of Madry et al. 2018 and of their
     # robustness library (its documented default for L2 PGD): enough to cross the ball from side to side and back.
     "pgd": AttackInfo("pgd", pgd, train_step=0.25, eval_step=0.25, projects=True, single_step=False, l2_step=2.5),
-}  # fmt: skip
+}
 SINGLE_STEP_ATTACKS = tuple(name for name, info in ATTACKS.items() if info.single_step)
 
 # Wong et al. 2020's fast adversarial training step, as a multiple of eps, from a random start.

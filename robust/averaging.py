@@ -46,9 +46,11 @@ class WeightEMA(WeightAveraging):
     def on_train_start(self, trainer, pl_module) -> None:
         total = trainer.estimated_stepping_batches
         if math.isfinite(total) and self.decay is not None and self.decay ** (total - 1) > 0.05:
-            rank_zero_warn(f"ema decay {self.decay}: after this run's {int(total)} optimizer steps the average still "
-                           f"holds {self.decay ** (total - 1):.0%} of the first step's weights; --ema.decay "
-                           f"{1 - 3 / total:.4g} or less (1 - 3/steps) averages over the run instead")  # fmt: skip
+            rank_zero_warn(
+                f"ema decay {self.decay}: after this run's {int(total)} optimizer steps the average still "
+                f"holds {self.decay ** (total - 1):.0%} of the first step's weights; --ema.decay "
+                f"{1 - 3 / total:.4g} or less (1 - 3/steps) averages over the run instead"
+            )
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)

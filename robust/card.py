@@ -154,8 +154,10 @@ class ModelCard(_Record):
         if not isinstance(data, dict):
             raise RobustError(f"{source} must hold a JSON object")
         if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-            raise RobustError(f"{source} is format {data.get('format')!r} version {data.get('format_version')}; "
-                              f"this library reads {FORMAT!r} version {FORMAT_VERSION}")  # fmt: skip
+            raise RobustError(
+                f"{source} is format {data.get('format')!r} version {data.get('format_version')}; "
+                f"this library reads {FORMAT!r} version {FORMAT_VERSION}"
+            )
         _check_fields(cls, data, source)
         card = _build(cls, json.loads(json.dumps(data)))  # a deep copy: the card owns its lists
         if len(card.class_names) != card.num_classes:

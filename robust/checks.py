@@ -60,8 +60,10 @@ def check_l2_eps(eps: float, dims: int | None = None) -> None:
     if not (math.isfinite(float(eps)) and float(eps) >= 0.0):
         raise RobustError(f"L2 eps must be a finite number >= 0 (pixel units, e.g. 0.5), got {eps}")
     if dims is not None and float(eps) > math.sqrt(dims):
-        raise RobustError(f"L2 eps {eps} is above {math.sqrt(dims):.4g} = sqrt(C·H·W) for {dims} values per image, "
-                          "the largest L2 distance two [0, 1] images can have")  # fmt: skip
+        raise RobustError(
+            f"L2 eps {eps} is above {math.sqrt(dims):.4g} = sqrt(C·H·W) for {dims} values per image, "
+            "the largest L2 distance two [0, 1] images can have"
+        )
 
 
 def check_budget(

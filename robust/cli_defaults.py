@@ -30,13 +30,19 @@ def default_out(spec: str, data: str) -> Path:
     return Path("reports") / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def report_journal(out: str | Path, model_info: dict, data_info: dict, batch_size: int, device: torch.device,
-                   resume: bool) -> Journal:  # fmt: skip
+def report_journal(
+    out: str | Path, model_info: dict, data_info: dict, batch_size: int, device: torch.device, resume: bool
+) -> Journal:
     """The journal of the report written to ``out`` (in ``out/.cache``), valid for this model and data identity
     (:func:`robust.report.model_identity`, :func:`robust.eval_data.eval_data`), batch size, device type and torch
     version; read back only when ``resume``."""
-    identity = {"model": model_info, "data": data_info, "batch_size": batch_size, "device": device.type,
-                "torch": torch.__version__}  # fmt: skip
+    identity = {
+        "model": model_info,
+        "data": data_info,
+        "batch_size": batch_size,
+        "device": device.type,
+        "torch": torch.__version__,
+    }
     return Journal(Path(out) / ".cache", identity, resume)
 
 

@@ -86,9 +86,14 @@ class _Base(L.LightningDataModule):
     def describe(self) -> dict:
         """What a deployed model needs to know about its training data: name, classes, input size."""
         size = getattr(self, "image_size", 32)
-        return {"name": type(self).__name__, "root": str(getattr(self, "root", "")) or None,
-                "class_names": list(self.class_names), "image_size": size, "channels": self.channels,
-                "resize": getattr(self, "resize", None) or size}  # fmt: skip
+        return {
+            "name": type(self).__name__,
+            "root": str(getattr(self, "root", "")) or None,
+            "class_names": list(self.class_names),
+            "image_size": size,
+            "channels": self.channels,
+            "resize": getattr(self, "resize", None) or size,
+        }
 
     def _limited(self, ds: Dataset) -> Dataset:
         return evenly_spaced(ds, self.limit)
@@ -166,8 +171,10 @@ def mnist_tensors(root: str | Path, train: bool, download: bool) -> tuple[torch.
     except (OSError, RuntimeError) as exc:
         how = "could not be downloaded" if download else "download is off"
         where = Path(root) / "MNIST" / "raw"
-        raise RobustError(f"MNIST is not in {where} and {how} ({str(exc).strip()}); set --data.init_args.root "
-                          "(or ROBUST_DATA) to the folder that holds MNIST/raw") from None  # fmt: skip
+        raise RobustError(
+            f"MNIST is not in {where} and {how} ({str(exc).strip()}); set --data.init_args.root "
+            "(or ROBUST_DATA) to the folder that holds MNIST/raw"
+        ) from None
     return ds.data.unsqueeze(1).float().div_(255), ds.targets.to(torch.int64)
 
 

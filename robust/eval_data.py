@@ -68,8 +68,10 @@ def _check_not_a_split_root(root: Path, classes: Sequence[str]) -> None:
     splits = [c for c in classes if c.lower() in SPLIT_NAMES]
     if splits and len(splits) == len(classes):
         held_out = next((c for c in classes if c.lower() != "train"), classes[0])
-        raise RobustError(f"{root} holds the splits {', '.join(classes)}, not class folders: pass one split, "
-                          f"e.g. --data {root / held_out} (the held-out images)")  # fmt: skip
+        raise RobustError(
+            f"{root} holds the splits {', '.join(classes)}, not class folders: pass one split, "
+            f"e.g. --data {root / held_out} (the held-out images)"
+        )
 
 
 def _folder_fingerprint(root: Path, samples: Iterable[tuple[str, int]]) -> str:
@@ -132,8 +134,12 @@ def eval_data(
         base = image_folder(root, folder_transform(size, resize, channels=channels))
         _check_not_a_split_root(root, base.classes)
         match = _align_labels(base, base.classes, card)
-        identity = {"name": "folder", "path": str(root.resolve()), "classes": list(base.classes),
-                    "fingerprint": _folder_fingerprint(root, base.samples)}  # fmt: skip
+        identity = {
+            "name": "folder",
+            "path": str(root.resolve()),
+            "classes": list(base.classes),
+            "fingerprint": _folder_fingerprint(root, base.samples),
+        }
         ds = evenly_spaced(base, limit)
     identity.update(labels=match, limit=limit, n=len(ds))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers), identity

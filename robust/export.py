@@ -38,9 +38,14 @@ def _versions(onnx: bool) -> dict[str, str]:
     import lightning
     import torchvision
 
-    versions = {"python": platform.python_version(), "torch": str(torch.__version__),
-                "torchvision": str(torchvision.__version__), "lightning": lightning.__version__,
-                "safetensors": safetensors.__version__, "robust": importlib.metadata.version("robust")}  # fmt: skip
+    versions = {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "lightning": lightning.__version__,
+        "safetensors": safetensors.__version__,
+        "robust": importlib.metadata.version("robust"),
+    }
     return versions | ({name: importlib.metadata.version(name) for name in ONNX_PACKAGES} if onnx else {})
 
 
@@ -101,8 +106,12 @@ def export_model(
     out = Path(out)
     _check_target(out)
     weights = safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, {"format": "pt"})
-    card = dataclasses.replace(model.card, versions=_versions(onnx), files={WEIGHTS_FILE: sha256_hex(weights)},
-                               created=datetime.now(timezone.utc).isoformat(timespec="seconds"))  # fmt: skip
+    card = dataclasses.replace(
+        model.card,
+        versions=_versions(onnx),
+        files={WEIGHTS_FILE: sha256_hex(weights)},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     if onnx:
         onnx_model, card.onnx = export_onnx(model, onnx_data)
         card.files[ONNX_FILE] = sha256_hex(onnx_model)

@@ -65,8 +65,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         if "GLOBAL" in str(exc) or "Unsupported global" in str(exc):
-            raise RobustError(f"{path} holds pickled objects other than weights; refusing to load it "
-                              "(it could run code)") from None  # fmt: skip
+            raise RobustError(
+                f"{path} holds pickled objects other than weights; refusing to load it (it could run code)"
+            ) from None
         raise RobustError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise RobustError(f"{path} is not a Lightning checkpoint (no 'state_dict')")

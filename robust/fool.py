@@ -149,12 +149,14 @@ def summary(result: FoolResult) -> str:
         after = "original prediction restored"
     else:
         after = "original prediction not restored"
-    return "\n".join([
-        f"original prediction:    {_label(r.top['original'])}",
-        f"adversarial prediction: {_label(r.top['adversarial'])}   [{r.attack.upper()}, eps {format_eps(r.eps)}, "
-        f"L-inf {r.linf * 255:.0f}/255: {verdict}]",
-        f"after JPEG q{r.quality}:        {_label(r.top['jpeg'])}   [{after}]",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"original prediction:    {_label(r.top['original'])}",
+            f"adversarial prediction: {_label(r.top['adversarial'])}   [{r.attack.upper()}, eps {format_eps(r.eps)}, "
+            f"L-inf {r.linf * 255:.0f}/255: {verdict}]",
+            f"after JPEG q{r.quality}:        {_label(r.top['jpeg'])}   [{after}]",
+        ]
+    )
 
 
 def perturbation_image(result: FoolResult) -> Tensor:
@@ -171,10 +173,12 @@ def figure_png(result: FoolResult) -> bytes:
     FigureCanvasAgg(fig)
     peak = r.linf
     amp = f"×{0.5 / peak:.0f}" if peak > 0 else "none"
-    panels = [("original", r.x, r.top["original"]),
-              (f"perturbation (amplified {amp}, L-inf {peak * 255:.0f}/255)", perturbation_image(r), None),
-              (f"adversarial ({r.attack.upper()})", r.x_adv, r.top["adversarial"]),
-              (f"JPEG q{r.quality} of adversarial", r.x_jpeg, r.top["jpeg"])]  # fmt: skip
+    panels = [
+        ("original", r.x, r.top["original"]),
+        (f"perturbation (amplified {amp}, L-inf {peak * 255:.0f}/255)", perturbation_image(r), None),
+        (f"adversarial ({r.attack.upper()})", r.x_adv, r.top["adversarial"]),
+        (f"JPEG q{r.quality} of adversarial", r.x_jpeg, r.top["jpeg"]),
+    ]
     for i, (title, img, top) in enumerate(panels):
         ax = fig.add_subplot(1, 4, i + 1)
         pixels = img[0].permute(1, 2, 0).cpu().numpy()
@@ -197,7 +201,10 @@ def write_fool(result: FoolResult, out: str | Path) -> list[Path]:
     """Write ``adversarial.png`` (lossless, model input size), ``perturbation.png`` and ``figure.png`` into
     ``out``; everything is rendered first, then each file is written atomically. Returns the paths."""
     out = Path(out)
-    blobs = {"adversarial.png": png_bytes(result.x_adv), "perturbation.png": png_bytes(perturbation_image(result)),
-             "figure.png": figure_png(result)}  # fmt: skip
+    blobs = {
+        "adversarial.png": png_bytes(result.x_adv),
+        "perturbation.png": png_bytes(perturbation_image(result)),
+        "figure.png": figure_png(result),
+    }
     atomic_write_files(out, blobs)
     return [out / name for name in FILES]

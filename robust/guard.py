@@ -105,13 +105,16 @@ class CatastrophicOverfittingGuard(L.Callback):
         if on_collapse not in self.ON_COLLAPSE:
             raise RobustError(f"overfit guard on_collapse must be {' or '.join(self.ON_COLLAPSE)}, got {on_collapse!r}")
         if on_collapse != "shrink_step" and action != "rollback":
-            raise RobustError(f"overfit guard on_collapse {on_collapse} acts on a rollback: set action rollback "
-                              f"(it is {action})")  # fmt: skip
+            raise RobustError(
+                f"overfit guard on_collapse {on_collapse} acts on a rollback: set action rollback (it is {action})"
+            )
         if n < 1 or batch_size < 1 or pgd_steps < 1 or (every_n_steps is not None and every_n_steps < 1):
             raise RobustError("overfit guard n, batch_size, pgd_steps and every_n_steps must be at least 1")
         if not (0 < min_drop <= 1 and 0 < drop_ratio <= 1 and 0 < alpha_factor < 1 and max_rollbacks >= 0):
-            raise RobustError("overfit guard needs 0 < min_drop <= 1, 0 < drop_ratio <= 1, 0 < alpha_factor < 1 "
-                              "and max_rollbacks >= 0")  # fmt: skip
+            raise RobustError(
+                "overfit guard needs 0 < min_drop <= 1, 0 < drop_ratio <= 1, 0 < alpha_factor < 1 "
+                "and max_rollbacks >= 0"
+            )
         self.action, self.on_collapse, self.n, self.every_n_steps = action, on_collapse, n, every_n_steps
         self.pgd_steps = pgd_steps
         self.min_drop, self.drop_ratio, self.fgsm_tolerance = min_drop, drop_ratio, fgsm_tolerance
@@ -173,8 +176,13 @@ class CatastrophicOverfittingGuard(L.Callback):
 
     def measure(self, pl_module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """(PGD accuracy, FGSM accuracy) of ``pl_module`` on ``x``, ``y`` at its training eps; eval mode, seeded."""
-        spec = ThreatSpec(float(pl_module.hparams.eps), steps=self.pgd_steps, seed=self.seed, threats=("pgd", "fgsm"),
-                          norm=getattr(pl_module.hparams, "norm", "linf"))  # fmt: skip
+        spec = ThreatSpec(
+            float(pl_module.hparams.eps),
+            steps=self.pgd_steps,
+            seed=self.seed,
+            threats=("pgd", "fgsm"),
+            norm=getattr(pl_module.hparams, "norm", "linf"),
+        )
         acc = accuracy(pl_module, x, y, spec, self.batch_size)
         return acc["pgd"], acc["fgsm"]
 
@@ -204,9 +212,11 @@ class CatastrophicOverfittingGuard(L.Callback):
         if best:
             self.best_pgd, self.fgsm_at_best = pgd_acc, fgsm_acc
         if self.action != "warn" and (best or self._best is None):  # None: just resumed, nothing kept yet
-            self._best = {"model": {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()},
-                          "optimizers": [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers],
-                          "averages": [ema.average_state() for ema in weight_averages(trainer)]}  # fmt: skip
+            self._best = {
+                "model": {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()},
+                "optimizers": [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers],
+                "averages": [ema.average_state() for ema in weight_averages(trainer)],
+            }
 
     def _restore(self, trainer, pl_module) -> None:
         pl_module.load_state_dict(self._best["model"])
@@ -226,9 +236,11 @@ class CatastrophicOverfittingGuard(L.Callback):
     def _act(self, trainer, pl_module, pgd_acc: float, fgsm_acc: float) -> None:
         """A collapse: warn, and restore the kept weights and stop, or roll back with a smaller attack step or
         N-FGSM."""
-        what = (f"catastrophic overfitting at epoch {trainer.current_epoch}, step {trainer.global_step}: PGD accuracy "
-                f"{pgd_acc:.3f} (best {self.best_pgd:.3f}), FGSM accuracy {fgsm_acc:.3f} on {len(self._probe[1])} "
-                "training examples")  # fmt: skip
+        what = (
+            f"catastrophic overfitting at epoch {trainer.current_epoch}, step {trainer.global_step}: PGD accuracy "
+            f"{pgd_acc:.3f} (best {self.best_pgd:.3f}), FGSM accuracy {fgsm_acc:.3f} on {len(self._probe[1])} "
+            "training examples"
+        )
         action = self.action
         if action == "rollback" and (self._best is None or self.rollbacks >= self.max_rollbacks):
             reason = "no weights kept yet" if self._best is None else f"{self.rollbacks} rollbacks done"
@@ -240,8 +252,10 @@ class CatastrophicOverfittingGuard(L.Callback):
         if action == "rollback" and self.on_collapse == "switch_to_nfgsm" and pl_module.attack in self.FGSM_ATTACKS:
             pl_module.set_attack("nfgsm")
             self.rollbacks += 1
-            what += (f", training attack now nfgsm (noise {pl_module.hparams.nfgsm_noise:g}·eps, step "
-                     f"{pl_module.alpha:.5f}, no projection)")  # fmt: skip
+            what += (
+                f", training attack now nfgsm (noise {pl_module.hparams.nfgsm_noise:g}·eps, step "
+                f"{pl_module.alpha:.5f}, no projection)"
+            )
         elif action == "rollback":
             eps = float(pl_module.hparams.eps)
             # Steps past eps (fgsm) or 2·eps (fgsm_rs) are clipped away by the projection: shrink what is effective.

@@ -240,8 +240,15 @@ def load_hf_model(name_or_dir: str, num_classes: int | None = None) -> CardedMod
     size, resize = geometry.loader_sizes() or (fallback, fallback)
     labels = net.config.id2label
     card = ModelCard(
-        arch=f"{HF_PREFIX}{name_or_dir}", num_classes=int(net.config.num_labels),
-        class_names=[str(labels[i]) for i in sorted(labels)], cifar_stem=False, mean=mean, std=std,
-        image_size=size, resize=resize, data="huggingface", training=TrainingRecord(attack="none"),
-    )  # fmt: skip
+        arch=f"{HF_PREFIX}{name_or_dir}",
+        num_classes=int(net.config.num_labels),
+        class_names=[str(labels[i]) for i in sorted(labels)],
+        cifar_stem=False,
+        mean=mean,
+        std=std,
+        image_size=size,
+        resize=resize,
+        data="huggingface",
+        training=TrainingRecord(attack="none"),
+    )
     return CardedModel(model, card).eval()

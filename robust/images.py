@@ -113,8 +113,9 @@ def to_model_input(img: Image.Image, image_size: int, resize: int | None = None,
     img = img if img.mode == "RGB" else img.convert("RGB")
     if channels == 1:
         if not is_grey(img):
-            raise RobustError("the image is in colour; the model takes grayscale (1-channel) images: convert it to "
-                              "grayscale first")  # fmt: skip
+            raise RobustError(
+                "the image is in colour; the model takes grayscale (1-channel) images: convert it to grayscale first"
+            )
         img = img.convert("L")
     if img.size == (size, size):
         x = to_float(v2.functional.pil_to_tensor(img), torch.float32, scale=True)

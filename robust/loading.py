@@ -109,9 +109,15 @@ def describe_init(init: Mapping, num_classes: int) -> str:
     if init["kind"] in ("scratch", "hf"):
         return f"initial weights: {init['weights'] or 'random'} ({init['kind']})"
     digest = f", sha256 {init['sha256'][:12]}…" if init["sha256"] else ""
-    fresh = "; ".join(f"a new CIFAR stem ({layer}; the weights have torchvision's 7×7 one)" if layer == "conv1" else
-                      f"a new {num_classes}-class head ({layer}; the weights have {init['classes']} classes)"
-                      for layer in init["fresh"]) or "every layer loaded"  # fmt: skip
+    fresh = (
+        "; ".join(
+            f"a new CIFAR stem ({layer}; the weights have torchvision's 7×7 one)"
+            if layer == "conv1"
+            else f"a new {num_classes}-class head ({layer}; the weights have {init['classes']} classes)"
+            for layer in init["fresh"]
+        )
+        or "every layer loaded"
+    )
     return f"initial weights: {init['weights']} ({init['kind']}{digest}): {fresh}"
 
 
@@ -138,11 +144,13 @@ def _pretrained_state(
     if card.arch != arch:
         raise RobustError(f"{weights} holds a {card.arch}, not a {arch}: set arch {card.arch}")
     for key, theirs, ours in (("mean", card.mean, mean), ("std", card.std, std)):
-        same = len(theirs) == len(ours) and torch.allclose(torch.tensor(theirs, dtype=torch.float64),
-                                                           torch.tensor(ours, dtype=torch.float64))  # fmt: skip
+        same = len(theirs) == len(ours) and torch.allclose(
+            torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64)
+        )
         if not same:
-            raise RobustError(f"{weights} was trained with normalization {key} {theirs}, not {list(ours)}: set "
-                              f"{key} to its values")  # fmt: skip
+            raise RobustError(
+                f"{weights} was trained with normalization {key} {theirs}, not {list(ours)}: set {key} to its values"
+            )
     prefix = "backbone."
     return kind, {k.removeprefix(prefix): v for k, v in model.state_dict().items() if k.startswith(prefix)}, digest
 
@@ -169,17 +177,27 @@ def training_card(
     robustness = RobustnessRecord(
         metrics={k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")},
         norm=hp.get("norm", "linf"),
-        eps=hp.get("eps") if hp.get("val_eps") is None else hp["val_eps"], steps=hp.get("val_steps"),
-        jpeg_quality=hp.get("jpeg_quality"), best=best, epoch=epoch, global_step=global_step,
-    )  # fmt: skip
+        eps=hp.get("eps") if hp.get("val_eps") is None else hp["val_eps"],
+        steps=hp.get("val_steps"),
+        jpeg_quality=hp.get("jpeg_quality"),
+        best=best,
+        epoch=epoch,
+        global_step=global_step,
+    )
     return ModelCard(
-        arch=hp.get("arch", "resnet18"), num_classes=num_classes, class_names=[str(n) for n in names],
-        image_size=size, resize=int(data.get("resize") or size), channels=channels,
-        mean=[float(m) for m in hp.get("mean") or default_mean], std=[float(s) for s in hp.get("std") or default_std],
+        arch=hp.get("arch", "resnet18"),
+        num_classes=num_classes,
+        class_names=[str(n) for n in names],
+        image_size=size,
+        resize=int(data.get("resize") or size),
+        channels=channels,
+        mean=[float(m) for m in hp.get("mean") or default_mean],
+        std=[float(s) for s in hp.get("std") or default_std],
         cifar_stem=bool(hp.get("cifar_stem", False)),
-        data=data.get("name"), training=TrainingRecord.from_values(hp, alpha=alpha),
+        data=data.get("name"),
+        training=TrainingRecord.from_values(hp, alpha=alpha),
         robustness=robustness,
-    )  # fmt: skip
+    )
 
 
 def card_from_checkpoint(ckpt: dict, source: str) -> ModelCard:
@@ -188,8 +206,15 @@ def card_from_checkpoint(ckpt: dict, source: str) -> ModelCard:
     if CARD_KEY in ckpt:
         return ModelCard.from_dict(ckpt[CARD_KEY], f"the model card in {source}")
     hp = dict(ckpt.get("hyper_parameters") or {})
-    return training_card(hp, ckpt.get("robust_data"), ckpt.get("robust_metrics") or {}, alpha=hp.get("alpha"),
-                         best=None, epoch=ckpt.get("epoch"), global_step=ckpt.get("global_step"))  # fmt: skip
+    return training_card(
+        hp,
+        ckpt.get("robust_data"),
+        ckpt.get("robust_metrics") or {},
+        alpha=hp.get("alpha"),
+        best=None,
+        epoch=ckpt.get("epoch"),
+        global_step=ckpt.get("global_step"),
+    )
 
 
 def _model_from_card(card: ModelCard, state: dict[str, Tensor], source: str) -> CardedModel:
@@ -216,10 +241,17 @@ def imagenet_model() -> CardedModel:
     """torchvision's ImageNet ResNet18 (downloaded by torchvision for online users) with its card."""
     model = build_model("resnet18", 1000, "imagenet", IMAGENET_MEAN, IMAGENET_STD)
     card = ModelCard(
-        arch="resnet18", num_classes=1000, class_names=imagenet_class_names(), cifar_stem=False,
-        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), image_size=224, resize=256, data="ImageNet",
+        arch="resnet18",
+        num_classes=1000,
+        class_names=imagenet_class_names(),
+        cifar_stem=False,
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        image_size=224,
+        resize=256,
+        data="ImageNet",
         training=TrainingRecord(attack="none"),
-    )  # fmt: skip
+    )
     return CardedModel(model, card).eval()
 
 
@@ -350,10 +382,18 @@ def external_model(
     if len(names) != num_classes:
         raise RobustError(f"{len(names)} class names given for a model with {num_classes} outputs")
     card = ModelCard(
-        arch=arch, num_classes=num_classes, class_names=names, image_size=int(size), resize=int(size),
-        channels=channels, mean=mean, std=std, cifar_stem=bool(cifar_stem), data=None,
+        arch=arch,
+        num_classes=num_classes,
+        class_names=names,
+        image_size=int(size),
+        resize=int(size),
+        channels=channels,
+        mean=mean,
+        std=std,
+        cifar_stem=bool(cifar_stem),
+        data=None,
         training=TrainingRecord(init=_init_record(weights or spec, kind, digest, num_classes, [])),
-    )  # fmt: skip
+    )
     return CardedModel(normalized(backbone, mean, std), card).eval()
 
 
@@ -372,8 +412,10 @@ def load_model(spec: str | Path, **external) -> CardedModel:
         return external_model(str(spec), kind, **external)
     given = sorted(k for k, v in external.items() if v is not None)
     if given:
-        raise RobustError(f"{', '.join(given)} describe a plain state dict or a factory's network; {spec} is a "
-                          f"{kind} and carries its own description")  # fmt: skip
+        raise RobustError(
+            f"{', '.join(given)} describe a plain state dict or a factory's network; {spec} is a "
+            f"{kind} and carries its own description"
+        )
     if kind == "imagenet":
         return imagenet_model()
     if kind == "hf":

@@ -55,8 +55,10 @@ class CardedModel(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4 and x.shape[1] != self.card.channels:
             kind = {1: "grayscale", 3: "RGB"}
-            raise RobustError(f"the images have {x.shape[1]} channel(s) ({kind.get(x.shape[1], '?')}); the model "
-                              f"takes {self.card.channels} ({kind[self.card.channels]})")  # fmt: skip
+            raise RobustError(
+                f"the images have {x.shape[1]} channel(s) ({kind.get(x.shape[1], '?')}); the model "
+                f"takes {self.card.channels} ({kind[self.card.channels]})"
+            )
         return super().forward(x)
 
 
@@ -75,8 +77,9 @@ def load_state(model: nn.Module, state: Mapping[str, Tensor], source: str, fits:
     for key, tensor in expected.items():
         shape = tuple(getattr(state[key], "shape", ()))
         if not isinstance(state[key], Tensor) or shape != tuple(tensor.shape):
-            raise RobustError(f"{source} does not fit {fits}: {key} has shape {shape}, the model needs "
-                              f"{tuple(tensor.shape)}")  # fmt: skip
+            raise RobustError(
+                f"{source} does not fit {fits}: {key} has shape {shape}, the model needs {tuple(tensor.shape)}"
+            )
     model.load_state_dict(state)
 
 
@@ -112,8 +115,9 @@ def imagenet_state(arch: str) -> dict[str, Tensor]:
         return torchvision.models.get_model_weights(arch).IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
     except OSError as exc:  # URLError is an OSError: offline and not in the hub cache
         file = imagenet_weights_file(arch)
-        raise RobustError(f"could not download the ImageNet weights for {arch} ({exc}); put {file.name} in "
-                          f"{file.parent}") from None  # fmt: skip
+        raise RobustError(
+            f"could not download the ImageNet weights for {arch} ({exc}); put {file.name} in {file.parent}"
+        ) from None
 
 
 def load_pretrained(backbone: nn.Module, arch: str, state: Mapping[str, Tensor], source: str) -> list[str]:
@@ -128,8 +132,10 @@ def load_pretrained(backbone: nn.Module, arch: str, state: Mapping[str, Tensor],
         if theirs is None or theirs.shape == ours.shape:
             continue
         if layer == spec.stem and theirs.shape[1] != ours.shape[1]:
-            raise RobustError(f"{source} takes {theirs.shape[1]}-channel images; the model has {ours.shape[1]} "
-                              "channel(s): set channels to match")  # fmt: skip
+            raise RobustError(
+                f"{source} takes {theirs.shape[1]}-channel images; the model has {ours.shape[1]} "
+                "channel(s): set channels to match"
+            )
         if layer == spec.stem and ours.shape[-1] > theirs.shape[-1]:
             raise RobustError(f"{source} was trained with the CIFAR stem (3×3 conv1): set cifar_stem true")
         if layer == spec.head and theirs.shape[1:] != ours.shape[1:]:
@@ -199,8 +205,10 @@ def normalized(backbone: nn.Module, mean: Sequence[float], std: Sequence[float])
     input channel of ``backbone`` (checked against its first convolution)."""
     first_conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None and len(mean) != first_conv.in_channels:
-        raise RobustError(f"mean and std need one value per channel: the model takes {first_conv.in_channels} "
-                          f"channel(s), got {len(mean)} values")  # fmt: skip
+        raise RobustError(
+            f"mean and std need one value per channel: the model takes {first_conv.in_channels} "
+            f"channel(s), got {len(mean)} values"
+        )
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), backbone=backbone))
 
 

@@ -43,13 +43,35 @@ TrainAttack = Literal[("none", *ATTACKS)]  # robust.objectives.TRAIN_ATTACKS: th
 
 # AdversarialClassifier's arguments by section, in signature order; train.py's help lists them under these titles.
 ARG_SECTIONS: dict[str, tuple[str, ...]] = {
-    "network": ("arch", "num_classes", "class_names", "channels", "weights", "mean", "std", "cifar_stem",
-                "channels_last"),
-    "adversarial training": ("attack", "target", "norm", "eps", "alpha", "attack_steps", "attack_early_exit",
-                             "nfgsm_noise", "clamp_start", "objective", "beta", "adv_ratio", "attack_bn_mode"),
+    "network": (
+        "arch",
+        "num_classes",
+        "class_names",
+        "channels",
+        "weights",
+        "mean",
+        "std",
+        "cifar_stem",
+        "channels_last",
+    ),
+    "adversarial training": (
+        "attack",
+        "target",
+        "norm",
+        "eps",
+        "alpha",
+        "attack_steps",
+        "attack_early_exit",
+        "nfgsm_noise",
+        "clamp_start",
+        "objective",
+        "beta",
+        "adv_ratio",
+        "attack_bn_mode",
+    ),
     "optimization": ("optimizer", "lr_scheduler", "backbone_lr_scale"),
     "validation": ("val_eps", "val_steps", "val_alpha", "jpeg_quality", "val_seed"),
-}  # fmt: skip
+}
 
 
 class AdversarialClassifier(L.LightningModule):
@@ -147,8 +169,10 @@ class AdversarialClassifier(L.LightningModule):
             raise RobustError(f"{len(class_names)} class names given for {num_classes} classes")
         obj = check_objective(objective, attack, target != "none")
         if objective != "ce" and adv_ratio != 1.0:
-            raise RobustError(f"objective {objective!r} trains on the whole batch (clean and adversarial terms): "
-                              f"adv_ratio must be 1, got {adv_ratio}")  # fmt: skip
+            raise RobustError(
+                f"objective {objective!r} trains on the whole batch (clean and adversarial terms): "
+                f"adv_ratio must be 1, got {adv_ratio}"
+            )
         if nfgsm_noise < 0:
             raise RobustError(f"nfgsm_noise must be 0 or more (times eps), got {nfgsm_noise}")
         if not backbone_lr_scale >= 0:
@@ -159,16 +183,24 @@ class AdversarialClassifier(L.LightningModule):
         self.alpha = alpha if alpha is not None else self.default_alpha(attack, objective, eps, norm, self.attack_steps)
         self.beta = beta if beta is not None else obj.beta
         check_budget(eps, self.alpha if attack != "none" else None, self.attack_steps, norm=norm)
-        self.val_spec = ThreatSpec(eps if val_eps is None else val_eps, val_alpha, val_steps, quality=jpeg_quality,
-                                   seed=val_seed, threats=VAL_KEYS, norm=norm)  # fmt: skip
+        self.val_spec = ThreatSpec(
+            eps if val_eps is None else val_eps,
+            val_alpha,
+            val_steps,
+            quality=jpeg_quality,
+            seed=val_seed,
+            threats=VAL_KEYS,
+            norm=norm,
+        )
         # The optimizer and schedule are callables (not checkpoint material); LightningCLI's config.yaml records them.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         default_mean, default_std = default_normalization(channels)
         self.hparams.mean, self.hparams.std = tuple(mean or default_mean), tuple(std or default_std)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.model, self.weights_init = initialize_classifier(arch, num_classes, weights, self.hparams.mean,
-                                                              self.hparams.std, cifar_stem, channels)  # fmt: skip
+        self.model, self.weights_init = initialize_classifier(
+            arch, num_classes, weights, self.hparams.mean, self.hparams.std, cifar_stem, channels
+        )
         if weights is not None:
             rank_zero_info(describe_init(self.weights_init, num_classes))
         if channels_last:
@@ -216,10 +248,21 @@ class AdversarialClassifier(L.LightningModule):
                 y = random_other_class(y, hp.num_classes)
             elif hp.target == "least_likely":
                 y = least_likely_class(self, x)
-            return training_attack(self, x, y, hp.objective, self.attack, eps=hp.eps, alpha=self.alpha,
-                                   steps=self.attack_steps, noise=hp.nfgsm_noise, targeted=targeted,
-                                   clamp_start=hp.clamp_start, norm=hp.norm,
-                                   early_exit=hp.attack_early_exit)  # fmt: skip
+            return training_attack(
+                self,
+                x,
+                y,
+                hp.objective,
+                self.attack,
+                eps=hp.eps,
+                alpha=self.alpha,
+                steps=self.attack_steps,
+                noise=hp.nfgsm_noise,
+                targeted=targeted,
+                clamp_start=hp.clamp_start,
+                norm=hp.norm,
+                early_exit=hp.attack_early_exit,
+            )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -256,9 +299,11 @@ class AdversarialClassifier(L.LightningModule):
         """Stop at the first non-finite training loss, on every process at once, with one clear line: a diverged
         run would otherwise train on NaN weights to the end and checkpoint them."""
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
-            raise RobustError(f"the training loss is {loss.item()} at step {self.global_step} (epoch "
-                              f"{self.current_epoch}): training diverged; lower the learning rate "
-                              "(--model.optimizer.lr)")  # fmt: skip
+            raise RobustError(
+                f"the training loss is {loss.item()} at step {self.global_step} (epoch "
+                f"{self.current_epoch}): training diverged; lower the learning rate "
+                "(--model.optimizer.lr)"
+            )
 
     # ---- validation ----------------------------------------------------------------------------
 
@@ -270,8 +315,13 @@ class AdversarialClassifier(L.LightningModule):
         preds = predictions(self, x, y, self.val_spec.for_batch(batch_idx))
         for key in VAL_KEYS:
             self.val_acc[key](preds[key], labels_for(key, preds, y))
-            self.log(val_tag(key, self.hparams.norm), self.val_acc[key], on_step=False, on_epoch=True,
-                     prog_bar=key in ("clean", "pgd_worst"))  # fmt: skip
+            self.log(
+                val_tag(key, self.hparams.norm),
+                self.val_acc[key],
+                on_step=False,
+                on_epoch=True,
+                prog_bar=key in ("clean", "pgd_worst"),
+            )
 
     # ---- optimization and checkpoints ---------------------------------------------------------
 
@@ -284,7 +334,7 @@ class AdversarialClassifier(L.LightningModule):
         return [
             {"name": "backbone", "params": [p for p in self.parameters() if id(p) not in head]},
             {"name": "head", "params": [p for p in self.parameters() if id(p) in head]},
-        ]  # fmt: skip
+        ]
 
     def configure_optimizers(self):
         opt = self.optimizer(self.param_groups())

@@ -206,8 +206,10 @@ def training_attack(
     if attack == "none":
         return x.detach()
     if norm not in ATTACKS[attack].norms or (norm != "linf" and objective != "ce"):
-        raise RobustError(f"{attack} with objective {objective} has no {norm} version: L2 trains with ce and "
-                          f"{', '.join(a for a, info in ATTACKS.items() if norm in info.norms)}")  # fmt: skip
+        raise RobustError(
+            f"{attack} with objective {objective} has no {norm} version: L2 trains with ce and "
+            f"{', '.join(a for a, info in ATTACKS.items() if norm in info.norms)}"
+        )
     if attack == "pgd" and objective == "trades":
         return trades_pgd(model, x, eps, alpha, steps)
     if attack == "pgd" and objective == "mart":
@@ -216,8 +218,17 @@ def training_attack(
         return pgd(model, x, y, eps, alpha, steps, targeted=targeted, norm=norm, early_exit=early_exit)
     if attack == "nfgsm":
         return nfgsm(model, x, y, eps, noise=noise, alpha=alpha, targeted=targeted)
-    return fgsm(model, x, y, eps, targeted=targeted, random_start=attack == "fgsm_rs", alpha=alpha,
-                clamp_start=clamp_start, norm=norm)  # fmt: skip
+    return fgsm(
+        model,
+        x,
+        y,
+        eps,
+        targeted=targeted,
+        random_start=attack == "fgsm_rs",
+        alpha=alpha,
+        clamp_start=clamp_start,
+        norm=norm,
+    )
 
 
 def objective_loss(

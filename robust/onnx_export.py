@@ -36,8 +36,10 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise RobustError(f"ONNX export needs {', '.join(missing)}: install the 'onnx' extra "
-                          "(pip install 'robust[onnx]', or uv sync --extra onnx)")  # fmt: skip
+        raise RobustError(
+            f"ONNX export needs {', '.join(missing)}: install the 'onnx' extra "
+            "(pip install 'robust[onnx]', or uv sync --extra onnx)"
+        )
 
 
 def to_onnx(model: torch.nn.Module, image_size: int, channels: int = 3) -> tuple[bytes, int]:
@@ -45,8 +47,14 @@ def to_onnx(model: torch.nn.Module, image_size: int, channels: int = 3) -> tuple
     with a dynamic batch, by torch's default (dynamo) exporter; and the opset it used."""
     example = torch.rand(2, channels, image_size, image_size)
     try:
-        program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)  # fmt: skip
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
         proto = program.model_proto
     except Exception as exc:
         why = (str(exc).strip().splitlines() or [""])[0]
@@ -62,8 +70,9 @@ def onnx_session(onnx_model: bytes | str | Path) -> InferenceSession:
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    return onnxruntime.InferenceSession(onnx_model if isinstance(onnx_model, bytes) else str(onnx_model), options,
-                                        providers=[PROVIDER])  # fmt: skip
+    return onnxruntime.InferenceSession(
+        onnx_model if isinstance(onnx_model, bytes) else str(onnx_model), options, providers=[PROVIDER]
+    )
 
 
 def onnx_logits(session: InferenceSession, x: Tensor) -> Tensor:
@@ -104,8 +113,10 @@ def export_onnx(model: CardedModel, data: str | None = None) -> tuple[bytes, dic
             f"{identity['name']} images (tolerance {TOLERANCE:g}); refusing to write the export"
         )
     record = {
-        "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
+        "opset": opset,
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
         "input_shape": ["batch", card.channels, card.image_size, card.image_size],
         "check": {"provider": PROVIDER, "data": identity, "max_abs_logit_diff": diff, "tolerance": TOLERANCE},
-    }  # fmt: skip
+    }
     return onnx_model, record

@@ -28,8 +28,10 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, O
 OptimizerFactory = Callable[[Iterable], Optimizer]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
 
-DEFAULT_OPTIMIZER = {"class_path": "torch.optim.SGD",
-                     "init_args": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}}  # fmt: skip
+DEFAULT_OPTIMIZER = {
+    "class_path": "torch.optim.SGD",
+    "init_args": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+}
 DEFAULT_SCHEDULER = {"class_path": "robust.optim.OneCycle", "init_args": {"peak_at": 0.4}}
 
 
@@ -39,8 +41,13 @@ class OneCycle(OneCycleLR):
 
     def __init__(self, optimizer: Optimizer, total_steps: int, peak_at: float = 0.4) -> None:
         self.peak_at = float(peak_at)  # kept for the card
-        super().__init__(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
-                         pct_start=peak_at, anneal_strategy="linear")  # fmt: skip
+        super().__init__(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=peak_at,
+            anneal_strategy="linear",
+        )
 
 
 class RunFraction(LambdaLR):
@@ -79,8 +86,9 @@ class Piecewise(RunFraction):
 
     name = "piecewise"
 
-    def __init__(self, optimizer: Optimizer, total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75),
-                 gamma: float = 0.1) -> None:  # fmt: skip
+    def __init__(
+        self, optimizer: Optimizer, total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75), gamma: float = 0.1
+    ) -> None:
         self.milestones, self.gamma = tuple(milestones), float(gamma)
         super().__init__(optimizer, total_steps)
 

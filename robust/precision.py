@@ -33,5 +33,7 @@ def resolve_precision(precision: object, accelerator: object) -> tuple[object, s
     if str(precision) not in BF16 or not runs_on_cpu(accelerator) or cpu_has_native_bf16():
         return precision, None
     capability = torch.backends.cpu.get_cpu_capability()
-    return "32-true", (f"precision {precision} -> 32-true: this CPU ({capability}) has no native bf16, where bf16 "
-                       "autocast is many times slower than float32")  # fmt: skip
+    return "32-true", (
+        f"precision {precision} -> 32-true: this CPU ({capability}) has no native bf16, where bf16 "
+        "autocast is many times slower than float32"
+    )

@@ -30,8 +30,10 @@ FILES = ("report.json", "report.md", "robustness_curve.png")
 # images).
 FLAG_MIN_IMAGES = 6
 FLAG_Z = 1.96
-FLAG_RULE = (f"a flag needs a gap of at least {FLAG_MIN_IMAGES} images and more than {FLAG_Z} standard errors of the "
-             "difference of two binomial proportions, √((a(1−a) + b(1−b))/n)")  # fmt: skip
+FLAG_RULE = (
+    f"a flag needs a gap of at least {FLAG_MIN_IMAGES} images and more than {FLAG_Z} standard errors of the "
+    "difference of two binomial proportions, √((a(1−a) + b(1−b))/n)"
+)
 
 
 def beyond_noise(high: float, low: float, n: int | None) -> bool:
@@ -110,14 +112,24 @@ def threat_names(report: dict) -> dict[str, str]:
     apgd_name = f"APGD-CE-{apgd_steps}{f'×{apgd_restarts}' if apgd_restarts > 1 else ''}"
     q = report["quality"]
     apgd_rest = apgd_name.removeprefix("APGD-CE")
-    names = {"clean": "Clean", "fgsm": "FGSM", "pgd": pgd_name, "apgd": apgd_name, "apgd_dlr": f"APGD-DLR{apgd_rest}",
-             "apgd_t": f"APGD-T{apgd_rest}", "square": f"Square-{report.get('square_queries', 0)}",
-             "pgd_worst": f"Worst case ({worst_parts(report)})", "jpeg": f"JPEG q{q}",
-             "jpeg_fgsm": f"JPEG q{q} ∘ FGSM",
-             "jpeg_pgd": f"JPEG q{q} ∘ {pgd_name} (transfer)", "bpda_pgd": f"JPEG q{q} ∘ BPDA {pgd_name} (adaptive)",
-             "jpeg_worst": f"JPEG q{q} worst case", "autoattack": "AutoAttack",
-             "aa_worst": "Worst case (all of them and AutoAttack)",
-             "targeted_success": "Targeted success ↓"}  # fmt: skip
+    names = {
+        "clean": "Clean",
+        "fgsm": "FGSM",
+        "pgd": pgd_name,
+        "apgd": apgd_name,
+        "apgd_dlr": f"APGD-DLR{apgd_rest}",
+        "apgd_t": f"APGD-T{apgd_rest}",
+        "square": f"Square-{report.get('square_queries', 0)}",
+        "pgd_worst": f"Worst case ({worst_parts(report)})",
+        "jpeg": f"JPEG q{q}",
+        "jpeg_fgsm": f"JPEG q{q} ∘ FGSM",
+        "jpeg_pgd": f"JPEG q{q} ∘ {pgd_name} (transfer)",
+        "bpda_pgd": f"JPEG q{q} ∘ BPDA {pgd_name} (adaptive)",
+        "jpeg_worst": f"JPEG q{q} worst case",
+        "autoattack": "AutoAttack",
+        "aa_worst": "Worst case (all of them and AutoAttack)",
+        "targeted_success": "Targeted success ↓",
+    }
     return {k: names[k] for k in THREATS if k in report["rows"][0]}
 
 
@@ -168,8 +180,10 @@ def report_title(report: dict) -> str:
     card = report.get("model", {}).get("card") or {}
     trained = (card.get("training") or {}).get("norm") or "linf"
     cross = f" (a model trained in {NORM_NAMES[trained]})" if card and trained != norm else ""
-    return (f"Robustness of {_model_name(report)} on {report['n']} images of {_data_name(report)}: {NORM_NAMES[norm]} "
-            f"attacks at ε {eps}{cross}")  # fmt: skip
+    return (
+        f"Robustness of {_model_name(report)} on {report['n']} images of {_data_name(report)}: {NORM_NAMES[norm]} "
+        f"attacks at ε {eps}{cross}"
+    )
 
 
 def markdown_table(report: dict) -> str:
@@ -179,26 +193,40 @@ def markdown_table(report: dict) -> str:
     alphas = ", ".join(f"{r['alpha']:.4g}" for r in report["rows"])
     norm = report.get("norm", "linf")
     others = [k for k in threat_names(report) if k not in SUMMARY_KEYS]
-    lines = [f"# {report_title(report)}", "",
-             "Accuracy (%); the worst cases (an image counts only if it survives every attack of its setting) are the "
-             "figures to claim.", "", *_table(report, SUMMARY_KEYS), "",
-             "Per attack (accuracy %; targeted success: the fraction PGD pushes to a random other class, lower is "
-             "better):", "", *_table(report, others), "",
-             f"Setup: {norm_name(report)} PGD {report['steps']} steps of α = {alphas}, {report['restarts']} "
-             "restart(s), "
-             f"random start; APGD-CE {report.get('apgd_steps', report['steps'])} steps, "
-             f"{report.get('apgd_restarts', report['restarts'])} restart(s), its own step schedule; JPEG quality "
-             f"{report['quality']}; seed {report['seed']}. "
-             + ("Images the model already gets wrong are not attacked, and each image leaves an attack at its first "
-                "fooling step; " if report.get("early_exit", True) else "Every image runs every step; ")
-             + "the parts of each worst case are measured "
-             f"{'on the survivors of the parts before' if report.get('mode') == 'cascade' else 'independently'}. "
-             f"Worst case ({worst_parts(report)}): correct under all of them; JPEG worst case: correct "
-             f"through JPEG under FGSM and PGD made on the bare model (transfer) and BPDA PGD through it (adaptive). "
-             f"Warnings below fire only beyond sampling noise: {FLAG_RULE}."]  # fmt: skip
+    lines = [
+        f"# {report_title(report)}",
+        "",
+        "Accuracy (%); the worst cases (an image counts only if it survives every attack of its setting) are the "
+        "figures to claim.",
+        "",
+        *_table(report, SUMMARY_KEYS),
+        "",
+        "Per attack (accuracy %; targeted success: the fraction PGD pushes to a random other class, lower is better):",
+        "",
+        *_table(report, others),
+        "",
+        f"Setup: {norm_name(report)} PGD {report['steps']} steps of α = {alphas}, {report['restarts']} "
+        "restart(s), "
+        f"random start; APGD-CE {report.get('apgd_steps', report['steps'])} steps, "
+        f"{report.get('apgd_restarts', report['restarts'])} restart(s), its own step schedule; JPEG quality "
+        f"{report['quality']}; seed {report['seed']}. "
+        + (
+            "Images the model already gets wrong are not attacked, and each image leaves an attack at its first "
+            "fooling step; "
+            if report.get("early_exit", True)
+            else "Every image runs every step; "
+        )
+        + "the parts of each worst case are measured "
+        f"{'on the survivors of the parts before' if report.get('mode') == 'cascade' else 'independently'}. "
+        f"Worst case ({worst_parts(report)}): correct under all of them; JPEG worst case: correct "
+        f"through JPEG under FGSM and PGD made on the bare model (transfer) and BPDA PGD through it (adaptive). "
+        f"Warnings below fire only beyond sampling noise: {FLAG_RULE}.",
+    ]
     if {"autoattack", "pgd_worst"} <= report["rows"][0].keys():
-        gaps = ", ".join(f"{100 * (r['pgd_worst'] - r['autoattack']):+.1f} at eps {format_eps(r['eps'], norm)}"
-                         for r in report["rows"])  # fmt: skip
+        gaps = ", ".join(
+            f"{100 * (r['pgd_worst'] - r['autoattack']):+.1f} at eps {format_eps(r['eps'], norm)}"
+            for r in report["rows"]
+        )
         lines.append(f"\nThe cheap worst case minus AutoAttack, in points: {gaps}.")
     lines += [f"\n**Warning:** {flag}" for flag in report["flags"]]
     return "\n".join(lines) + "\n"
@@ -206,14 +234,23 @@ def markdown_table(report: dict) -> str:
 
 # One look per threat: colour, line style, marker; worst cases thick, clean on top of everything.
 CURVE_STYLE = {
-    "clean": ("black", "-", "o"), "fgsm": ("tab:blue", "--", "s"), "pgd": ("tab:orange", "-", "^"),
-    "apgd": ("tab:brown", "-.", "v"), "apgd_dlr": ("goldenrod", ":", "<"), "apgd_t": ("teal", "-.", ">"),
+    "clean": ("black", "-", "o"),
+    "fgsm": ("tab:blue", "--", "s"),
+    "pgd": ("tab:orange", "-", "^"),
+    "apgd": ("tab:brown", "-.", "v"),
+    "apgd_dlr": ("goldenrod", ":", "<"),
+    "apgd_t": ("teal", "-.", ">"),
     "square": ("darkkhaki", "--", "p"),
-    "pgd_worst": ("tab:red", "-", "D"), "jpeg": ("tab:gray", ":", "o"),
-    "jpeg_fgsm": ("tab:cyan", "--", "s"), "jpeg_pgd": ("tab:green", "--", "^"), "bpda_pgd": ("tab:olive", "-.", "v"),
-    "jpeg_worst": ("tab:purple", "-", "D"), "autoattack": ("magenta", "-", "*"), "aa_worst": ("darkmagenta", "-", "P"),
+    "pgd_worst": ("tab:red", "-", "D"),
+    "jpeg": ("tab:gray", ":", "o"),
+    "jpeg_fgsm": ("tab:cyan", "--", "s"),
+    "jpeg_pgd": ("tab:green", "--", "^"),
+    "bpda_pgd": ("tab:olive", "-.", "v"),
+    "jpeg_worst": ("tab:purple", "-", "D"),
+    "autoattack": ("magenta", "-", "*"),
+    "aa_worst": ("darkmagenta", "-", "P"),
     "targeted_success": ("tab:pink", "-", "X"),
-}  # fmt: skip
+}
 
 
 def curve_png(report: dict) -> bytes:
@@ -230,9 +267,18 @@ def curve_png(report: dict) -> bytes:
         color, style, marker = CURVE_STYLE[key]
         ax = success if key == "targeted_success" else acc
         width = 2.6 if key in WORST_CASES else 1.4
-        ax.plot(eps, [r[key] for r in report["rows"]], linestyle=style, color=color, marker=marker, linewidth=width,
-                markersize={"clean": 7, "jpeg": 11}.get(key, 6), label=name, zorder=5 if key == "clean" else 3,
-                markerfacecolor="none" if key in ("jpeg", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd") else color)  # fmt: skip
+        ax.plot(
+            eps,
+            [r[key] for r in report["rows"]],
+            linestyle=style,
+            color=color,
+            marker=marker,
+            linewidth=width,
+            markersize={"clean": 7, "jpeg": 11}.get(key, 6),
+            label=name,
+            zorder=5 if key == "clean" else 3,
+            markerfacecolor="none" if key in ("jpeg", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd") else color,
+        )
     for ax in (acc, success):
         ax.set_xlabel(f"ε ({norm_name(report)}, pixel units)")
         ax.set_ylim(-0.02, 1.02)
@@ -255,7 +301,10 @@ def write_report(report: dict, out: str | Path) -> list[Path]:
     """Render everything first, then write ``report.json``, ``report.md``, ``robustness_curve.png`` into ``out``
     (each atomically: temp file + rename). Returns the paths written."""
     out = Path(out)
-    blobs = {"robustness_curve.png": curve_png(report), "report.md": markdown_table(report).encode(),
-             "report.json": (json.dumps(report, indent=2) + "\n").encode()}  # fmt: skip
+    blobs = {
+        "robustness_curve.png": curve_png(report),
+        "report.md": markdown_table(report).encode(),
+        "report.json": (json.dumps(report, indent=2) + "\n").encode(),
+    }
     atomic_write_files(out, blobs)
     return [out / name for name in FILES]

@@ -84,23 +84,52 @@ def evaluate(
     keys = tuple(k for k in THREATS if k in asked)
     if asked - set(keys):
         raise RobustError(f"unknown threat(s) {', '.join(sorted(asked - set(keys)))}; known: {', '.join(THREATS)}")
-    specs = [ThreatSpec(e, alpha, steps, restarts, quality, seed, keys, norm=norm, apgd_steps=apgd_steps,
-                        apgd_restarts=apgd_restarts, early_exit=early_exit, cascade=cascade,
-                        square_queries=square_queries)
-             for e in eps_list]  # fmt: skip
+    specs = [
+        ThreatSpec(
+            e,
+            alpha,
+            steps,
+            restarts,
+            quality,
+            seed,
+            keys,
+            norm=norm,
+            apgd_steps=apgd_steps,
+            apgd_restarts=apgd_restarts,
+            early_exit=early_exit,
+            cascade=cascade,
+            square_queries=square_queries,
+        )
+        for e in eps_list
+    ]
     world = world or World(next(model.parameters()).device)
     count = partial(batch_counts, model, keys, world.device)
     totals = sharded_counts(loader, specs, count, 1 + len(keys), world, journal, progress).tolist()
     n = totals[0][0]
     if n == 0:
         raise RobustError("the evaluation data holds no images")
-    rows = [{"eps": s.eps, "alpha": s.step, **{k: c / n for k, c in zip(keys, t[1:], strict=True)}}
-            for s, t in zip(specs, totals, strict=True)]  # fmt: skip
-    return {"rows": rows, "flags": honesty_flags(rows, n, norm, cascade), "n": n, "eps": eps_list, "steps": int(steps),
-            "restarts": int(restarts), "alpha": alpha, "quality": int(quality), "seed": int(seed),
-            "autoattack": bool(autoattack), "norm": norm, "apgd_steps": apgd_steps or int(steps),
-            "apgd_restarts": apgd_restarts or int(restarts), "mode": specs[0].mode,
-            "early_exit": bool(early_exit), "square_queries": int(square_queries)}  # fmt: skip
+    rows = [
+        {"eps": s.eps, "alpha": s.step, **{k: c / n for k, c in zip(keys, t[1:], strict=True)}}
+        for s, t in zip(specs, totals, strict=True)
+    ]
+    return {
+        "rows": rows,
+        "flags": honesty_flags(rows, n, norm, cascade),
+        "n": n,
+        "eps": eps_list,
+        "steps": int(steps),
+        "restarts": int(restarts),
+        "alpha": alpha,
+        "quality": int(quality),
+        "seed": int(seed),
+        "autoattack": bool(autoattack),
+        "norm": norm,
+        "apgd_steps": apgd_steps or int(steps),
+        "apgd_restarts": apgd_restarts or int(restarts),
+        "mode": specs[0].mode,
+        "early_exit": bool(early_exit),
+        "square_queries": int(square_queries),
+    }
 
 
 def batch_counts(
@@ -130,6 +159,10 @@ def build_report(results: dict, model_info: dict, data_info: dict) -> dict:
     """The full report: the figures of :func:`evaluate` plus model and data identity, as JSON-native values."""
     import torchvision
 
-    report = {**results, "model": model_info, "data": data_info,
-              "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}  # fmt: skip
+    report = {
+        **results,
+        "model": model_info,
+        "data": data_info,
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+    }
     return json.loads(json.dumps(report))

@@ -29,9 +29,14 @@ from robust.optim import RunFraction
 RUN_LENGTH = ("trainer.max_epochs", "trainer.max_steps", "trainer.min_epochs", "trainer.min_steps", "trainer.max_time")
 # Not settings of the run: where it resumes from, where its folder is (it may have moved), how the console looks.
 NOT_SETTINGS = (
-    "config", "ckpt_path", "accept_config_changes", "trainer.logger.init_args.version",
-    "trainer.logger.init_args.save_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-)  # fmt: skip
+    "config",
+    "ckpt_path",
+    "accept_config_changes",
+    "trainer.logger.init_args.version",
+    "trainer.logger.init_args.save_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+)
 ACCEPT_FLAG = "--accept_config_changes true"
 
 
@@ -95,8 +100,10 @@ def check_resume_config(folder: Path, given: dict, accept: bool) -> str | None:
     longer = [f"{k.split('.')[-1]} {a} -> {b}" for k, (a, b) in lengths.items() if a != b]
     if differing and not accept:
         listed = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in differing.items())
-        raise RobustError(f"resuming {folder}, trained with other settings: {listed}; drop these overrides to "
-                          f"continue it as it was, or pass {ACCEPT_FLAG} to continue it with the new ones")  # fmt: skip
+        raise RobustError(
+            f"resuming {folder}, trained with other settings: {listed}; drop these overrides to "
+            f"continue it as it was, or pass {ACCEPT_FLAG} to continue it with the new ones"
+        )
     changes = [*longer, *(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in differing.items())]
     return f"resuming {folder} with {', '.join(changes)}" if changes else None
 
@@ -148,8 +155,10 @@ def rebuild_schedule(scheduler: Any, total: int) -> str | None:
         if old == total or step > total:
             return None
         scheduler.T_max = total
-        lrs = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * step / total)) / 2
-               for base in scheduler.base_lrs]  # fmt: skip
+        lrs = [
+            scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * step / total)) / 2
+            for base in scheduler.base_lrs
+        ]
         name = "cosine"
     elif isinstance(scheduler, RunFraction):
         old = scheduler.total_steps
@@ -163,5 +172,7 @@ def rebuild_schedule(scheduler: Any, total: int) -> str | None:
     for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-    return (f"resume: the {name} learning-rate schedule was built for {old} steps; rebuilt for this run's {total} "
-            f"(at step {step}, lr {float(lrs[0]):.4g})")  # fmt: skip
+    return (
+        f"resume: the {name} learning-rate schedule was built for {old} steps; rebuilt for this run's {total} "
+        f"(at step {step}, lr {float(lrs[0]):.4g})"
+    )

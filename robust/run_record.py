@@ -65,11 +65,14 @@ def run_card(module: AdversarialClassifier, checkpoint: dict) -> ModelCard:
         **optimization_record(trainer),
     }
     return training_card(
-        in_force, datamodule.describe() if hasattr(datamodule, "describe") else None, trainer.callback_metrics,
-        alpha=None if module.attack == "none" else module.alpha, epoch=trainer.current_epoch,
+        in_force,
+        datamodule.describe() if hasattr(datamodule, "describe") else None,
+        trainer.callback_metrics,
+        alpha=None if module.attack == "none" else module.alpha,
+        epoch=trainer.current_epoch,
         global_step=trainer.global_step,
         best=None if score is None else {"monitor": monitored.monitor, "score": float(score)},
-    )  # fmt: skip
+    )
 
 
 def restore(module: AdversarialClassifier, checkpoint: dict) -> None:
@@ -117,8 +120,10 @@ def optimization_record(trainer: L.Trainer) -> dict:
         return {"optimizer": None, "lr_scheduler": None}
     opt = trainer.optimizers[0]
     configs = trainer.lr_scheduler_configs
-    return {"optimizer": _record(opt, opt.defaults),
-            "lr_scheduler": schedule_record(configs[0].scheduler) if configs else None}  # fmt: skip
+    return {
+        "optimizer": _record(opt, opt.defaults),
+        "lr_scheduler": schedule_record(configs[0].scheduler) if configs else None,
+    }
 
 
 def split_rng_by_rank(rank: int, world_size: int) -> None:

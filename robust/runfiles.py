@@ -43,8 +43,10 @@ def resolve_data_root(root: str | None, downloads: bool = False) -> tuple[str | 
     if downloads:
         return root, None
     where = f"${DATA_ENV} ({env}) holds no {name}/" if env else f"${DATA_ENV} is not set"
-    raise RobustError(f"the data folder {root} does not exist and {where}: pass --data.init_args.root "
-                      f"/path/to/{name}, or set {DATA_ENV} to the folder that holds {name}/")  # fmt: skip
+    raise RobustError(
+        f"the data folder {root} does not exist and {where}: pass --data.init_args.root "
+        f"/path/to/{name}, or set {DATA_ENV} to the folder that holds {name}/"
+    )
 
 
 def _link(link: Path, target: Path) -> None:
@@ -83,8 +85,10 @@ def no_best_reason(trainer, monitor: str | None) -> str:
     if trainer.current_epoch == 0 and trainer.global_step == 0:
         return "nothing was trained"
     if monitor not in trainer.callback_metrics:
-        return (f"no validation finished, so {monitor} was never measured (validation runs every "
-                f"{trainer.check_val_every_n_epoch} epochs and at the last one; the run stopped before)")  # fmt: skip
+        return (
+            f"no validation finished, so {monitor} was never measured (validation runs every "
+            f"{trainer.check_val_every_n_epoch} epochs and at the last one; the run stopped before)"
+        )
     return f"no checkpoint was saved for {monitor}"
 
 

@@ -75,8 +75,10 @@ def launch(device: torch.device, devices: int = 1, num_nodes: int = 1) -> World:
     started = int(os.environ.get("WORLD_SIZE", "1"))
     if devices * num_nodes == 1:
         if started > 1:
-            raise RobustError(f"this is one of {started} processes (WORLD_SIZE) but devices × num_nodes is 1: make "
-                              "them match (--devices, --num-nodes), or each would do the whole report")  # fmt: skip
+            raise RobustError(
+                f"this is one of {started} processes (WORLD_SIZE) but devices × num_nodes is 1: make "
+                "them match (--devices, --num-nodes), or each would do the whole report"
+            )
         return World(device)
     if device.index is not None:
         raise RobustError(f"several processes take one device each: give the device type {device.type!r}, not {device}")
@@ -130,9 +132,13 @@ def numbered_batches(loader: DataLoader | Sequence, wanted: Sequence[int]) -> It
     only those (same indices per batch, same workers), a list of batches is indexed."""
     if isinstance(loader, DataLoader):
         index_lists = list(loader.batch_sampler)
-        loader = DataLoader(loader.dataset, batch_sampler=[index_lists[b] for b in wanted],
-                            num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                            pin_memory=loader.pin_memory)  # fmt: skip
+        loader = DataLoader(
+            loader.dataset,
+            batch_sampler=[index_lists[b] for b in wanted],
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+        )
         return iter(loader)
     return (loader[b] for b in wanted)
 

@@ -50,8 +50,24 @@ from robust.checks import check_norm, check_square_queries
 from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
 
-THREATS = ("clean", "fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "square", "pgd_worst", "jpeg", "jpeg_fgsm", "jpeg_pgd",
-           "bpda_pgd", "jpeg_worst", "autoattack", "aa_worst", "targeted_success")  # fmt: skip
+THREATS = (
+    "clean",
+    "fgsm",
+    "pgd",
+    "apgd",
+    "apgd_dlr",
+    "apgd_t",
+    "square",
+    "pgd_worst",
+    "jpeg",
+    "jpeg_fgsm",
+    "jpeg_pgd",
+    "bpda_pgd",
+    "jpeg_worst",
+    "autoattack",
+    "aa_worst",
+    "targeted_success",
+)
 AUTOATTACK_THREATS = ("autoattack", "aa_worst")  # slow: opt-in
 DEFAULT_THREATS = tuple(k for k in THREATS if k not in (*AUTOATTACK_THREATS, "square"))  # Square: with its queries
 # Each worst case's parts, in the order the cascade runs them: cheap first, so the costly ones see few examples. The
@@ -59,11 +75,25 @@ DEFAULT_THREATS = tuple(k for k in THREATS if k not in (*AUTOATTACK_THREATS, "sq
 # hide from all of them (docs/evaluation-cost.md measures both). Square is a part only when it runs
 # (ThreatSpec.parts).
 _CHEAP = ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "square")
-WORST_CASES = {"pgd_worst": _CHEAP, "jpeg_worst": ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd"),
-               "aa_worst": (*_CHEAP, "autoattack")}  # fmt: skip
+WORST_CASES = {
+    "pgd_worst": _CHEAP,
+    "jpeg_worst": ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd"),
+    "aa_worst": (*_CHEAP, "autoattack"),
+}
 _THROUGH_JPEG = ("jpeg_fgsm", "jpeg_pgd", "bpda_pgd")  # judged by the defended model: its clean prediction is jpeg
-_ATTACKED = ("fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "square", "jpeg_fgsm", "jpeg_pgd", "bpda_pgd", "autoattack",
-             "targeted_success")  # fmt: skip
+_ATTACKED = (
+    "fgsm",
+    "pgd",
+    "apgd",
+    "apgd_dlr",
+    "apgd_t",
+    "square",
+    "jpeg_fgsm",
+    "jpeg_pgd",
+    "bpda_pgd",
+    "autoattack",
+    "targeted_success",
+)
 # the fewest classes each APGD loss needs: DLR's denominator uses the 3 largest logits, the targeted one the 4 largest
 _MIN_CLASSES = {"apgd_dlr": 3, "apgd_t": 4}
 
@@ -187,8 +217,9 @@ def _torchattacks(name: str, model: nn.Module, x: Tensor, y: Tensor, spec: Threa
     if len(x) == 0:
         return x.detach().clone()
     check_budget(spec.eps, norm=spec.norm, dims=x[0].numel())
-    attack = getattr(torchattacks, name)(model, norm=_torchattacks_norm(spec.norm), eps=spec.eps, seed=spec.seed,
-                                         **kwargs)  # fmt: skip
+    attack = getattr(torchattacks, name)(
+        model, norm=_torchattacks_norm(spec.norm), eps=spec.eps, seed=spec.seed, **kwargs
+    )
     return attack(x, y).detach()
 
 
@@ -252,8 +283,9 @@ class _Suite:
         else:
             steps, restarts = s.apgd_steps or steps, s.apgd_restarts or restarts
         with self.seeded():
-            return engine(model, self.x, y, eps=s.eps, steps=steps, seek=seek, full=full, restarts=restarts,
-                          norm=s.norm, **kwargs)  # fmt: skip
+            return engine(
+                model, self.x, y, eps=s.eps, steps=steps, seek=seek, full=full, restarts=restarts, norm=s.norm, **kwargs
+            )
 
     def gate(self, key: str) -> tuple[Tensor, Tensor]:
         """The examples ``key``'s attack must run on, and the predictions of the others: with early exit, those
@@ -333,8 +365,10 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
             mask, fallback = suite.gate(key)
             if num_classes < _MIN_CLASSES[key]:
                 if key in spec.threats:
-                    raise RobustError(f"{key} needs a model with {_MIN_CLASSES[key]} classes or more, this one has "
-                                      f"{num_classes}: leave it out of the threats")  # fmt: skip
+                    raise RobustError(
+                        f"{key} needs a model with {_MIN_CLASSES[key]} classes or more, this one has "
+                        f"{num_classes}: leave it out of the threats"
+                    )
                 preds[key] = fallback  # a part of pgd_worst the model's class count rules out: it adds nothing
                 continue
             if key == "apgd_t":
@@ -355,8 +389,9 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
         if "autoattack" in wanted:
             mask, fallback = suite.gate("autoattack")
             with suite.seeded():
-                made = _torchattacks("AutoAttack", model, x[mask], y[mask], spec, version="standard",
-                                     n_classes=num_classes)  # fmt: skip
+                made = _torchattacks(
+                    "AutoAttack", model, x[mask], y[mask], spec, version="standard", n_classes=num_classes
+                )
             preds["autoattack"] = _predict(model, made, mask, fallback)
 
         if "targeted_success" in wanted:

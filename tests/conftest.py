@@ -76,10 +76,25 @@ def digits_ckpt(digits_model, tmp_path_factory) -> Path:
     from robust.data import DIGIT_NAMES
     from robust.module import AdversarialClassifier
 
-    module = AdversarialClassifier(num_classes=10, class_names=list(DIGIT_NAMES), mean=(0.5,) * 3, std=(0.5,) * 3,
-                                   attack="none", lr_scheduler=None, eps=0.1)  # fmt: skip
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, accelerator="cpu",
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    module = AdversarialClassifier(
+        num_classes=10,
+        class_names=list(DIGIT_NAMES),
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        attack="none",
+        lr_scheduler=None,
+        eps=0.1,
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=Digits(batch_size=64))
     module.model.load_state_dict(digits_model.state_dict())
     path = tmp_path_factory.mktemp("digits_ckpt") / "digits.ckpt"
@@ -91,8 +106,33 @@ def tiny_fit_args(save_dir, *extra: str) -> list[str]:
     """``train.py fit`` arguments for a run that only has to go through the motions: digits at 8×8, one batch of 8,
     one validation batch with one PGD step, a 4-image guard probe. Logs and checkpoints go under ``save_dir``."""
     config = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
-    return ["fit", "--config", str(config), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
-            "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1",
-            "--trainer.enable_progress_bar", "false", "--model.val_steps", "1", "--data.init_args.batch_size", "8",
-            "--data.init_args.image_size", "8", "--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1",
-            "--image_grid.n", "2", "--trainer.logger.init_args.save_dir", str(save_dir), *extra]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.val_steps",
+        "1",
+        "--data.init_args.batch_size",
+        "8",
+        "--data.init_args.image_size",
+        "8",
+        "--overfit_guard.n",
+        "4",
+        "--overfit_guard.pgd_steps",
+        "1",
+        "--image_grid.n",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        *extra,
+    ]

@@ -150,8 +150,10 @@ def test_l2_bounds_and_no_side_effects(digits_model, batch, attack):
 def test_l2_early_exit_stays_in_the_ball(digits_model, batch):
     x, y = batch
     with torch.random.fork_rng():
-        for made in (pgd(digits_model, x, y, EPS, 0.5, 3, norm="l2", early_exit=True, restarts=2),
-                     attacks.apgd(digits_model, x, y, EPS, 3, norm="l2", early_exit=True)):  # fmt: skip
+        for made in (
+            pgd(digits_model, x, y, EPS, 0.5, 3, norm="l2", early_exit=True, restarts=2),
+            attacks.apgd(digits_model, x, y, EPS, 3, norm="l2", early_exit=True),
+        ):
             assert l2_dist(made, x).max().item() <= EPS + 1e-6 and made.min() >= 0 and made.max() <= 1
 
 
@@ -169,9 +171,19 @@ def test_l2_early_exit_stays_in_the_ball(digits_model, batch):
         lambda m, x, y: ThreatSpec(-0.5, norm="l2"),
         lambda m, x, y: ThreatSpec(0.5, norm="L2"),
     ],
-    ids=["fgm_eps<0", "fgm_eps>diameter", "pgd_eps<0", "pgd_eps>diameter", "alpha0", "nan", "norm_l1",
-         "apgd_eps>diameter", "spec_eps<0", "spec_norm"],
-)  # fmt: skip
+    ids=[
+        "fgm_eps<0",
+        "fgm_eps>diameter",
+        "pgd_eps<0",
+        "pgd_eps>diameter",
+        "alpha0",
+        "nan",
+        "norm_l1",
+        "apgd_eps>diameter",
+        "spec_eps<0",
+        "spec_norm",
+    ],
+)
 def test_bad_l2_budget_is_one_clear_line(digits_model, batch, call):
     with pytest.raises(RobustError) as info:
         call(digits_model, *batch)

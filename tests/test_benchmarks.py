@@ -33,8 +33,22 @@ def load_script(name: str):
 def test_quick_run_prints_table_and_json_with_every_ratio(tmp_path):
     """All benchmarks, with the bf16 / channels_last variants (the GPU fast paths, here on CPU autocast)."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "benchmarks/run.py", "--quick", "--device", "cpu", "--fast-paths", "--threads", "1",
-           "--warmup", "0", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "benchmarks/run.py",
+        "--quick",
+        "--device",
+        "cpu",
+        "--fast-paths",
+        "--threads",
+        "1",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -42,8 +56,14 @@ def test_quick_run_prints_table_and_json_with_every_ratio(tmp_path):
     assert json.loads(out.read_text()) == record
     assert lines[0].split()[:3] == ["benchmark", "variant", "ms/batch"]
     assert any(line.startswith("PGD-2 attack, torchattacks") for line in lines)
-    ratios = ["fgsm_step_over_clean_step", "fgsm_half_step_over_clean_step", "pgd2_step_over_clean_step",
-              "pgd_over_torchattacks", "jpeg_batched_over_pil", "jpeg_batched_over_pil_224"]  # fmt: skip
+    ratios = [
+        "fgsm_step_over_clean_step",
+        "fgsm_half_step_over_clean_step",
+        "pgd2_step_over_clean_step",
+        "pgd_over_torchattacks",
+        "jpeg_batched_over_pil",
+        "jpeg_batched_over_pil_224",
+    ]
     for suffix in ("", "_channels_last", "_bf16", "_bf16_channels_last"):
         ratios += [f"fgsm_step_over_clean_step{suffix}", f"pgd_over_torchattacks{suffix}"]
     for key in ratios:
@@ -103,8 +123,9 @@ def test_quick_suite_row_never_reports_higher_accuracy_with_early_exit(tmp_path)
     early-exit run's (the same attacks, run on survivors)."""
     run = load_script("run")
     out = tmp_path / "suite.json"
-    record = run.main(["--quick", "--only", "suite", "autoattack", "--device", "cpu", "--threads", "1", "--out",
-                       str(out)])  # fmt: skip
+    record = run.main(
+        ["--quick", "--only", "suite", "autoattack", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     cases = [k.removesuffix("_accuracy") for k in record if k.startswith("suite_") and k.endswith("_accuracy")]
     assert {"suite_digits", "suite_digits_clean"} <= set(cases)
@@ -129,8 +150,13 @@ def test_quick_suite_row_never_reports_higher_accuracy_with_early_exit(tmp_path)
         if f"suite_{key}" not in cases:
             continue
         acc = record[f"{key}_cheap_vs_autoattack_accuracy"]
-        assert set(acc) == {"cheap", "cheap_cascade_apgd100", "cheap_cascade_square", "autoattack",
-                            "worst_of_cheap_and_autoattack"}  # fmt: skip
+        assert set(acc) == {
+            "cheap",
+            "cheap_cascade_apgd100",
+            "cheap_cascade_square",
+            "autoattack",
+            "worst_of_cheap_and_autoattack",
+        }
         assert acc["worst_of_cheap_and_autoattack"] <= min(acc["cheap"], acc["autoattack"])
         assert acc["cheap_cascade_square"] <= acc["cheap"]  # the same attacks on survivors, then Square
         assert math.isfinite(record[f"{key}_cheap_over_autoattack"]) and record[f"{key}_cheap_vs_autoattack_n"] == 4

@@ -19,10 +19,19 @@ from robust.module import AdversarialClassifier
 from robust.optim import Cosine, Cyclic, OneCycle, Piecewise
 from robust.run_record import schedule_record
 
-CARD = ModelCard(arch="resnet18", num_classes=3, class_names=["a", "b", "c"], image_size=16, resize=18,
-                 mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], cifar_stem=True, data="Digits",
-                 training=TrainingRecord(attack="none", eps=0.1),
-                 robustness=RobustnessRecord(metrics={"clean": 0.9}))  # fmt: skip
+CARD = ModelCard(
+    arch="resnet18",
+    num_classes=3,
+    class_names=["a", "b", "c"],
+    image_size=16,
+    resize=18,
+    mean=[0.5, 0.5, 0.5],
+    std=[0.25, 0.25, 0.25],
+    cifar_stem=True,
+    data="Digits",
+    training=TrainingRecord(attack="none", eps=0.1),
+    robustness=RobustnessRecord(metrics={"clean": 0.9}),
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +40,16 @@ def fitted(tmp_path_factory) -> tuple[Path, AdversarialClassifier]:
     saved by its trainer (no checkpoint callback: no monitored best score)."""
     L.seed_everything(0)
     module = AdversarialClassifier(num_classes=10, class_names=list(DIGIT_NAMES), eps=0.1, lr_scheduler=None)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, accelerator="cpu",
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=Digits(batch_size=16, image_size=16))
     module.alpha = 0.5 * module.alpha
     path = tmp_path_factory.mktemp("card") / "fitted.ckpt"

@@ -74,8 +74,17 @@ def test_an_example_leaves_at_the_step_it_is_fooled_and_keeps_that_iterate():
     assert len(set(first.tolist())) >= 4 and (~fooled.any(0)).sum() >= 5, first  # the construction has variety
     assert (first[:6] == 0).all()  # clean mistakes leave before their first step
 
-    run = pgd_run(model, x, y, eps, alpha, steps, seek=torch.ones_like(y, dtype=torch.bool),
-                  full=torch.zeros_like(y, dtype=torch.bool), random_start=False)  # fmt: skip
+    run = pgd_run(
+        model,
+        x,
+        y,
+        eps,
+        alpha,
+        steps,
+        seek=torch.ones_like(y, dtype=torch.bool),
+        full=torch.zeros_like(y, dtype=torch.bool),
+        random_start=False,
+    )
     expected = torch.stack([iterates[k][i] for i, k in enumerate(first.tolist())])
     assert torch.equal(run.first, expected)
     assert torch.equal(run.pred, predicted(model, expected))

@@ -100,8 +100,12 @@ def test_resume_from_last_continues_the_same_average(tmp_path):
         assert_matches(resumed[key], {k: v.double() for k, v in straight[key].items() if v.is_floating_point()})
 
 
-OFF_AND_ON = [((), False), (("--ema.decay", "0"), False), (("--ema.decay", "null"), False),
-              (("--ema.decay", "0.99"), True)]  # fmt: skip
+OFF_AND_ON = [
+    ((), False),
+    (("--ema.decay", "0"), False),
+    (("--ema.decay", "null"), False),
+    (("--ema.decay", "0.99"), True),
+]
 
 
 @pytest.mark.parametrize(("extra", "averaged"), OFF_AND_ON)
@@ -124,15 +128,29 @@ def test_guard_restore_puts_back_the_average_kept_with_the_weights(tmp_path, act
     averaging = WeightEMA(DECAY)
     recorder = Recorder(lambda _: averaging.average_state())
     module = small_module()
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="g"),
-                        callbacks=[guard, averaging, recorder], limit_val_batches=0, num_sanity_val_steps=0,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        inference_mode=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=TensorBoardLogger(tmp_path, name="g"),
+        callbacks=[guard, averaging, recorder],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        inference_mode=False,
+    )
     with pytest.warns(UserWarning, match="restored the most robust weights"):
         trainer.fit(module, datamodule=small_data())
     assert any(not torch.equal(guard.seen[3]["model"][k], v) for k, v in guard.seen[2]["model"].items())
     kept, after_collapse = recorder.states[1], recorder.states[2]  # the average after epochs 1 and 2
     # Without the restore the last average would be decay·kept + (1 - decay)·(collapsed weights), not kept.
     assert all(torch.equal(after_collapse[k], v) for k, v in kept.items())
-    assert_matches(module.state_dict(), {k.removeprefix("module."): v.double() for k, v in kept.items()
-                                         if k.startswith("module.") and v.is_floating_point()})  # fmt: skip
+    assert_matches(
+        module.state_dict(),
+        {
+            k.removeprefix("module."): v.double()
+            for k, v in kept.items()
+            if k.startswith("module.") and v.is_floating_point()
+        },
+    )

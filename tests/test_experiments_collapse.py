@@ -11,8 +11,22 @@ from experiments import collapse
 
 @pytest.mark.slow  # two epochs of two batches at 16×16, then PGD-10 and FGSM on the 360 held-out digits: ~1 min
 def test_one_tiny_run_gives_a_row_with_the_guards_trajectory_and_the_kept_figures(tmp_path, capsys):
-    rows = collapse.main(["--seeds", "3", "--epochs", "2", "--limit-train-batches", "2", "--attack", "nfgsm",
-                          "--threads", "2", "--out", str(tmp_path)])  # fmt: skip
+    rows = collapse.main(
+        [
+            "--seeds",
+            "3",
+            "--epochs",
+            "2",
+            "--limit-train-batches",
+            "2",
+            "--attack",
+            "nfgsm",
+            "--threads",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (row,) = rows
     assert (row["seed"], row["attack"], row["epochs_run"]) == (3, "nfgsm", 2)
     assert len(row["probe_pgd_by_epoch"]) == 2  # the guard watched N-FGSM too (force)

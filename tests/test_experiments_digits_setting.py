@@ -11,8 +11,25 @@ from experiments import digits_setting
 
 @pytest.mark.slow  # two 2-batch trainings at 8×8 and the threat suite on 360 digits: about a minute on 2 cores
 def test_one_tiny_setting_gives_a_row_for_the_robust_run_and_its_clean_twin(tmp_path, capsys):
-    rows = digits_setting.main(["--sizes", "8", "--epochs", "1", "--stem", "imagenet", "--limit-train-batches", "2",
-                                "--eps", "0.2", "--twin-eps", "0.1", "0.3", "--out", str(tmp_path)])  # fmt: skip
+    rows = digits_setting.main(
+        [
+            "--sizes",
+            "8",
+            "--epochs",
+            "1",
+            "--stem",
+            "imagenet",
+            "--limit-train-batches",
+            "2",
+            "--eps",
+            "0.2",
+            "--twin-eps",
+            "0.1",
+            "0.3",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert len(rows) == 1
     (row,) = rows
     assert (row["stem"], row["size"], row["epochs"], row["eps"]) == ("imagenet", 8, 1, 0.2)

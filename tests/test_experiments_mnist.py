@@ -21,10 +21,31 @@ def _check_figures(row: dict) -> None:
 @pytest.mark.shared_data
 def test_a_tiny_reproduction_writes_the_table_and_keeps_its_reading(shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("ROBUST_DATA", str(shared_data))
-    argv = ["--seeds", "0", "--heldout-seeds", "1", "--val-size", "200", "--pgd-epochs", "1", "--no-authors",
-            "--no-autoattack", "--limit", "20", "--threads", "1", "--work", str(tmp_path / "work"),
-            "--out", str(tmp_path / "out"),
-            "--train-args", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]  # fmt: skip
+    argv = [
+        "--seeds",
+        "0",
+        "--heldout-seeds",
+        "1",
+        "--val-size",
+        "200",
+        "--pgd-epochs",
+        "1",
+        "--no-authors",
+        "--no-autoattack",
+        "--limit",
+        "20",
+        "--threads",
+        "1",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
+        "--train-args",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+    ]
     doc = mnist.main(argv)
     names = ["fgsm_seed0", "fgsm_heldout_seed1", "fgsm_heldout_seed1_best", "pgd_1ep"]  # no authors' rows offline
     assert [r["name"] for r in doc["rows"]] == names
@@ -45,12 +66,37 @@ def test_a_tiny_reproduction_writes_the_table_and_keeps_its_reading(shared_data,
     assert again["rows"] == doc["rows"]
     assert page.read_text().rstrip().endswith("## Reading\n\nOnly a smoke run.")
     # Another limit measures again: a kept row never stands in for a measurement on other images.
-    other = mnist.main(["--seeds", "0", "--heldout-seeds", "--pgd-epochs", "0", "--no-authors", "--no-autoattack",
-                        "--limit", "12", *argv[argv.index("--threads") :]])  # fmt: skip
+    other = mnist.main(
+        [
+            "--seeds",
+            "0",
+            "--heldout-seeds",
+            "--pgd-epochs",
+            "0",
+            "--no-authors",
+            "--no-autoattack",
+            "--limit",
+            "12",
+            *argv[argv.index("--threads") :],
+        ]
+    )
     assert [r["name"] for r in other["rows"]] == ["fgsm_seed0"] and other["rows"][0]["n"] == 12
     # AutoAttack on every image the protocol measures: its one report gives the protocol's figures too
-    both = mnist.main(["--seeds", "0", "--heldout-seeds", "--pgd-epochs", "0", "--no-authors", "--limit", "12",
-                       "--aa-limit", "12", *argv[argv.index("--threads") :]])  # fmt: skip
+    both = mnist.main(
+        [
+            "--seeds",
+            "0",
+            "--heldout-seeds",
+            "--pgd-epochs",
+            "0",
+            "--no-authors",
+            "--limit",
+            "12",
+            "--aa-limit",
+            "12",
+            *argv[argv.index("--threads") :],
+        ]
+    )
     (row,) = both["rows"]
     assert row["n"] == row["aa_n"] == 12 and len(row["reports"]) == 1 and "autoattack-limit12" in row["reports"][0]
     _check_figures(row)
@@ -62,8 +108,24 @@ def test_a_tiny_reproduction_writes_the_table_and_keeps_its_reading(shared_data,
 @pytest.mark.shared_data
 def test_the_plain_loop_control_trains_and_is_measured_by_the_report(shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("ROBUST_DATA", str(shared_data))
-    doc = mnist_control.main(["--seeds", "1", "--epochs", "1", "--limit-train-batches", "3", "--limit", "20",
-                              "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path)])  # fmt: skip
+    doc = mnist_control.main(
+        [
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--limit-train-batches",
+            "3",
+            "--limit",
+            "20",
+            "--threads",
+            "1",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (row,) = doc["rows"]
     assert row["seed"] == 1 and row["n"] == 20
     _check_figures(row)

@@ -124,8 +124,20 @@ def test_bad_input_is_one_clear_error_before_any_training(subset, tmp_path, caps
 
 
 def test_options_reach_train_py_and_steps_follow_the_data(subset, tmp_path):
-    argv = ["--data", subset, "--no-cifar-stem", "--batch-size", "64", "--limit-train-batches", "70", "--epochs", "6",
-            "--logs", str(tmp_path), "--train-args=--overfit_guard.n 32"]  # fmt: skip
+    argv = [
+        "--data",
+        subset,
+        "--no-cifar-stem",
+        "--batch-size",
+        "64",
+        "--limit-train-batches",
+        "70",
+        "--epochs",
+        "6",
+        "--logs",
+        str(tmp_path),
+        "--train-args=--overfit_guard.n 32",
+    ]
     setup = recipes.setup_of(recipes.parse_args(argv), torch.device("cpu"))
     n_train = sum(1 for p in (Path(subset) / "train").rglob("*") if p.is_file())
     assert setup.steps_per_epoch == min(70, math.ceil(n_train / 64)) and setup.pretrain_epochs == 2
@@ -145,8 +157,15 @@ def test_rows_are_named_after_their_recipe_and_the_eps16_pair_has_no_ema():
 def test_an_ema_run_trains_the_very_weights_of_the_run_without_it(subset, tmp_path):
     """The premise of one run per recipe: the EMA run's trained weights are bit-identical to the plain run's (same
     seed, same operations, same process), and its average is not them."""
-    setup = recipes.Setup(subset, epochs=2, steps_per_epoch=2, cifar_stem=False, batch_size=8, limit_train_batches=2,
-                          train_args=TINY_TRAIN_ARGS)  # fmt: skip
+    setup = recipes.Setup(
+        subset,
+        epochs=2,
+        steps_per_epoch=2,
+        cifar_stem=False,
+        batch_size=8,
+        limit_train_batches=2,
+        train_args=TINY_TRAIN_ARGS,
+    )
     ema_recipe = recipes.BY_NAME["nfgsm"]  # N-FGSM draws noise every step: any extra RNG draw would show
     runs = {}
     for recipe in (ema_recipe, replace(ema_recipe, ema=False)):
@@ -208,10 +227,35 @@ def test_a_recipe_is_done_only_when_all_its_rows_are_saved():
 @pytest.mark.slow  # two recipes (four rows) end to end, twice (the second run reads them back): 1-2 minutes on 2 cores
 def test_two_tiny_recipes_print_rows_table_and_continue_from_the_results_file(subset, tmp_path):
     out = tmp_path / "results.jsonl"
-    cmd = [sys.executable, "experiments/recipes.py", "--rows", "nfgsm", "finetune", "--data", subset,
-           "--epochs", "2", "--pretrain-epochs", "1", "--limit-train-batches", "1", "--batch-size", "8",
-           "--no-cifar-stem", "--test-images", "8", "--aa-images", "4", "--threads", "1", "--out", str(out),
-           "--logs", str(tmp_path / "logs"), f"--train-args={' '.join(TINY_TRAIN_ARGS)}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "experiments/recipes.py",
+        "--rows",
+        "nfgsm",
+        "finetune",
+        "--data",
+        subset,
+        "--epochs",
+        "2",
+        "--pretrain-epochs",
+        "1",
+        "--limit-train-batches",
+        "1",
+        "--batch-size",
+        "8",
+        "--no-cifar-stem",
+        "--test-images",
+        "8",
+        "--aa-images",
+        "4",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--logs",
+        str(tmp_path / "logs"),
+        f"--train-args={' '.join(TINY_TRAIN_ARGS)}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]

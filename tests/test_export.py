@@ -30,13 +30,28 @@ def train_checkpoint(folder: Path, cifar_stem: bool, val_batches: int) -> tuple[
     """A few FGSM-RS steps on digits; with validation, the checkpoint train.py's ModelCheckpoint keeps as best by
     ``val/pgd``, else ``trainer.save_checkpoint``."""
     L.seed_everything(0)
-    module = AdversarialClassifier(num_classes=10, class_names=list(DIGIT_NAMES), mean=(0.5,) * 3, std=(0.5,) * 3,
-                                   cifar_stem=cifar_stem, eps=0.1, val_steps=1)  # fmt: skip
+    module = AdversarialClassifier(
+        num_classes=10,
+        class_names=list(DIGIT_NAMES),
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        cifar_stem=cifar_stem,
+        eps=0.1,
+        val_steps=1,
+    )
     best = ModelCheckpoint(dirpath=folder, monitor="val/pgd", mode="max")
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=1 if cifar_stem else 3, limit_val_batches=val_batches,
-                        num_sanity_val_steps=0, logger=False, callbacks=[best] if val_batches else [],
-                        enable_checkpointing=bool(val_batches), enable_progress_bar=False,
-                        enable_model_summary=False, inference_mode=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1 if cifar_stem else 3,
+        limit_val_batches=val_batches,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=[best] if val_batches else [],
+        enable_checkpointing=bool(val_batches),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+    )
     trainer.fit(module, datamodule=Digits(batch_size=32))
     if val_batches:
         return Path(best.best_model_path), module.eval()
@@ -114,14 +129,26 @@ def test_model_card_has_every_documented_field(trained, exported):
     assert (card["arch"], card["num_classes"], card["class_names"]) == ("resnet18", 10, list(DIGIT_NAMES))
     assert (card["image_size"], card["resize"], card["cifar_stem"], card["data"]) == (32, 32, False, "Digits")
     assert card["mean"] == [0.5] * 3 and card["std"] == [0.5] * 3
-    assert card["training"] == {"attack": "fgsm_rs", "switched_from": None, "target": "none", "norm": "linf",
-                                "eps": 0.1, "alpha": trained[1].alpha, "adv_ratio": 1.0, "attack_steps": 7,
-                                "attack_early_exit": False, "nfgsm_noise": 2.0,
-                                "clamp_start": True, "objective": "ce", "beta": None, "ema_decay": None,
-                                "init": {"weights": None, "kind": "scratch", "sha256": None, "classes": None,
-                                         "fresh": []}, "seed": card["training"]["seed"],
-                                "optimizer": card["training"]["optimizer"],
-                                "lr_scheduler": card["training"]["lr_scheduler"]}  # fmt: skip
+    assert card["training"] == {
+        "attack": "fgsm_rs",
+        "switched_from": None,
+        "target": "none",
+        "norm": "linf",
+        "eps": 0.1,
+        "alpha": trained[1].alpha,
+        "adv_ratio": 1.0,
+        "attack_steps": 7,
+        "attack_early_exit": False,
+        "nfgsm_noise": 2.0,
+        "clamp_start": True,
+        "objective": "ce",
+        "beta": None,
+        "ema_decay": None,
+        "init": {"weights": None, "kind": "scratch", "sha256": None, "classes": None, "fresh": []},
+        "seed": card["training"]["seed"],
+        "optimizer": card["training"]["optimizer"],
+        "lr_scheduler": card["training"]["lr_scheduler"],
+    }
     assert card["training"]["optimizer"]["class"] == "torch.optim.sgd.SGD" and card["channels"] == 3
     assert trained[1].alpha == pytest.approx(0.125)  # the step in force: FGSM-RS's default 1.25·eps
     rob = card["robustness"]
@@ -160,7 +187,8 @@ def test_plain_torchvision_one_liner(fixture, request, batch, tmp_path, monkeypa
     if card["cifar_stem"]:
         m.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         m.maxpool = torch.nn.Identity()
-    m.load_state_dict({k.removeprefix("backbone."): v for k, v in safetensors.torch.load_file("model/model.safetensors").items() if k.startswith("backbone.")})  # fmt: skip  # noqa: E501
+    weights = safetensors.torch.load_file("model/model.safetensors")
+    m.load_state_dict({k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")})
     m.eval()
     mean, std = torch.tensor(card["mean"]).view(1, 3, 1, 1), torch.tensor(card["std"]).view(1, 3, 1, 1)
     plain = logits(m, (batch - mean) / std)
@@ -194,8 +222,11 @@ def test_bad_checkpoints_raise_robust_error(tmp_path):
     garbage.write_bytes(os.urandom(4096))
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, foreign)
-    for path, message in [(garbage, "garbage.ckpt"), (tmp_path / "missing.ckpt", "does not exist"),
-                          (foreign, "not a checkpoint of")]:  # fmt: skip
+    for path, message in [
+        (garbage, "garbage.ckpt"),
+        (tmp_path / "missing.ckpt", "does not exist"),
+        (foreign, "not a checkpoint of"),
+    ]:
         with pytest.raises(RobustError, match=message):
             export_model(path, tmp_path / "out")
         assert not (tmp_path / "out").exists()

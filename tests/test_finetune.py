@@ -31,8 +31,11 @@ def sources(digits_model, digits_ckpt, tmp_path_factory) -> dict[str, tuple[Path
     folder = tmp_path_factory.mktemp("sources")
     torch.save(digits_model.backbone.state_dict(), folder / "digits.pth")
     export = export_model(digits_ckpt, folder / "export")
-    return {"state_dict": (folder / "digits.pth", folder / "digits.pth"), "checkpoint": (digits_ckpt, digits_ckpt),
-            "export": (export, export / "model.safetensors")}  # fmt: skip
+    return {
+        "state_dict": (folder / "digits.pth", folder / "digits.pth"),
+        "checkpoint": (digits_ckpt, digits_ckpt),
+        "export": (export, export / "model.safetensors"),
+    }
 
 
 def fine_tune_module(weights, num_classes: int = 10, **kw) -> AdversarialClassifier:
@@ -50,8 +53,13 @@ def test_each_source_kind_loads_the_source_model(kind, sources, digits_model, di
     x = digits_val[0][:16]
     with torch.no_grad():
         assert torch.allclose(module(x), digits_model(x), atol=1e-5, rtol=1e-5)
-    assert module.weights_init == {"weights": str(spec), "kind": kind, "sha256": sha256(hashed), "classes": 10,
-                                   "fresh": []}  # fmt: skip
+    assert module.weights_init == {
+        "weights": str(spec),
+        "kind": kind,
+        "sha256": sha256(hashed),
+        "classes": 10,
+        "fresh": [],
+    }
 
 
 @pytest.mark.parametrize("kind", ["state_dict", "checkpoint", "export"])
@@ -120,8 +128,13 @@ def test_hf_arch_refuses_weights():
 
 @pytest.mark.parametrize("schedule", [OneCycle, Cosine])
 def test_backbone_and_head_groups_get_scaled_and_full_lr(schedule):
-    module = AdversarialClassifier(num_classes=4, optimizer=partial(torch.optim.SGD, lr=0.2), backbone_lr_scale=0.1,
-                                   lr_scheduler=schedule, attack="none")  # fmt: skip
+    module = AdversarialClassifier(
+        num_classes=4,
+        optimizer=partial(torch.optim.SGD, lr=0.2),
+        backbone_lr_scale=0.1,
+        lr_scheduler=schedule,
+        attack="none",
+    )
     module.trainer = SimpleNamespace(estimated_stepping_batches=10)
     config = module.configure_optimizers()
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -134,21 +147,36 @@ def test_backbone_and_head_groups_get_scaled_and_full_lr(schedule):
 
 
 def test_default_scale_keeps_one_group():
-    module = AdversarialClassifier(num_classes=4, optimizer=partial(torch.optim.SGD, lr=0.2), lr_scheduler=None,
-                                   attack="none")  # fmt: skip
+    module = AdversarialClassifier(
+        num_classes=4, optimizer=partial(torch.optim.SGD, lr=0.2), lr_scheduler=None, attack="none"
+    )
     (group,) = module.configure_optimizers().param_groups
     assert group["lr"] == 0.2 and len(group["params"]) == len(list(module.parameters()))
     assert module.weights_init == {"weights": None, "kind": "scratch", "sha256": None, "classes": None, "fresh": []}
 
 
 def test_train_cli_fine_tunes_a_checkpoint_with_a_smaller_backbone_lr(digits_ckpt, digits_model, tmp_path):
-    args = tiny_fit_args(tmp_path, "--model.weights", str(digits_ckpt), "--model.cifar_stem", "false",
-                         "--model.backbone_lr_scale", "0.1", "--model.optimizer.lr", "0.05")  # fmt: skip
+    args = tiny_fit_args(
+        tmp_path,
+        "--model.weights",
+        str(digits_ckpt),
+        "--model.cifar_stem",
+        "false",
+        "--model.backbone_lr_scale",
+        "0.1",
+        "--model.optimizer.lr",
+        "0.05",
+    )
     cli = train.main(args)
     assert cli.trainer.global_step == 1
     opt = cli.trainer.optimizers[0]
     assert [g["name"] for g in opt.param_groups] == ["backbone", "head"]
     assert [g["max_lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])  # OneCycle peaks per group
     init = load_model(cli.trainer.checkpoint_callback.best_model_path).card.training.init
-    assert init == {"weights": str(digits_ckpt), "kind": "checkpoint", "sha256": sha256(digits_ckpt), "classes": 10,
-                    "fresh": []}  # fmt: skip
+    assert init == {
+        "weights": str(digits_ckpt),
+        "kind": "checkpoint",
+        "sha256": sha256(digits_ckpt),
+        "classes": 10,
+        "fresh": [],
+    }

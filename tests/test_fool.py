@@ -47,9 +47,27 @@ def targeted(digits_ckpt, shared_data, tmp_path_factory):
     enough that reaching the target does not hang on the digits model's training trajectory (PGD-10 of eps/4
     reached it on some CPUs only)."""
     out = tmp_path_factory.mktemp("fool")
-    code, stdout, _ = cli_main(["fool", "--checkpoint", str(digits_ckpt), "--image", str(shared_data / PHOTO),
-                                "--target", "7", "--eps", str(EPS), "--steps", "50", "--alpha", str(EPS / 10),
-                                "--out", str(out), "--device", "cpu"])  # fmt: skip
+    code, stdout, _ = cli_main(
+        [
+            "fool",
+            "--checkpoint",
+            str(digits_ckpt),
+            "--image",
+            str(shared_data / PHOTO),
+            "--target",
+            "7",
+            "--eps",
+            str(EPS),
+            "--steps",
+            "50",
+            "--alpha",
+            str(EPS / 10),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     return out, stdout
 
@@ -135,8 +153,18 @@ def test_fool_input_errors_are_one_line_exit_2(args, message, digits_ckpt, share
 
 def test_debug_shows_the_exception(digits_ckpt, tmp_path):
     with pytest.raises(RobustError, match="does not exist"):
-        cli_main(["fool", "--debug", "--checkpoint", str(digits_ckpt), "--image", str(tmp_path / "x.png"),
-                  "--out", str(tmp_path)])  # fmt: skip
+        cli_main(
+            [
+                "fool",
+                "--debug",
+                "--checkpoint",
+                str(digits_ckpt),
+                "--image",
+                str(tmp_path / "x.png"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -169,8 +197,9 @@ def test_usage_errors_are_one_line_exit_2(case):
 
 
 def test_robust_error_in_a_real_process_is_one_line_exit_2(tmp_path):
-    proc = run_cli("report", "--checkpoint", str(tmp_path / "missing.ckpt"), "--data", "digits", "--out",
-                   str(tmp_path / "out"))  # fmt: skip
+    proc = run_cli(
+        "report", "--checkpoint", str(tmp_path / "missing.ckpt"), "--data", "digits", "--out", str(tmp_path / "out")
+    )
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "missing.ckpt" in lines[0]

@@ -53,14 +53,45 @@ def test_nvjpeg_matches_the_cpu_codec_within_one_grey_level(cifar_uint8, channel
 def test_channels_last_training_steps_through_lightning(tmp_path, accelerator, precision, record_property):
     """A few FGSM-RS training steps and one validation batch of the product's module, as ``train.py`` runs them;
     on CPU in float32 (the fast paths' twin: channels-last only)."""
-    args = ["fit", "--config", "configs/digits.yaml", "--trainer.accelerator", accelerator, "--trainer.precision",
-            precision, "--model.channels_last", "true", "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
-            "3", "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1",
-            "--trainer.num_sanity_val_steps", "0",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--data.init_args.batch_size", "8", "--data.init_args.image_size", "16", "--image_grid.n", "4",
-            "--overfit_guard.n", "16", "--overfit_guard.pgd_steps", "2", "--model.val_steps", "2",
-            "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
+    args = [
+        "fit",
+        "--config",
+        "configs/digits.yaml",
+        "--trainer.accelerator",
+        accelerator,
+        "--trainer.precision",
+        precision,
+        "--model.channels_last",
+        "true",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--data.init_args.batch_size",
+        "8",
+        "--data.init_args.image_size",
+        "16",
+        "--image_grid.n",
+        "4",
+        "--overfit_guard.n",
+        "16",
+        "--overfit_guard.pgd_steps",
+        "2",
+        "--model.val_steps",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+    ]
     cli = train_cli.main(args)
     trainer, module = cli.trainer, cli.model
     assert trainer.global_step == 3 and trainer.precision == precision

@@ -51,8 +51,20 @@ def test_pytest_figures_come_from_a_real_junit_file(tmp_path):
         "@pytest.mark.skip(reason='no')\ndef test_skipped():\n    pass\n"
     )
     junit = tmp_path / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
-           f"--junitxml={junit}", "--rootdir", str(tmp_path), str(tmp_path / "test_fake.py")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "junit_family=xunit1",
+        f"--junitxml={junit}",
+        "--rootdir",
+        str(tmp_path),
+        str(tmp_path / "test_fake.py"),
+    ]
     subprocess.run(cmd, cwd=tmp_path, capture_output=True, timeout=300, check=True)
     figures, note = load_script("gpu_check").pytest_figures(junit)
     assert figures == {"passed": 1, "failed": 0, "skipped": 1, "diff": 0.5} and note == "not all tests passed"

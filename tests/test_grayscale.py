@@ -24,22 +24,51 @@ from robust.threats import ThreatSpec, accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
-GREY = ["--data.init_args.channels", "1", "--data.init_args.image_size", "28", "--model.arch", "mnist_net",
-        "--model.cifar_stem", "false", "--model.mean", "[0.0]", "--model.std", "[1.0]", "--model.eps", "0.3",
-        "--model.channels_last", "false"]  # fmt: skip
+GREY = [
+    "--data.init_args.channels",
+    "1",
+    "--data.init_args.image_size",
+    "28",
+    "--model.arch",
+    "mnist_net",
+    "--model.cifar_stem",
+    "false",
+    "--model.mean",
+    "[0.0]",
+    "--model.std",
+    "[1.0]",
+    "--model.eps",
+    "0.3",
+    "--model.channels_last",
+    "false",
+]
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "evaluate.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+    )
 
 
 @pytest.fixture(scope="module")
 def grey_ckpt(tmp_path_factory) -> Path:
     """mnist_net trained on grayscale 28×28 digits by train.py for 40 steps of FGSM-RS at eps 0.3, validated once."""
     save = tmp_path_factory.mktemp("grey")
-    cli = train.main([*tiny_fit_args(save, *GREY), "--trainer.limit_train_batches", "40",
-                      "--data.init_args.batch_size", "32", "--trainer.limit_val_batches", "2"])  # fmt: skip
+    cli = train.main(
+        [
+            *tiny_fit_args(save, *GREY),
+            "--trainer.limit_train_batches",
+            "40",
+            "--data.init_args.batch_size",
+            "32",
+            "--trainer.limit_val_batches",
+            "2",
+        ]
+    )
     assert cli.model.model.normalize.mean.shape == (1, 1, 1, 1)
     return Path(cli.trainer.checkpoint_callback.best_model_path)
 
@@ -65,8 +94,19 @@ def test_report_and_jpeg_on_grayscale(grey_ckpt, tmp_path):
     assert jpeg(x, 75).shape == x.shape  # torchvision.io encodes 1-channel JPEG
     figures = accuracy(model, x, y, ThreatSpec(eps=0.3, steps=5))
     assert all(0 <= value <= 1 for value in figures.values()) and figures["pgd_worst"] <= figures["pgd"]
-    proc = evaluate("report", "--model", str(grey_ckpt), "--data", "digits", "--limit", "32", "--steps", "2",
-                    "--out", str(tmp_path / "r"))  # fmt: skip
+    proc = evaluate(
+        "report",
+        "--model",
+        str(grey_ckpt),
+        "--data",
+        "digits",
+        "--limit",
+        "32",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "r" / "report.json").is_file()
 
@@ -76,14 +116,24 @@ def test_fool_takes_and_writes_grayscale_png(grey_ckpt, tmp_path):
     dm.setup()
     digit = (dm.val_set[0][0][0].numpy() * 255).round().astype(np.uint8)
     Image.fromarray(digit, mode="L").save(tmp_path / "digit.png")
-    proc = evaluate("fool", "--model", str(grey_ckpt), "--image", str(tmp_path / "digit.png"), "--eps", "0.3",
-                    "--out", str(tmp_path / "fool"))  # fmt: skip
+    proc = evaluate(
+        "fool",
+        "--model",
+        str(grey_ckpt),
+        "--image",
+        str(tmp_path / "digit.png"),
+        "--eps",
+        "0.3",
+        "--out",
+        str(tmp_path / "fool"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     with Image.open(tmp_path / "fool" / "adversarial.png") as out:
         assert out.mode == "L" and out.size == (28, 28)
     Image.fromarray(np.stack([digit, digit // 2, digit], axis=-1), mode="RGB").save(tmp_path / "colour.png")
-    proc = evaluate("fool", "--model", str(grey_ckpt), "--image", str(tmp_path / "colour.png"), "--out",
-                    str(tmp_path / "no"))  # fmt: skip
+    proc = evaluate(
+        "fool", "--model", str(grey_ckpt), "--image", str(tmp_path / "colour.png"), "--out", str(tmp_path / "no")
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "grayscale (1-channel)" in proc.stderr
     assert not (tmp_path / "no").exists()
 

@@ -22,8 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def fit_help() -> str:
-    proc = subprocess.run([sys.executable, "train.py", "fit", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "train.py", "fit", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 

@@ -50,9 +50,17 @@ def tiny_model(kind: str):
     if kind == "perceiver":
         # initializer_range 0.3, not 0.02: logits of a few units that depend on the image
         config = tr.PerceiverConfig(
-            num_latents=8, d_latents=32, d_model=512, num_blocks=1, num_self_attends_per_block=1,
-            num_self_attention_heads=1, num_cross_attention_heads=1, image_size=32, initializer_range=0.3, **labels,
-        )  # fmt: skip
+            num_latents=8,
+            d_latents=32,
+            d_model=512,
+            num_blocks=1,
+            num_self_attends_per_block=1,
+            num_self_attention_heads=1,
+            num_cross_attention_heads=1,
+            image_size=32,
+            initializer_range=0.3,
+            **labels,
+        )
         net = tr.PerceiverForImageClassificationLearned(config)
         processor = tr.PerceiverImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 36, "width": 36})
     else:
@@ -201,8 +209,21 @@ def test_fool_cli_writes_its_outputs(hf_dirs: dict[str, Path], shared_data: Path
     spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    argv = ["fool", "--model", f"hf:{hf_dirs['perceiver']}", "--image", str(shared_data / PHOTO),
-            "--attack", "fgsm", "--eps", "8/255", "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    argv = [
+        "fool",
+        "--model",
+        f"hf:{hf_dirs['perceiver']}",
+        "--image",
+        str(shared_data / PHOTO),
+        "--attack",
+        "fgsm",
+        "--eps",
+        "8/255",
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "original prediction:" in out and "after JPEG" in out

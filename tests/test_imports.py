@@ -27,9 +27,11 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_library_imports_no_lightning():
-    code = ("import sys, robust, robust.attacks, robust.defenses, robust.loading, robust.export; "
-            "from robust import load_model; "
-            "print(sorted(m for m in sys.modules if 'lightning' in m.partition('.')[0]))")  # fmt: skip
+    code = (
+        "import sys, robust, robust.attacks, robust.defenses, robust.loading, robust.export; "
+        "from robust import load_model; "
+        "print(sorted(m for m in sys.modules if 'lightning' in m.partition('.')[0]))"
+    )
     proc = run("-c", code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

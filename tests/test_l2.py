@@ -16,8 +16,18 @@ from robust import load_model
 from robust.module import val_tag
 
 ROOT = Path(__file__).resolve().parents[1]
-L2 = ["--model.norm", "l2", "--model.eps", "1.0", "--model.attack", "pgd", "--model.attack_steps", "2",
-      "--model.channels_last", "false"]  # fmt: skip
+L2 = [
+    "--model.norm",
+    "l2",
+    "--model.eps",
+    "1.0",
+    "--model.attack",
+    "pgd",
+    "--model.attack_steps",
+    "2",
+    "--model.channels_last",
+    "false",
+]
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
@@ -42,8 +52,19 @@ def test_an_l2_run_keeps_its_norm_everywhere(l2_run):
 
 def test_the_report_of_an_l2_model_is_in_l2(l2_run, tmp_path):
     path, _ = l2_run
-    proc = evaluate("report", "--model", str(path), "--data", "digits", "--limit", "16", "--steps", "2", "--out",
-                    str(tmp_path / "r"))  # fmt: skip
+    proc = evaluate(
+        "report",
+        "--model",
+        str(path),
+        "--data",
+        "digits",
+        "--limit",
+        "16",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["norm"] == "l2" and report["eps"] == [1.0]  # the model's own norm and eps by default
@@ -112,14 +133,44 @@ def test_fool_in_l2_stays_inside_the_ball(l2_run, tmp_path):
 
 @pytest.mark.shared_data
 def test_the_cifar10_l2_config_trains_on_the_shared_subset(shared_data, tmp_path):
-    cli = train.main(["fit", "--config", str(ROOT / "configs" / "cifar10_l2.yaml"), "--data", "robust.data.ImageFolder",
-                      "--data.init_args.root", str(shared_data / "cifar10-subset"), "--data.init_args.batch_size", "4",
-                      "--data.init_args.num_workers", "0", "--data.init_args.limit", "8", "--trainer.max_epochs", "1",
-                      "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-                      "--trainer.precision", "32-true", "--trainer.logger.init_args.save_dir", str(tmp_path),
-                      "--model.val_steps", "1", "--image_grid.n", "2",
-                      "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    cli = train.main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "cifar10_l2.yaml"),
+            "--data",
+            "robust.data.ImageFolder",
+            "--data.init_args.root",
+            str(shared_data / "cifar10-subset"),
+            "--data.init_args.batch_size",
+            "4",
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.limit",
+            "8",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--model.val_steps",
+            "1",
+            "--image_grid.n",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     card = load_model(cli.trainer.checkpoint_callback.best_model_path).card
     assert (card.arch, card.training.norm, card.training.eps, card.training.attack_steps) == (
-        "preact_resnet18", "l2", 0.5, 7)  # fmt: skip
+        "preact_resnet18",
+        "l2",
+        0.5,
+        7,
+    )
     assert card.training.alpha == pytest.approx(2.5 * 0.5 / 7)

@@ -54,18 +54,22 @@ def test_trades_step_minimizes_the_trades_loss_of_its_own_examples(digits_val):
 
 @pytest.mark.parametrize(
     ("kw", "match"),
-    [({"attack": "fgsm_rs", "objective": "trades"}, "cannot train with attack"),
-     ({"attack": "pgd", "objective": "mart", "adv_ratio": 0.5}, "adv_ratio must be 1"),
-     ({"attack": "pgd", "objective": "trades", "target": "random"}, "untargeted"),
-     ({"attack": "nfgsm", "nfgsm_noise": -1.0}, "nfgsm_noise")],
-)  # fmt: skip
+    [
+        ({"attack": "fgsm_rs", "objective": "trades"}, "cannot train with attack"),
+        ({"attack": "pgd", "objective": "mart", "adv_ratio": 0.5}, "adv_ratio must be 1"),
+        ({"attack": "pgd", "objective": "trades", "target": "random"}, "untargeted"),
+        ({"attack": "nfgsm", "nfgsm_noise": -1.0}, "nfgsm_noise"),
+    ],
+)
 def test_refused_combinations_are_one_line_errors(kw, match):
     with pytest.raises(RobustError, match=match):
         module(**kw)
 
 
-@pytest.mark.parametrize("extra", [["--model.attack", "nfgsm"], ["--model.attack", "pgd", "--model.objective", "mart",
-                                                                 "--model.attack_steps", "2"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra",
+    [["--model.attack", "nfgsm"], ["--model.attack", "pgd", "--model.objective", "mart", "--model.attack_steps", "2"]],
+)
 def test_train_cli_runs_each_recipe(tmp_path, extra):
     cli = train.main(tiny_fit_args(tmp_path, *extra))
     assert cli.trainer.global_step == 1 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])

@@ -151,14 +151,26 @@ def test_without_the_extra_onnx_fails_in_one_line(digits_ckpt, tmp_path, monkeyp
     rc = evaluate.main(["export", "--checkpoint", str(digits_ckpt), "--out", str(tmp_path / "model"), "--onnx"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert err == "error: ONNX export needs onnxruntime: install the 'onnx' extra (pip install 'robust[onnx]', " \
-                  "or uv sync --extra onnx)\n"  # fmt: skip
+    assert (
+        err == "error: ONNX export needs onnxruntime: install the 'onnx' extra (pip install 'robust[onnx]', "
+        "or uv sync --extra onnx)\n"
+    )
     assert not (tmp_path / "model").exists()
 
 
 def test_check_batch_is_the_given_data_else_the_digits_else_seeded_noise(digits_val, tmp_path):
-    card = ModelCard(arch="resnet18", num_classes=10, class_names=list(DIGIT_NAMES), image_size=16, resize=16,
-                     mean=[0.5] * 3, std=[0.5] * 3, cifar_stem=False, data=None, training=TrainingRecord())  # fmt: skip
+    card = ModelCard(
+        arch="resnet18",
+        num_classes=10,
+        class_names=list(DIGIT_NAMES),
+        image_size=16,
+        resize=16,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        cifar_stem=False,
+        data=None,
+        training=TrainingRecord(),
+    )
     noise, identity = check_batch(card)
     assert identity == {"name": "random", "distribution": "uniform [0, 1]", "seed": 0, "n": 32}
     assert noise.shape == (32, 3, 16, 16) and 0 <= noise.min() and noise.max() <= 1

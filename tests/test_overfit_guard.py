@@ -32,9 +32,15 @@ def one_thread():
 
 
 def small_module(attack: str = "fgsm_rs", **kw) -> AdversarialClassifier:
-    return AdversarialClassifier(attack=attack, eps=EPS, mean=(0.5,) * 3, std=(0.5,) * 3, lr_scheduler=None,
-                                 optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True,
-                                                   weight_decay=5e-4), **kw)  # fmt: skip
+    return AdversarialClassifier(
+        attack=attack,
+        eps=EPS,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        lr_scheduler=None,
+        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        **kw,
+    )
 
 
 def small_data() -> Digits:
@@ -43,9 +49,19 @@ def small_data() -> Digits:
 
 
 def fit(module, guard, tmp_path, epochs: int, ckpt_path=None) -> L.Trainer:
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, name="g"),
-                        callbacks=[guard], limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, inference_mode=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(tmp_path, name="g"),
+        callbacks=[guard],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        inference_mode=False,
+    )
     trainer.fit(module, datamodule=small_data(), ckpt_path=ckpt_path)
     return trainer
 
@@ -66,8 +82,12 @@ class ScriptedGuard(CatastrophicOverfittingGuard):
 
     def measure(self, pl_module, x, y):
         opt = pl_module.trainer.optimizers[0].state_dict()["state"]
-        self.seen.append({"model": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-                          "momentum": {k: s["momentum_buffer"].clone() for k, s in opt.items()}})  # fmt: skip
+        self.seen.append(
+            {
+                "model": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                "momentum": {k: s["momentum_buffer"].clone() for k, s in opt.items()},
+            }
+        )
         return self.script.pop(0)
 
 
@@ -213,8 +233,9 @@ def test_warn_only_warns(tmp_path):
     assert guard.rollbacks == 0 and module.alpha == pytest.approx(1.25 * EPS)
 
 
-@pytest.mark.parametrize(("attack", "force", "active"), [("none", False, False), ("none", True, True),
-                                                         ("fgsm", False, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("attack", "force", "active"), [("none", False, False), ("none", True, True), ("fgsm", False, True)]
+)
 def test_active_only_for_fgsm_family_unless_forced(tmp_path, attack, force, active):
     guard = CatastrophicOverfittingGuard(n=8, pgd_steps=1, force=force)
     with warnings.catch_warnings():
@@ -239,8 +260,9 @@ def test_resume_restores_guard_state_and_reduced_step(tmp_path):
 
 def test_switch_to_nfgsm_keeps_nfgsm_in_the_card_and_through_a_resume(tmp_path, digits_val):
     module = small_module()
-    guard = ScriptedGuard([(0.1, 0.1), (0.5, 0.55), (0.05, 0.9)], action="rollback", on_collapse="switch_to_nfgsm",
-                          n=32)  # fmt: skip
+    guard = ScriptedGuard(
+        [(0.1, 0.1), (0.5, 0.55), (0.05, 0.9)], action="rollback", on_collapse="switch_to_nfgsm", n=32
+    )
     with pytest.warns(UserWarning, match=r"training attack now nfgsm \(noise 2·eps, step 0.10000, no projection\)"):
         trainer = fit(module, guard, tmp_path, epochs=2)
     state, healthy = module.state_dict(), guard.seen[1]["model"]

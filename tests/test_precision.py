@@ -13,11 +13,17 @@ from robust import precision
 @pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize(
     ("asked", "accelerator", "falls_back_without_native"),
-    [("bf16-mixed", "cpu", True), ("bf16-true", "cpu", True), ("bf16-mixed", "cuda", False),
-     ("32-true", "cpu", False), ("16-mixed", "gpu", False)],
-)  # fmt: skip
-def test_bf16_on_a_cpu_without_native_bf16_becomes_32_true(monkeypatch, native, asked, accelerator,
-                                                           falls_back_without_native):  # fmt: skip
+    [
+        ("bf16-mixed", "cpu", True),
+        ("bf16-true", "cpu", True),
+        ("bf16-mixed", "cuda", False),
+        ("32-true", "cpu", False),
+        ("16-mixed", "gpu", False),
+    ],
+)
+def test_bf16_on_a_cpu_without_native_bf16_becomes_32_true(
+    monkeypatch, native, asked, accelerator, falls_back_without_native
+):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     used, notice = precision.resolve_precision(asked, accelerator)
     if falls_back_without_native and not native:

@@ -24,8 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "evaluate.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+    )
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -40,8 +45,16 @@ def test_every_arch_builds_for_its_natural_input(name):
 
 def test_the_papers_networks_keep_the_authors_state_dict_keys():
     # mnist_net.py's nn.Sequential indices and preact_resnet.py's attribute names, so their released weights load.
-    assert list(mnist_net().state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias", "5.weight", "5.bias",
-                                              "7.weight", "7.bias"]  # fmt: skip
+    assert list(mnist_net().state_dict()) == [
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+        "5.weight",
+        "5.bias",
+        "7.weight",
+        "7.bias",
+    ]
     keys = build_arch("preact_resnet18", 10).state_dict().keys()
     assert {
         "conv1.weight",
@@ -68,7 +81,13 @@ def test_a_plain_state_dict_loads_with_its_arch(state_dict_file):
     model = load_model(path, arch="mnist_net")
     card = model.card
     assert (card.arch, card.channels, card.num_classes, card.image_size, card.mean, card.std) == (
-        "mnist_net", 1, 10, 28, [0.0], [1.0])  # fmt: skip
+        "mnist_net",
+        1,
+        10,
+        28,
+        [0.0],
+        [1.0],
+    )
     assert card.training.init["kind"] == "state_dict" and len(card.training.init["sha256"]) == 64
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
@@ -90,10 +109,26 @@ def test_a_factory_network_loads_with_its_weights(tmp_path):
 
 def test_the_report_measures_a_state_dict_and_a_factory_network(state_dict_file, tmp_path):
     path, _ = state_dict_file
-    for i, model in enumerate((["--model", str(path), "--arch", "mnist_net"],
-                               ["--model", "factory_models:small_cnn", "--image-size", "28"])):  # fmt: skip
-        proc = evaluate("report", *model, "--data", "digits", "--limit", "16", "--steps", "1", "--eps", "0.1",
-                        "--threats", "clean", "pgd", "--out", str(tmp_path / str(i)))  # fmt: skip
+    for i, model in enumerate(
+        (["--model", str(path), "--arch", "mnist_net"], ["--model", "factory_models:small_cnn", "--image-size", "28"])
+    ):
+        proc = evaluate(
+            "report",
+            *model,
+            "--data",
+            "digits",
+            "--limit",
+            "16",
+            "--steps",
+            "1",
+            "--eps",
+            "0.1",
+            "--threats",
+            "clean",
+            "pgd",
+            "--out",
+            str(tmp_path / str(i)),
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert (tmp_path / str(i) / "report.json").is_file()
 
@@ -137,8 +172,17 @@ def test_cyclic_schedule_is_wong_et_al_s_interpolation():
 @pytest.mark.parametrize("config", ["mnist_fgsm.yaml", "mnist_pgd.yaml"])
 def test_the_paper_configs_hold_the_papers_values(config, tmp_path):
     # locuslab/fast_adversarial MNIST/train_mnist.py defaults, and its README's Madry command for PGD.
-    cli = train.main(["--config", str(ROOT / "configs" / config), "--data.init_args.root", str(tmp_path),
-                      "--data.init_args.download", "false"], run=False)  # fmt: skip
+    cli = train.main(
+        [
+            "--config",
+            str(ROOT / "configs" / config),
+            "--data.init_args.root",
+            str(tmp_path),
+            "--data.init_args.download",
+            "false",
+        ],
+        run=False,
+    )
     model, data = cli.model, cli.datamodule
     opt = model.optimizer(model.parameters())
     assert (model.hparams.arch, model.hparams.eps, model.hparams.adv_ratio) == ("mnist_net", 0.3, 1.0)

@@ -28,10 +28,28 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MAX_BYTES = 13_000
 BLOCK = re.compile(r"(?:<!-- readme-test: ([^>]*?) -->\n)?```(bash|sh|python)\n(.*?)```", re.DOTALL)
-TRAIN_SHORT = ["--trainer.max_epochs", "1", "--data.init_args.limit", "64", "--data.init_args.image_size", "8",
-               "--trainer.limit_val_batches", "1", "--model.val_steps", "2", "--overfit_guard.n", "8",
-               "--overfit_guard.pgd_steps", "1", "--image_grid.n", "2", "--trainer.enable_progress_bar", "false",
-               "--trainer.enable_model_summary", "false"]  # fmt: skip
+TRAIN_SHORT = [
+    "--trainer.max_epochs",
+    "1",
+    "--data.init_args.limit",
+    "64",
+    "--data.init_args.image_size",
+    "8",
+    "--trainer.limit_val_batches",
+    "1",
+    "--model.val_steps",
+    "2",
+    "--overfit_guard.n",
+    "8",
+    "--overfit_guard.pgd_steps",
+    "1",
+    "--image_grid.n",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 REPORT_SHORT = ["--limit", "16", "--steps", "2", "--batch-size", "8"]
 NOT_RUN_MAKE_TARGETS = {"setup", "test", "test-all", "lint", "bench", "gpu-check", "tensorboard"}
 
@@ -73,8 +91,9 @@ def test_links_to_docs_exist():
 @cache
 def help_text(script: str, sub: str | None) -> str:
     cmd = [sys.executable, script, *([sub] if sub else []), "--help"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -109,7 +128,9 @@ def stand_ins(bin_dir: Path) -> None:
     """``python``, ``uv``, ``make`` and ``tensorboard`` as ``make setup`` leaves them, made quick (see the module
     docstring)."""
     bin_dir.mkdir()
-    _script(bin_dir / "python", f"""import os, sys
+    _script(
+        bin_dir / "python",
+        f"""import os, sys
 args = sys.argv[1:]
 if args[:2] == ["train.py", "fit"] and "--help" not in args:
     at = args.index("--config") + 2 if "--config" in args else 2
@@ -117,7 +138,8 @@ if args[:2] == ["train.py", "fit"] and "--help" not in args:
 elif args[:2] == ["evaluate.py", "report"]:
     args = args + {REPORT_SHORT!r}
 os.execv({sys.executable!r}, [{sys.executable!r}, *args])
-""")  # fmt: skip
+""",
+    )
     _script(
         bin_dir / "uv",
         """import os, shutil, sys
@@ -155,8 +177,13 @@ print(f"(readme test: tensorboard would serve {logdir})")
 
 def project_copy(dest: Path) -> None:
     """The project's tracked and untracked (not ignored) files, as a clone has them."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")  # fmt: skip
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -168,16 +195,22 @@ def test_every_block_runs_as_written_from_a_fresh_copy(shared_data, tmp_path):
     repo, bin_dir = tmp_path / "robust", tmp_path / "bin"
     project_copy(repo)
     stand_ins(bin_dir)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "ROBUST_DATA": str(shared_data), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "ROBUST_DATA": str(shared_data),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     ran = 0
     for lang, code, marker in blocks():
         if (marker or "").startswith("flags-only"):
             continue
         cmd = [str(bin_dir / "python"), "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
         proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"README block failed:\n{code}\n--- stdout\n{proc.stdout[-3000:]}\n--- " \
-                                     f"stderr\n{proc.stderr[-3000:]}"  # fmt: skip
+        assert proc.returncode == 0, (
+            f"README block failed:\n{code}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+        )
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
         ran += 1
     assert ran >= 8

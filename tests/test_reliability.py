@@ -20,16 +20,40 @@ from robust.files import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # whole training runs in fresh processes: `make test-all`
-SMALL = ["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "1",
-         "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "32", "--image_grid.n", "2",
-         "--model.val_steps", "2", "--trainer.check_val_every_n_epoch", "2"]  # fmt: skip
+SMALL = [
+    "--trainer.max_epochs",
+    "4",
+    "--trainer.limit_train_batches",
+    "8",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.batch_size",
+    "32",
+    "--image_grid.n",
+    "2",
+    "--model.val_steps",
+    "2",
+    "--trainer.check_val_every_n_epoch",
+    "2",
+]
 STEPS = 4 * 8  # max_epochs x limit_train_batches
 WAIT_S = 900  # the most a killed run may take to reach its stall (a generous bound on a loaded machine)
 
 
 def command(save_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "train.py", "fit", "--config", "configs/digits.yaml", *SMALL,
-            "--trainer.logger.init_args.save_dir", str(save_dir), *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/digits.yaml",
+        *SMALL,
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        *extra,
+    ]
 
 
 def final_state(save_dir: Path) -> tuple[dict, dict[int, float]]:
@@ -71,8 +95,13 @@ def test_two_seeded_runs_are_identical(uninterrupted, tmp_path):
 def test_validation_frequency_does_not_change_training(uninterrupted, tmp_path):
     """Validating every epoch instead of every 2nd leaves the training trajectory bit-identical (the validation
     loader draws its worker seed from its own generator, not from the global RNG that shuffles and attacks)."""
-    proc = subprocess.run(command(tmp_path, "--trainer.check_val_every_n_epoch", "1"), cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        command(tmp_path, "--trainer.check_val_every_n_epoch", "1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (state_a, _), (state_b, pgd_b) = final_state(uninterrupted), final_state(tmp_path)
     assert len(pgd_b) == 4
@@ -85,8 +114,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_
     killed."""
     last = tmp_path / "digits" / "version_0" / "checkpoints" / "last.ckpt"
     marker = tmp_path / "stalled"
-    stall = json.dumps({"class_path": "tests.stall.StallAtStep", "init_args": {"step": STEPS // 4 + 4,
-                                                                                 "marker": str(marker)}})  # fmt: skip
+    stall = json.dumps(
+        {"class_path": "tests.stall.StallAtStep", "init_args": {"step": STEPS // 4 + 4, "marker": str(marker)}}
+    )
     cmd = command(tmp_path, f"--trainer.callbacks+={stall}")
     log = tmp_path / "killed.log"
     with log.open("w") as out:  # a file, not a pipe: a full pipe would block the run before its stall
@@ -106,9 +136,20 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, tmp_
 
 def test_ddp_on_two_cpu_processes_syncs_validation(tmp_path):
     """DDP (gloo) validates half of the 360 images per process; the logged val/clean is the whole set's."""
-    args = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-            "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1.0",
-            "--trainer.check_val_every_n_epoch", "1"]  # fmt: skip
+    args = [
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_val_batches",
+        "1.0",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+    ]
     proc = subprocess.run(command(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "digits" / "version_0"

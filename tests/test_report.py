@@ -42,8 +42,25 @@ def report_dir(digits_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = cli_main(["report", "--checkpoint", str(digits_ckpt), "--data", "digits", "--eps", *map(str, EPS),
-                     "--limit", "64", "--steps", "10", "--out", str(out), "--device", "cpu"])  # fmt: skip
+        code = cli_main(
+            [
+                "report",
+                "--checkpoint",
+                str(digits_ckpt),
+                "--data",
+                "digits",
+                "--eps",
+                *map(str, EPS),
+                "--limit",
+                "64",
+                "--steps",
+                "10",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
     assert code == 0
     return out, stdout.getvalue()
 
@@ -87,8 +104,14 @@ def test_report_records_setup_and_identity(report, digits_ckpt):
     assert model["sha256"] == hashlib.sha256(digits_ckpt.read_bytes()).hexdigest()
     assert model["path"] == str(digits_ckpt.resolve()) and model["arch"] == "resnet18"
     assert model["card"]["class_names"] == [str(i) for i in range(10)] and model["card"]["image_size"] == 32
-    assert report["data"] == {"name": "digits", "split": "val", "split_seed": 0, "labels": "by name", "limit": 64,
-                              "n": 64}  # fmt: skip
+    assert report["data"] == {
+        "name": "digits",
+        "split": "val",
+        "split_seed": 0,
+        "labels": "by name",
+        "limit": 64,
+        "n": 64,
+    }
 
 
 def test_report_files_are_valid_and_consistent(report_dir, report):
@@ -120,9 +143,27 @@ def test_honesty_flags():
     assert honesty_flags([{**ok, "autoattack": 0.15}]) == []
     above = honesty_flags([{**ok, "autoattack": 0.1}])
     assert len(above) == 1 and "5.0 points above AutoAttack" in above[0]
-    table = markdown_table({"rows": [{**ok, "clean": 0.9, "jpeg": 0.8, "jpeg_fgsm": 0.5, "bpda_pgd": 0.6,
-                                      "targeted_success": 0.1, "alpha": 0.025}],
-                            "flags": weak, "n": 1, "steps": 10, "restarts": 1, "quality": 75, "seed": 0})  # fmt: skip
+    table = markdown_table(
+        {
+            "rows": [
+                {
+                    **ok,
+                    "clean": 0.9,
+                    "jpeg": 0.8,
+                    "jpeg_fgsm": 0.5,
+                    "bpda_pgd": 0.6,
+                    "targeted_success": 0.1,
+                    "alpha": 0.025,
+                }
+            ],
+            "flags": weak,
+            "n": 1,
+            "steps": 10,
+            "restarts": 1,
+            "quality": 75,
+            "seed": 0,
+        }
+    )
     assert "**Warning:**" in table
 
 
@@ -164,9 +205,18 @@ def test_data_with_other_classes_is_a_clear_error(digits_ckpt, shared_data):
 
 
 def test_cifar10_subset_folder_with_a_cifar_card(shared_data):
-    card = ModelCard(arch="resnet18", num_classes=10, class_names=list(CIFAR10_NAMES), image_size=32, resize=32,
-                     mean=[0.5] * 3, std=[0.5] * 3, cifar_stem=True, data="CIFAR10",
-                     training=TrainingRecord())  # fmt: skip
+    card = ModelCard(
+        arch="resnet18",
+        num_classes=10,
+        class_names=list(CIFAR10_NAMES),
+        image_size=32,
+        resize=32,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        cifar_stem=True,
+        data="CIFAR10",
+        training=TrainingRecord(),
+    )
     loader, identity = eval_data(str(shared_data / "cifar10-subset" / "test"), card, limit=20, batch_size=20)
     x, y = next(iter(loader))
     assert x.shape == (20, 3, 32, 32) and identity["n"] == 20 and identity["classes"] == card.class_names
@@ -195,8 +245,28 @@ def test_exported_model_reports_the_same_figures(digits_ckpt, tmp_path):
     for name, spec in (("ckpt", digits_ckpt), ("export", tmp_path / "export")):
         out = tmp_path / name
         with contextlib.redirect_stdout(io.StringIO()):
-            assert cli_main(["report", "--model", str(spec), "--data", "digits", "--eps", "8/255", "--limit", "16",
-                             "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+            assert (
+                cli_main(
+                    [
+                        "report",
+                        "--model",
+                        str(spec),
+                        "--data",
+                        "digits",
+                        "--eps",
+                        "8/255",
+                        "--limit",
+                        "16",
+                        "--steps",
+                        "2",
+                        "--out",
+                        str(out),
+                        "--device",
+                        "cpu",
+                    ]
+                )
+                == 0
+            )
         reports[name] = json.loads((out / "report.json").read_text())
     assert reports["ckpt"]["rows"] == reports["export"]["rows"]
     assert reports["ckpt"]["rows"][0]["eps"] == 8 / 255

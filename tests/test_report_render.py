@@ -10,8 +10,19 @@ from PIL import Image
 
 from robust.render import CURVE_STYLE, FLAG_RULE, curve_png, honesty_flags, markdown_table, threat_names
 
-ROW = {"clean": 0.992, "fgsm": 0.806, "pgd": 0.661, "apgd": 0.60, "pgd_worst": 0.60, "jpeg": 0.981, "jpeg_fgsm": 0.80,
-       "jpeg_pgd": 0.678, "bpda_pgd": 0.669, "jpeg_worst": 0.65, "targeted_success": 0.2}  # fmt: skip
+ROW = {
+    "clean": 0.992,
+    "fgsm": 0.806,
+    "pgd": 0.661,
+    "apgd": 0.60,
+    "pgd_worst": 0.60,
+    "jpeg": 0.981,
+    "jpeg_fgsm": 0.80,
+    "jpeg_pgd": 0.678,
+    "bpda_pgd": 0.669,
+    "jpeg_worst": 0.65,
+    "targeted_success": 0.2,
+}
 
 
 def make_report(autoattack: bool = False, n: int = 360, **change) -> dict:
@@ -21,9 +32,17 @@ def make_report(autoattack: bool = False, n: int = 360, **change) -> dict:
         if autoattack:
             row["autoattack"] = 0.58
         rows.append(row)
-    return {"rows": rows, "flags": honesty_flags(rows, n), "n": n, "steps": 10, "restarts": 1, "quality": 75,
-            "seed": 0, "model": {"spec": "lightning_logs/digits/best.ckpt", "arch": "resnet18"},
-            "data": {"name": "digits", "split": "val"}}  # fmt: skip
+    return {
+        "rows": rows,
+        "flags": honesty_flags(rows, n),
+        "n": n,
+        "steps": 10,
+        "restarts": 1,
+        "quality": 75,
+        "seed": 0,
+        "model": {"spec": "lightning_logs/digits/best.ckpt", "arch": "resnet18"},
+        "data": {"name": "digits", "split": "val"},
+    }
 
 
 def tables(markdown: str) -> list[list[str]]:
@@ -33,8 +52,10 @@ def tables(markdown: str) -> list[list[str]]:
 def test_report_md_starts_with_what_was_measured_then_what_to_claim():
     md = markdown_table(make_report())
     heading = md.splitlines()[0]
-    assert heading == ("# Robustness of `best.ckpt` (resnet18) on 360 images of digits (val split): L∞ attacks at "
-                       "ε 0.1, 0.03137 (8/255)")  # fmt: skip
+    assert heading == (
+        "# Robustness of `best.ckpt` (resnet18) on 360 images of digits (val split): L∞ attacks at "
+        "ε 0.1, 0.03137 (8/255)"
+    )
     claim, per_attack = tables(md)
     assert claim[0] == "| ε (L∞) | Clean | Worst case (FGSM, PGD, APGD-CE, -DLR, -T) | JPEG q75 worst case |"
     assert claim[2] == "| 0.1 | 99.2 | 60.0 | 65.0 |" and len(claim) == 2 + 2
@@ -102,7 +123,9 @@ def test_a_folder_of_splits_is_one_line_naming_the_split_to_pass(tmp_path):
     card = SimpleNamespace(image_size=8, resize=8, channels=3, class_names=["cat", "dog"])
     with pytest.raises(RobustError) as caught:
         eval_data(str(tmp_path), card)
-    assert str(caught.value) == (f"{tmp_path} holds the splits test, train, not class folders: pass one split, e.g. "
-                                 f"--data {tmp_path / 'test'} (the held-out images)")  # fmt: skip
+    assert str(caught.value) == (
+        f"{tmp_path} holds the splits test, train, not class folders: pass one split, e.g. "
+        f"--data {tmp_path / 'test'} (the held-out images)"
+    )
     _, identity = eval_data(str(tmp_path / "test"), card)
     assert identity["n"] == 2

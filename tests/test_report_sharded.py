@@ -96,8 +96,27 @@ class Killed(Exception):
 
 def report_args(ckpt: Path, out: Path, *extra: str) -> list[str]:
     """A report of 12 images in 3 batches, for 2 eps."""
-    return ["report", "--checkpoint", str(ckpt), "--data", "digits", "--eps", "0.05", "0.1", "--limit", "12",
-            "--batch-size", "4", "--steps", "2", "--device", "cpu", "--out", str(out), *extra]  # fmt: skip
+    return [
+        "report",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        "digits",
+        "--eps",
+        "0.05",
+        "0.1",
+        "--limit",
+        "12",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def run_report(argv: list[str]) -> dict:
@@ -124,7 +143,9 @@ def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt,
         cli_main(report_args(digits_ckpt, out))
     journal = out / ".cache"
     assert sorted(p.relative_to(journal).as_posix() for p in journal.rglob("*.json")) == [
-        "eps=0.05/shard-0-of-3.json", "eps=0.1/shard-0-of-3.json"]  # fmt: skip
+        "eps=0.05/shard-0-of-3.json",
+        "eps=0.1/shard-0-of-3.json",
+    ]
     assert not (out / "report.json").exists()
 
     kill_at = 0  # stop at the first batch measured: with a changed setting, batch 0 (seeded with the seed) again
@@ -150,13 +171,34 @@ def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt,
 @pytest.mark.slow  # an integration run (processes or a resumed fit), like the DDP and SIGKILL tests
 def test_two_cpu_processes_write_the_single_process_report(digits_ckpt, tmp_path):
     """``--devices 2`` on CPU (gloo): each process attacks one of the two batches; rank 0 writes the same report."""
-    args = ["report", "--checkpoint", str(digits_ckpt), "--data", "digits", "--eps", "0.1", "--limit", "16",
-            "--batch-size", "8", "--steps", "1", "--device", "cpu"]  # fmt: skip
+    args = [
+        "report",
+        "--checkpoint",
+        str(digits_ckpt),
+        "--data",
+        "digits",
+        "--eps",
+        "0.1",
+        "--limit",
+        "16",
+        "--batch-size",
+        "8",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
     single = run_report([*args, "--out", str(tmp_path / "one")])
     # The same kernels in every process: as many threads as this one uses (summation order depends on it).
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run([sys.executable, "evaluate.py", *args, "--out", str(tmp_path / "two"), "--devices", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", *args, "--out", str(tmp_path / "two"), "--devices", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stderr + proc.stdout
     assert json.loads((tmp_path / "two" / "report.json").read_text()) == single

@@ -23,15 +23,41 @@ from robust.runfiles import resolve_data_root
 ROOT = Path(__file__).resolve().parents[1]
 # digits.yaml as it is (validation every 10 epochs, one-cycle schedule), made tiny: one batch of 64 images of 8×8
 # per epoch, one validation batch with PGD-2.
-TINY = ["--data.init_args.limit", "64", "--data.init_args.image_size", "8", "--trainer.limit_val_batches", "1",
-        "--model.val_steps", "2", "--image_grid.n", "2", "--overfit_guard.n", "8", "--overfit_guard.pgd_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
+TINY = [
+    "--data.init_args.limit",
+    "64",
+    "--data.init_args.image_size",
+    "8",
+    "--trainer.limit_val_batches",
+    "1",
+    "--model.val_steps",
+    "2",
+    "--image_grid.n",
+    "2",
+    "--overfit_guard.n",
+    "8",
+    "--overfit_guard.pgd_steps",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 def fit(logs: Path, *extra: str) -> subprocess.CompletedProcess:
     """``python train.py fit --config configs/digits.yaml`` (tiny) in a new process, logging under ``logs``."""
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/digits.yaml", *TINY,
-           "--trainer.logger.init_args.save_dir", str(logs), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/digits.yaml",
+        *TINY,
+        "--trainer.logger.init_args.save_dir",
+        str(logs),
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
@@ -83,8 +109,9 @@ def test_extending_a_finished_one_cycle_run_continues_on_a_rebuilt_schedule(one_
 
 def test_resuming_with_other_settings_is_one_line_naming_them(one_epoch):
     before = (one_epoch / "digits" / "version_0" / "config.yaml").read_text()
-    proc = fit(one_epoch, "--trainer.max_epochs", "3", "--model.eps", "0.1", "--model.adv_ratio", "0.5",
-               "--ckpt_path", "last")  # fmt: skip
+    proc = fit(
+        one_epoch, "--trainer.max_epochs", "3", "--model.eps", "0.1", "--model.adv_ratio", "0.5", "--ckpt_path", "last"
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     [line] = error_lines(proc)
@@ -99,8 +126,17 @@ def test_accepted_changes_resume_with_the_new_settings(one_epoch, tmp_path):
 
     logs = tmp_path / "logs"
     shutil.copytree(one_epoch, logs)
-    proc = fit(logs, "--trainer.max_epochs", "2", "--model.eps", "0.1", "--ckpt_path", "last",
-               "--accept_config_changes", "true")  # fmt: skip
+    proc = fit(
+        logs,
+        "--trainer.max_epochs",
+        "2",
+        "--model.eps",
+        "0.1",
+        "--ckpt_path",
+        "last",
+        "--accept_config_changes",
+        "true",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "with max_epochs 1 -> 2, model.eps 0.14 -> 0.1" in proc.stdout
     saved = yaml.safe_load((logs / "digits" / "version_0" / "config.yaml").read_text())
@@ -111,8 +147,17 @@ def test_a_missing_data_root_is_one_line_naming_the_flag(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("ROBUST_DATA", None)
     missing = str(tmp_path / "nowhere" / "cifar10-subset")
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/imagefolder.yaml", "--data.init_args.root", missing,
-           "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/imagefolder.yaml",
+        "--data.init_args.root",
+        missing,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [line] = error_lines(proc)
@@ -181,10 +226,16 @@ def test_a_rebuilt_run_fraction_schedule_is_the_one_built_for_the_new_length(sch
 
 
 def test_only_the_run_length_may_differ():
-    saved = {"trainer": {"max_epochs": 10, "max_steps": -1, "logger": {"init_args": {"version": None}}},
-             "model": {"eps": 0.14, "mean": [0.5, 0.5]}, "ckpt_path": None}  # fmt: skip
-    given = {"trainer": {"max_epochs": 12, "max_steps": 500, "logger": {"init_args": {"version": 3}}},
-             "model": {"eps": 0.14, "mean": [0.5, 0.4], "beta": 6}, "ckpt_path": "last"}  # fmt: skip
+    saved = {
+        "trainer": {"max_epochs": 10, "max_steps": -1, "logger": {"init_args": {"version": None}}},
+        "model": {"eps": 0.14, "mean": [0.5, 0.5]},
+        "ckpt_path": None,
+    }
+    given = {
+        "trainer": {"max_epochs": 12, "max_steps": 500, "logger": {"init_args": {"version": 3}}},
+        "model": {"eps": 0.14, "mean": [0.5, 0.4], "beta": 6},
+        "ckpt_path": "last",
+    }
     assert config_differences(saved, given) == {"model.mean": ([0.5, 0.5], [0.5, 0.4]), "model.beta": (None, 6)}
 
 

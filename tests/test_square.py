@@ -55,8 +55,15 @@ def test_square_breaks_what_masked_gradients_hide(masked):
     assert got["square"] < without["pgd_worst"] / 2 and got["pgd_worst"] <= got["square"]
     parts = [k for k in CHEAP if k != "pgd_worst"]
     assert {k: got[k] for k in parts} == {k: without[k] for k in parts}  # the other parts do not depend on Square
-    assert torch.equal(preds["pgd_worst"] == y, (preds["square"] == y) & (preds["apgd_t"] == y) & (preds["pgd"] == y)
-                       & (preds["fgsm"] == y) & (preds["apgd"] == y) & (preds["apgd_dlr"] == y))  # fmt: skip
+    assert torch.equal(
+        preds["pgd_worst"] == y,
+        (preds["square"] == y)
+        & (preds["apgd_t"] == y)
+        & (preds["pgd"] == y)
+        & (preds["fgsm"] == y)
+        & (preds["apgd"] == y)
+        & (preds["apgd_dlr"] == y),
+    )
     # a clean mistake is not attacked and stays wrong
     assert (preds["square"][:6] != y[:6]).all()
 

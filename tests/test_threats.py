@@ -136,9 +136,15 @@ def test_step_defaults():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"eps": 2.0}, {"eps": 0.1, "steps": 0}, {"eps": 0.1, "restarts": 0}, {"eps": 0.1, "quality": 101},
-     {"eps": 0.1, "threats": ("pgd", "cw")}, {"eps": 0.1, "threats": ()}],
-)  # fmt: skip
+    [
+        {"eps": 2.0},
+        {"eps": 0.1, "steps": 0},
+        {"eps": 0.1, "restarts": 0},
+        {"eps": 0.1, "quality": 101},
+        {"eps": 0.1, "threats": ("pgd", "cw")},
+        {"eps": 0.1, "threats": ()},
+    ],
+)
 def test_bad_specs_are_clear_errors(bad):
     with pytest.raises(RobustError):
         ThreatSpec(**bad)

@@ -24,18 +24,41 @@ from robust.module import VAL_KEYS
 from robust.run_record import split_rng_by_rank
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
-        "false", "--data.init_args.batch_size", "32", "--data.init_args.image_size", "8", "--model.val_steps", "2",
-        "--image_grid.n", "4",
-        "--trainer.log_every_n_steps", "1", "--trainer.check_val_every_n_epoch", "1"]  # fmt: skip
+TINY = [
+    "--trainer.limit_train_batches",
+    "4",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.batch_size",
+    "32",
+    "--data.init_args.image_size",
+    "8",
+    "--model.val_steps",
+    "2",
+    "--image_grid.n",
+    "4",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+]
 
 
 def train(tmp: Path, *extra: str) -> tuple[int, str, str, train_cli.RobustCLI | None]:
     """``train.py fit`` on the digits config, in this process (a user's run, without a new interpreter's start-up);
     returns (exit code, stdout, stderr, the CLI object when it ran)."""
     out, err = io.StringIO(), io.StringIO()
-    args = ["fit", "--config", str(ROOT / "configs" / "digits.yaml"), *TINY, "--trainer.logger.init_args.save_dir",
-            str(tmp), *extra]  # fmt: skip
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "digits.yaml"),
+        *TINY,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp),
+        *extra,
+    ]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             cli, code = train_cli.main(args), 0
@@ -47,8 +70,9 @@ def train(tmp: Path, *extra: str) -> tuple[int, str, str, train_cli.RobustCLI | 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("logs")
-    code, stdout, stderr, _ = train(tmp, "--trainer.max_epochs", "2", "--model.adv_ratio", "0.5",
-                                    "--model.lr_scheduler", "null")  # fmt: skip
+    code, stdout, stderr, _ = train(
+        tmp, "--trainer.max_epochs", "2", "--model.adv_ratio", "0.5", "--model.lr_scheduler", "null"
+    )
     assert code == 0, stderr[-3000:]
     assert "Best checkpoint" in stdout and "tensorboard --logdir" in stdout
     return tmp / "digits" / "version_0"
@@ -87,8 +111,11 @@ def test_real_tensorboard_server_lists_the_scalar_tags(run):
     """A real ``tensorboard`` server on the run's folder lists its scalar tags (polled until it answers, or exits)."""
     port = _free_port()
     exe = Path(sys.executable).with_name("tensorboard")
-    server = subprocess.Popen([str(exe), "--logdir", str(run), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [str(exe), "--logdir", str(run), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline, tags = time.monotonic() + SERVER_WAIT_S, None
         while time.monotonic() < deadline and tags is None:
@@ -111,8 +138,17 @@ def test_resume_from_last(run, tmp_path):
 
     shutil.copytree(run.parent, tmp_path / "digits")
     # Train one epoch longer than the first run (a one-cycle schedule could not be extended; constant can).
-    code, _, stderr, cli = train(tmp_path, "--trainer.max_epochs", "3", "--model.adv_ratio", "0.5",
-                                 "--model.lr_scheduler", "null", "--ckpt_path", "last")  # fmt: skip
+    code, _, stderr, cli = train(
+        tmp_path,
+        "--trainer.max_epochs",
+        "3",
+        "--model.adv_ratio",
+        "0.5",
+        "--model.lr_scheduler",
+        "null",
+        "--ckpt_path",
+        "last",
+    )
     assert code == 0, stderr[-3000:]
     last = tmp_path / "digits" / "version_0" / "checkpoints" / "last.ckpt"
     assert cli.trainer.ckpt_path == str(last) and load_checkpoint(last)["epoch"] == 2
@@ -135,8 +171,13 @@ def test_bad_override_is_one_clear_error(tmp_path):
 
 
 def test_a_diverged_run_stops_at_the_first_nan_loss_with_one_line_and_no_checkpoint(tmp_path):
-    args = ["--config", str(ROOT / "configs" / "digits.yaml"), *TINY, "--trainer.logger.init_args.save_dir",
-            str(tmp_path)]  # fmt: skip
+    args = [
+        "--config",
+        str(ROOT / "configs" / "digits.yaml"),
+        *TINY,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+    ]
     cli = train_cli.main(args, run=False)
     with torch.no_grad():  # NaN weights give a NaN loss at the first step on any CPU, by IEEE arithmetic
         head_of(cli.model.model).weight.fill_(float("nan"))
@@ -164,13 +205,41 @@ def test_fast_cifar10_recipe_trains_on_the_shared_subset(shared_data, tmp_path):
     """configs/cifar10_fast.yaml as shipped (bf16 autocast, channels-last, FGSM-RS, guard with rollback), its data
     swapped for the shared CIFAR-10 subset, two batches: the recipe's fast paths run through the product."""
     root = str(shared_data / "cifar10-subset")
-    data = ["--data.class_path", "robust.data.ImageFolder", "--data.init_args.root", root,
-            "--data.init_args.batch_size", "16", "--data.init_args.num_workers", "0"]  # fmt: skip
-    small = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-             "--overfit_guard.n", "16", "--trainer.log_every_n_steps", "1",
-             "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/cifar10_fast.yaml", *data, *small,
-           "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
+    data = [
+        "--data.class_path",
+        "robust.data.ImageFolder",
+        "--data.init_args.root",
+        root,
+        "--data.init_args.batch_size",
+        "16",
+        "--data.init_args.num_workers",
+        "0",
+    ]
+    small = [
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--overfit_guard.n",
+        "16",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/cifar10_fast.yaml",
+        *data,
+        *small,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "cifar10_fast" / "version_0"
