@@ -27,9 +27,21 @@ class CatastrophicOverfittingGuard(L.Callback):
     (:func:`robust.threats.accuracy`: eval mode, seeded, training randomness untouched), and logs ``guard/pgd``,
     ``guard/fgsm``, ``guard/collapsed`` (0 or 1), ``guard/alpha`` and ``guard/rollbacks``.
 
-    Collapse: PGD accuracy fell more than ``min_drop`` below the best seen *and* below ``drop_ratio`` × best,
-    while FGSM accuracy stayed within ``fgsm_tolerance`` of its value at that best, or rose. A general
-    blow-up, where FGSM accuracy falls too, is not called a collapse. On collapse ``action`` is:
+    A check calls a collapse (:meth:`verdict`) by any of three signatures, each with FGSM accuracy held within
+    ``fgsm_tolerance`` of its value at the best check, or risen (a general blow-up, where FGSM accuracy falls too, is
+    not catastrophic overfitting):
+
+    - ``fell``: PGD accuracy more than ``min_drop`` below the best seen *and* below ``drop_ratio`` × best (Wong et
+      al. 2020's early stop: a sharp fall of the probe's PGD accuracy).
+    - ``masked``: once the model was robust (best PGD accuracy at least ``robust_floor``), PGD's share of FGSM's
+      accuracy (PGD / FGSM on the probe) fell more than ``ratio_drop`` below its value at the best. A collapsed
+      model's masked gradients fool a weak probe (its PGD accuracy can stay far above a strong attack's), but not
+      the FGSM-vs-PGD picture: FGSM accuracy climbs towards clean while PGD's falls (Kim et al. 2021).
+    - ``never robust``: from ``grace`` of the run on (the fraction of its optimizer steps), PGD accuracy has never
+      reached ``robust_floor`` while FGSM accuracy is at least ``min_gap`` above it: training overfits to its own
+      single-step attack from the start (plain FGSM at a large eps), so there is no best to fall from.
+
+    On collapse ``action`` is:
 
     - ``stop`` (default): restore the weights kept (in memory) at the most robust check so far (the best
       probe PGD accuracy; a later check that ties it replaces it) and stop (``trainer.should_stop``), so the
@@ -54,11 +66,11 @@ class CatastrophicOverfittingGuard(L.Callback):
     collapse first; the average follows them), and a restore puts back the average kept with those weights too,
     so neither ``stop`` nor ``rollback`` leaves collapsed weights in it.
 
-    Active only when the configured attack (``pl_module.hparams.attack``) is ``fgsm`` or ``fgsm_rs`` (the checks run in
-    the module's norm), unless ``force``; it goes on watching after a switch to N-FGSM. The scalar state (best
-    accuracies, rollbacks) is saved in checkpoints and restored on resume (the module keeps the attack and step in
-    force, in its card); the kept weights are not (after a resume, the first healthy check keeps the weights then in
-    force).
+    Active when the configured attack (``pl_module.hparams.attack``) is a single-step one (``fgsm``, ``fgsm_rs``,
+    ``nfgsm``; the checks run in the module's norm), or any with ``force``. The scalar state (best accuracies,
+    rollbacks) is saved in checkpoints and restored on resume (the module keeps the attack and step in force, in its
+    card); the kept weights are not (after a resume, the first healthy check keeps the weights then in force).
+    Thresholds and their reasoning: ``docs/overfitting-guard.md``.
 
     Args:
         action: what a collapse does: ``stop`` (restore the most robust weights and stop), ``rollback`` (restore
@@ -70,7 +82,11 @@ class CatastrophicOverfittingGuard(L.Callback):
         pgd_steps: PGD steps of each check's attack.
         min_drop: a collapse needs probe PGD accuracy more than this far (in [0, 1]) below the best seen...
         drop_ratio: ...and below this fraction of the best.
-        fgsm_tolerance: ...while FGSM accuracy stays within this of its value at the best (or rises).
+        fgsm_tolerance: every signature needs FGSM accuracy within this of its value at the best (or risen).
+        ratio_drop: ``masked``: PGD / FGSM accuracy this far below its value at the best check...
+        robust_floor: ...once the best PGD accuracy reached this; ``never robust``: PGD accuracy never reached it...
+        min_gap: ...while FGSM accuracy is this far above PGD's...
+        grace: ...at a check past this fraction of the run's optimizer steps, in [0, 1].
         alpha_factor: ``shrink_step``'s factor on the attack step, in (0, 1).
         max_rollbacks: rollbacks allowed before a collapse stops the run instead.
         batch_size: batch size of the probe's attacks.
@@ -79,8 +95,8 @@ class CatastrophicOverfittingGuard(L.Callback):
         force: watch any training attack, not only ``fgsm`` and ``fgsm_rs``.
     """
 
-    # The single-step attacks of the registry that can collapse; nfgsm is watched after a switch to it, or with force.
-    FGSM_ATTACKS = tuple(name for name in SINGLE_STEP_ATTACKS if name != "nfgsm")
+    # The single-step attacks of the registry: those that can collapse (N-FGSM less often, but it can).
+    WATCHED = SINGLE_STEP_ATTACKS
     ON_COLLAPSE = ("shrink_step", "switch_to_nfgsm")
 
     def __init__(
@@ -93,6 +109,10 @@ class CatastrophicOverfittingGuard(L.Callback):
         min_drop: float = 0.2,
         drop_ratio: float = 0.5,
         fgsm_tolerance: float = 0.05,
+        ratio_drop: float = 0.15,
+        robust_floor: float = 0.1,
+        min_gap: float = 0.3,
+        grace: float = 0.4,
         alpha_factor: float = 0.5,
         max_rollbacks: int = 3,
         batch_size: int = 256,
@@ -115,9 +135,14 @@ class CatastrophicOverfittingGuard(L.Callback):
                 "overfit guard needs 0 < min_drop <= 1, 0 < drop_ratio <= 1, 0 < alpha_factor < 1 "
                 "and max_rollbacks >= 0"
             )
+        if not all(0 <= v <= 1 for v in (fgsm_tolerance, ratio_drop, robust_floor, min_gap, grace)):
+            raise RobustError(
+                "overfit guard fgsm_tolerance, ratio_drop, robust_floor, min_gap and grace must be in [0, 1]"
+            )
         self.action, self.on_collapse, self.n, self.every_n_steps = action, on_collapse, n, every_n_steps
         self.pgd_steps = pgd_steps
         self.min_drop, self.drop_ratio, self.fgsm_tolerance = min_drop, drop_ratio, fgsm_tolerance
+        self.ratio_drop, self.robust_floor, self.min_gap, self.grace = ratio_drop, robust_floor, min_gap, grace
         self.alpha_factor, self.max_rollbacks, self.batch_size = alpha_factor, max_rollbacks, batch_size
         self.seed, self.check_at_start, self.force = seed, check_at_start, force
         self.best_pgd = -1.0
@@ -141,8 +166,8 @@ class CatastrophicOverfittingGuard(L.Callback):
     # ---- hooks -----------------------------------------------------------------------------------
 
     def active(self, pl_module) -> bool:
-        """Whether the guard watches this module (FGSM-family training attack, or ``force``)."""
-        return self.force or getattr(pl_module.hparams, "attack", None) in self.FGSM_ATTACKS
+        """Whether the guard watches this module (a single-step training attack, or ``force``)."""
+        return self.force or getattr(pl_module.hparams, "attack", None) in self.WATCHED
 
     def on_train_start(self, trainer, pl_module) -> None:
         # After any checkpoint restore and once the data is set up.
@@ -186,31 +211,69 @@ class CatastrophicOverfittingGuard(L.Callback):
         acc = accuracy(pl_module, x, y, spec, self.batch_size)
         return acc["pgd"], acc["fgsm"]
 
-    def collapsed(self, pgd_acc: float, fgsm_acc: float) -> bool:
-        """Whether ``pgd_acc`` fell sharply from the best seen while FGSM accuracy held or rose."""
-        if self.best_pgd < 0:
-            return False
-        sharp = pgd_acc < self.best_pgd - self.min_drop and pgd_acc < self.drop_ratio * self.best_pgd
-        return sharp and fgsm_acc >= self.fgsm_at_best - self.fgsm_tolerance
+    @staticmethod
+    def ratio(pgd_acc: float, fgsm_acc: float) -> float:
+        """PGD's share of FGSM's accuracy, in [0, 1] (1 when FGSM fools everything: nothing left to mask)."""
+        return min(pgd_acc / fgsm_acc, 1.0) if fgsm_acc > 0 else 1.0
+
+    def verdict(self, pgd_acc: float, fgsm_acc: float, progress: float = 1.0) -> str | None:
+        """The collapse signature this check shows (``fell``, ``masked`` or ``never robust``), or None when healthy;
+        ``progress`` is the fraction of the run's optimizer steps done, in [0, 1]."""
+        if fgsm_acc < self.fgsm_at_best - self.fgsm_tolerance:
+            return None  # FGSM fell too: a general blow-up, not catastrophic overfitting
+        best, ratio_at_best = self.best_pgd, self.ratio(self.best_pgd, self.fgsm_at_best)
+        if best >= 0 and pgd_acc < best - self.min_drop and pgd_acc < self.drop_ratio * best:
+            return "fell"
+        if best >= self.robust_floor and self.ratio(pgd_acc, fgsm_acc) < ratio_at_best - self.ratio_drop:
+            return "masked"
+        if progress >= self.grace and max(best, pgd_acc) < self.robust_floor and fgsm_acc - pgd_acc >= self.min_gap:
+            return "never robust"
+        return None
+
+    def collapsed(self, pgd_acc: float, fgsm_acc: float, progress: float = 1.0) -> bool:
+        """Whether this check shows a collapse signature (:meth:`verdict`)."""
+        return self.verdict(pgd_acc, fgsm_acc, progress) is not None
+
+    def record(self, pgd_acc: float, fgsm_acc: float) -> bool:
+        """A healthy check: whether it is the most robust so far (then it becomes the best)."""
+        best = pgd_acc >= self.best_pgd
+        if best:
+            self.best_pgd, self.fgsm_at_best = pgd_acc, fgsm_acc
+        return best
+
+    def replay(self, checks: list[tuple[float, float, float]]) -> int | None:
+        """The index of the first of ``checks`` (PGD accuracy, FGSM accuracy, progress) called a collapse, judging
+        them as a run would; None when none is. For recorded trajectories; the guard's state moves as in a run."""
+        for i, (pgd_acc, fgsm_acc, progress) in enumerate(checks):
+            if self.collapsed(pgd_acc, fgsm_acc, progress):
+                return i
+            self.record(pgd_acc, fgsm_acc)
+        return None
+
+    @staticmethod
+    def progress(trainer) -> float:
+        """The fraction of the run's optimizer steps done, in [0, 1] (1 when the run has no planned end)."""
+        total = trainer.estimated_stepping_batches
+        return min(trainer.global_step / total, 1.0) if 0 < total < float("inf") else 1.0
 
     def check(self, trainer, pl_module) -> bool:
         """Measure, act or keep the weights, log; returns whether a collapse was detected."""
         if self._probe is None:
             return False
         pgd_acc, fgsm_acc = self.measure(pl_module, *self._probe)
-        collapsed = self.collapsed(pgd_acc, fgsm_acc)
-        if collapsed:
-            self._act(trainer, pl_module, pgd_acc, fgsm_acc)
+        progress = self.progress(trainer)
+        signature = self.verdict(pgd_acc, fgsm_acc, progress)
+        if signature:
+            self._act(trainer, pl_module, pgd_acc, fgsm_acc, signature)
         else:
             self._keep(trainer, pl_module, pgd_acc, fgsm_acc)
-        self._log(trainer, pl_module, {"guard/pgd": pgd_acc, "guard/fgsm": fgsm_acc, "guard/collapsed": collapsed})
-        return collapsed
+        measured = {"guard/pgd": pgd_acc, "guard/fgsm": fgsm_acc, "guard/collapsed": signature is not None}
+        self._log(trainer, pl_module, measured | {"guard/pgd_over_fgsm": self.ratio(pgd_acc, fgsm_acc)}, progress)
+        return signature is not None
 
     def _keep(self, trainer, pl_module, pgd_acc: float, fgsm_acc: float) -> None:
         """A healthy check: remember it if it is the most robust so far, with its weights and optimizer state."""
-        best = pgd_acc >= self.best_pgd
-        if best:
-            self.best_pgd, self.fgsm_at_best = pgd_acc, fgsm_acc
+        best = self.record(pgd_acc, fgsm_acc)
         if self.action != "warn" and (best or self._best is None):  # None: just resumed, nothing kept yet
             self._best = {
                 "model": {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()},
@@ -225,22 +288,28 @@ class CatastrophicOverfittingGuard(L.Callback):
         for ema, state in zip(weight_averages(trainer), self._best["averages"], strict=True):
             ema.load_average_state(state)
 
-    def _log(self, trainer, pl_module, measured: dict[str, float]) -> None:
+    def _log(self, trainer, pl_module, measured: dict[str, float], progress: float) -> None:
         metrics = {k: float(v) for k, v in measured.items()}
         metrics.update({"guard/alpha": float(pl_module.alpha), "guard/rollbacks": float(self.rollbacks)})
-        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **metrics})
+        where = {"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), "progress": progress}
+        self.history.append(where | metrics)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
-    def _act(self, trainer, pl_module, pgd_acc: float, fgsm_acc: float) -> None:
+    def _act(self, trainer, pl_module, pgd_acc: float, fgsm_acc: float, signature: str) -> None:
         """A collapse: warn, and restore the kept weights and stop, or roll back with a smaller attack step or
         N-FGSM."""
         what = (
-            f"catastrophic overfitting at epoch {trainer.current_epoch}, step {trainer.global_step}: PGD accuracy "
-            f"{pgd_acc:.3f} (best {self.best_pgd:.3f}), FGSM accuracy {fgsm_acc:.3f} on {len(self._probe[1])} "
-            "training examples"
+            f"catastrophic overfitting ({signature}) at epoch {trainer.current_epoch}, step {trainer.global_step}: "
+            f"PGD accuracy {pgd_acc:.3f} (best {max(self.best_pgd, 0):.3f}), FGSM accuracy {fgsm_acc:.3f} on "
+            f"{len(self._probe[1])} training examples"
         )
+        if signature == "never robust":
+            what += (
+                f" (the model never resisted PGD while it learned to resist its own {pl_module.attack}: use "
+                "--model.attack fgsm_rs or nfgsm, or a smaller --model.eps)"
+            )
         action = self.action
         if action == "rollback" and (self._best is None or self.rollbacks >= self.max_rollbacks):
             reason = "no weights kept yet" if self._best is None else f"{self.rollbacks} rollbacks done"
@@ -249,7 +318,7 @@ class CatastrophicOverfittingGuard(L.Callback):
         if action != "warn" and self._best is not None:
             self._restore(trainer, pl_module)
             what += f"; restored the most robust weights (probe PGD accuracy {self.best_pgd:.3f})"
-        if action == "rollback" and self.on_collapse == "switch_to_nfgsm" and pl_module.attack in self.FGSM_ATTACKS:
+        if action == "rollback" and self.on_collapse == "switch_to_nfgsm" and pl_module.attack in ("fgsm", "fgsm_rs"):
             pl_module.set_attack("nfgsm")
             self.rollbacks += 1
             what += (
