@@ -11,7 +11,6 @@ for it is a one-line error, not a silent conversion. An RGB model takes any file
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+from torchvision.io import encode_png
 from torchvision.transforms import v2
 
 from robust.data import folder_transform
@@ -146,9 +146,4 @@ def load_image(path: str | Path, image_size: int, resize: int | None = None, cha
 def png_bytes(x: Tensor) -> bytes:
     """A ``C×H×W`` (or ``1×C×H×W``) [0, 1] image as lossless 8-bit PNG bytes (rounded to uint8): RGB for C = 3,
     grayscale for C = 1."""
-    pixels = to_uint8(x.squeeze(0)).permute(1, 2, 0).cpu().numpy()
-    if pixels.shape[-1] == 1:
-        pixels = pixels[..., 0]
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
+    return encode_png(to_uint8(x.squeeze(0)).cpu()).numpy().tobytes()

@@ -18,10 +18,10 @@ fits any ``max_epochs``. The schedules here each take ``(optimizer, total_steps)
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 
 import numpy as np
+from lightning.pytorch.cli import instantiate_class
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR
 
@@ -104,19 +104,11 @@ class Cosine(CosineAnnealingLR):
         super().__init__(optimizer, T_max=total_steps)
 
 
-def from_class_path(spec: dict) -> Callable:
-    """A ``{"class_path", "init_args"}`` dict as the callable LightningCLI would make of it: the class with its
-    ``init_args`` bound, taking the remaining (positional) arguments."""
-    module, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return lambda *args: cls(*args, **spec.get("init_args", {}))
-
-
 def default_optimizer(params: Iterable) -> Optimizer:
     """:data:`DEFAULT_OPTIMIZER` on ``params``."""
-    return from_class_path(DEFAULT_OPTIMIZER)(params)
+    return instantiate_class((params,), DEFAULT_OPTIMIZER)
 
 
 def default_scheduler(optimizer: Optimizer, total_steps: int) -> LRScheduler:
     """:data:`DEFAULT_SCHEDULER` for ``optimizer`` over ``total_steps``."""
-    return from_class_path(DEFAULT_SCHEDULER)(optimizer, total_steps)
+    return instantiate_class((optimizer, total_steps), DEFAULT_SCHEDULER)
