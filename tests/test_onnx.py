@@ -14,14 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 import robust.onnx_export
 from robust.attacks import pgd
 from robust.card import ModelCard, TrainingRecord
-from robust.data import DIGIT_NAMES
+from robust.data import DIGIT_NAMES, folder_transform
 from robust.errors import RobustError
 from robust.export import export_model
 from robust.files import sha256_hex
@@ -214,6 +216,23 @@ def test_readme_snippet_classifies_a_digit_png_as_torch_does(onnx_cli, digits_mo
     assert run_snippet(onnx_cli[0], png, tmp_path / "run") == DIGIT_NAMES[expected]
 
 
-def test_readme_snippet_resizes_and_crops_a_photo(onnx_cli, shared_data, tmp_path):
-    photo = shared_data / "photos" / "cats-coco-000000039769.png"
-    assert run_snippet(onnx_cli[0], photo, tmp_path) in DIGIT_NAMES
+def snippet_crop(path: Path, size: int, resize: int) -> torch.Tensor:
+    """The README snippet's preprocessing, step for step (PIL): short side to ``resize``, centre ``size``×``size``;
+    a ``1×3×size×size`` tensor in [0, 1]."""
+    image = Image.open(path).convert("RGB")
+    scale = resize / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy())[None] / 255
+
+
+def test_readme_snippet_resizes_and_crops_a_photo(onnx_cli, digits_model, shared_data, tmp_path):
+    photo = shared_data / "photos" / "cats-coco-000000039769.png"  # 640×480: resized and cropped
+    card = json.loads((onnx_cli[0] / "model.json").read_text())
+    x = snippet_crop(photo, card["image_size"], card["resize"])
+    # the snippet's crop is the training transform's, up to the two libraries' resampling (8 grey levels on average
+    # at this 15× downscale; a crop off centre or unscaled is 25 or more)
+    training = folder_transform(card["image_size"], card["resize"])(Image.open(photo).convert("RGB"))[None]
+    assert (x - training).abs().mean() < 0.05
+    assert run_snippet(onnx_cli[0], photo, tmp_path) == DIGIT_NAMES[torch_logits(digits_model, x).argmax(1).item()]
