@@ -13,7 +13,8 @@ guard measures, with the model in eval mode and a forked, seeded RNG (training's
   & Flammarion 2020);
 - on ``--test`` evenly spaced test images: PGD-50 step 0.01 with 3 restarts (the truth the probe is judged by).
 
-Writes ``--out``/``<attack>_seed<seed>.json``: the machine, the command and one record per check.
+Writes ``--out``/``<attack>_seed<seed>.json``: the machine, the command and one record per check. ``--collect``
+turns such files into the trajectories ``tests/test_overfit_guard.py`` replays through the guard's rule.
 """
 
 from __future__ import annotations
@@ -95,8 +96,70 @@ class ProbeRecorder(L.Callback):
         print("CHECK " + json.dumps(record), flush=True)
 
 
+def truth_collapse(checks: list[dict], floor: float = 0.1, grace: float = 0.4) -> int | None:
+    """The first check at which the truth (held-out PGD-50×3) shows catastrophic overfitting: a fall of more than 0.2
+    below its best and below half of it, or, from ``grace`` of the run on, never having reached ``floor``."""
+    best = 0.0
+    for i, c in enumerate(checks):
+        truth = c["test_pgd50x3"]
+        if best >= floor and truth < best - 0.2 and truth < best / 2:
+            return i
+        if c["progress"] >= grace and max(best, truth) < floor:
+            return i
+        best = max(best, truth)
+    return None
+
+
+def logged_run(log_dir: Path) -> dict:
+    """A TensorBoard run of ``train.py`` with the guard in ``warn`` mode (``make train``'s, say) as :func:`collect`
+    keeps it: its guard checks, and as the truth its final ``val/pgd_worst``; a healthy run (``collapse_at`` None)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = EventAccumulator(str(log_dir))
+    logs.Reload()
+    pgd, fgsm = logs.Scalars("guard/pgd"), logs.Scalars("guard/fgsm")
+    total = pgd[-1].step
+    final = logs.Scalars("val/pgd_worst")[-1].value if "val/pgd_worst" in logs.Tags()["scalars"] else None
+    return {
+        "name": str(log_dir),
+        "checks": [[p.value, f.value, round(p.step / total, 4)] for p, f in zip(pgd, fgsm, strict=True)],
+        "final_val_pgd_worst": final,
+        "collapse_at": None,
+    }
+
+
+def collect(paths: list[Path]) -> dict:
+    """The trajectories of ``paths`` (this script's JSON outputs, or :func:`logged_run`'s log folders) as the guard's
+    tests replay them: per run, each check's (guard PGD, guard FGSM, progress) and the check at which the truth
+    collapsed (None: it never did)."""
+    runs = []
+    for path in paths:
+        if path.is_dir():
+            runs.append(logged_run(path))
+            continue
+        result = json.loads(path.read_text())
+        total = result["guard_history"][-1]["step"]  # a run in warn mode ends where it was planned to
+        checks = [
+            {**c, "progress": h["step"] / total, "guard_pgd": h["guard/pgd"], "guard_fgsm": h["guard/fgsm"]}
+            for c, h in zip(result["checks"], result["guard_history"], strict=True)
+        ]
+        runs.append(
+            {
+                "name": f"{path.parent.name}/{path.stem}",
+                "machine": result["machine"],
+                "command": result["command"],
+                "checks": [[c["guard_pgd"], c["guard_fgsm"], round(c["progress"], 4)] for c in checks],
+                "truth_pgd50x3": [c["test_pgd50x3"] for c in checks],
+                "collapse_at": truth_collapse(checks),
+            }
+        )
+    return {"written_by": "python experiments/guard_probe.py --collect <run JSONs> --to <this file>", "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--collect", nargs="+", type=Path, help="write these runs' trajectories to --to, train none")
+    parser.add_argument("--to", type=Path, default=ROOT / "tests" / "data" / "guard_trajectories.json")
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--attack", default="fgsm_rs", choices=["fgsm", "fgsm_rs", "nfgsm"])
     parser.add_argument("--alpha", type=float, default=None, help="training step (default: the config's)")
@@ -107,6 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit-train-batches", type=int)
     parser.add_argument("--out", default="runs/probe")
     args = parser.parse_args(argv)
+    if args.collect:
+        record = collect(args.collect)
+        args.to.parent.mkdir(parents=True, exist_ok=True)
+        args.to.write_text(json.dumps(record, indent=1) + "\n")
+        return record
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     extra = ["--model.alpha", str(args.alpha)] if args.alpha is not None else []

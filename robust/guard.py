@@ -109,7 +109,7 @@ class CatastrophicOverfittingGuard(L.Callback):
         min_drop: float = 0.2,
         drop_ratio: float = 0.5,
         fgsm_tolerance: float = 0.05,
-        ratio_drop: float = 0.15,
+        ratio_drop: float = 0.18,
         robust_floor: float = 0.1,
         min_gap: float = 0.3,
         grace: float = 0.4,

@@ -4,8 +4,10 @@ A real collapse depends on the seed, thread count and CPU; it is an experiment: 
 
 from __future__ import annotations
 
+import json
 import warnings
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -131,6 +133,28 @@ def test_never_robust_waits_for_the_grace_and_needs_fgsm_far_above_pgd():
     assert guard.verdict(0.02, 0.86, progress=0.9) == "fell"
     # plain FGSM on MNIST as a replay: PGD never above 0.02 while FGSM climbs; called at the first check past grace
     assert CatastrophicOverfittingGuard().replay([(0.0, 0.5, 0.1), (0.01, 0.8, 0.3), (0.0, 0.86, 0.5)]) == 2
+
+
+TRAJECTORIES = json.loads((Path(__file__).parent / "data" / "guard_trajectories.json").read_text())["runs"]
+
+
+@pytest.mark.parametrize("run", TRAJECTORIES, ids=[run["name"] for run in TRAJECTORIES])
+def test_recorded_trajectories_are_called_where_the_truth_collapsed_and_never_on_healthy_runs(run):
+    """Real MNIST runs (``experiments/guard_probe.py``: the guard's own probe figures at each check, and PGD-50×3 on
+    500 test images as the truth), replayed through the default rule: a collapse is called at the check where the
+    truth collapsed (fell below half its best, or never became robust), and a healthy run, waves and all, never."""
+    assert CatastrophicOverfittingGuard().replay(run["checks"]) == run["collapse_at"]
+
+
+@pytest.mark.parametrize("fgsm_at_peak", [0.80, 0.90, 0.98])
+def test_the_xeon_seed_2_collapse_the_old_rule_missed_is_masked(fgsm_at_peak):
+    """Issue #35's seed 2 of configs/mnist_fgsm.yaml on the Intel Xeon: probe PGD peaked at 0.79, ended at 0.55 with
+    FGSM at 0.98 (PGD-50×10 on the test set: 12.8%). Only those two checks were recorded; whatever FGSM read at the
+    peak (FGSM rose, so at most 0.98), the end is called ``masked``; the old rule (``fell`` alone) stayed silent."""
+    guard = CatastrophicOverfittingGuard()
+    guard.record(0.79, fgsm_at_peak)
+    assert guard.verdict(0.55, 0.98) == "masked"
+    assert CatastrophicOverfittingGuard(ratio_drop=1.0).verdict(0.55, 0.98) is None
 
 
 @pytest.mark.parametrize(
