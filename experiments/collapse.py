@@ -100,7 +100,7 @@ def run(seed: int, args: argparse.Namespace) -> dict:
             "--overfit_guard.min_drop",
             str(args.min_drop),
             "--overfit_guard.force",
-            "true",  # watch N-FGSM too (by default the guard watches fgsm and fgsm_rs only)
+            "true",  # watch whatever --attack is (by default the guard watches single-step attacks only)
             "--trainer.logger.init_args.save_dir",
             str(save_dir),
             *limit_args(args.limit_train_batches),

@@ -66,7 +66,6 @@ RECIPES: dict[str, tuple[str, list[str], str, str]] = {
         "last",
         "FGSM-RS with step 0.5, guard rolls back",
     ),
-    "robust": ("configs/mnist_robust.yaml", [], "last", "`configs/mnist_robust.yaml`"),
 }
 COLUMNS = (("clean", "Clean"), ("pgd", "PGD-50×10"), ("apgd", "APGD-CE-100"), ("pgd_worst", "Cheap worst case"))
 AA_COLUMNS = (("autoattack", "AutoAttack"), ("worst", "Worst case"))

@@ -16,7 +16,7 @@ from robust.threats import ThreatSpec, accuracy
 
 
 class CatastrophicOverfittingGuard(L.Callback):
-    """Watch FGSM-family training for catastrophic overfitting (Wong et al. 2020) and act on it.
+    """Watch single-step adversarial training for catastrophic overfitting (Wong et al. 2020) and act on it.
 
     When training starts it takes a fixed probe of ``n`` training examples (evenly spaced over the training set, so
     every class of a class-sorted folder is in it; drawn once, under a fixed seed). It checks once when
