@@ -78,6 +78,10 @@ class TrainingRecord(_Record):
         "(robust.loading.initialize_classifier)"
     )
     seed: int | None = _unset("the run's global seed (seed_everything); null: unseeded")
+    guard: dict | None = _unset(
+        "the overfitting guard: {action, probe, thresholds, best_pgd, collapses: [{epoch, step, signature, pgd, fgsm, "
+        "action}], rollbacks} (robust.guard); null: not watching"
+    )
     optimizer: dict | None = _unset("the optimizer in force: {class, <its defaults>}")
     lr_scheduler: dict | None = _unset(
         "the learning-rate schedule in force: {class, <the arguments it was built with>}; null: none"
@@ -100,6 +104,14 @@ class RobustnessRecord(_Record):
     eps: float | None = _unset("validation eps, pixel units of its norm")
     steps: int | None = _unset("validation PGD steps")
     jpeg_quality: int | None = _unset("JPEG defense quality of validation")
+    adapted: dict | None = _unset(
+        "how validation's APGD parts departed from AutoAttack's at the model's class count, {key: {runs, note}} "
+        "(robust.threats.ThreatSpec.adaptations; empty at 4 classes or more)"
+    )
+    not_learned: str | None = _unset(
+        "why the saved model has not learned (robust.learned.not_learned: clean accuracy within 10 points of chance, "
+        "or one class for nearly every image), or null when it has or nothing was validated"
+    )
     best: dict | None = _unset("{monitor, score} of the checkpoint callback, or null")
     epoch: int | None = _unset("epoch when saved")
     global_step: int | None = _unset("optimizer steps when saved")

@@ -148,6 +148,7 @@ class CatastrophicOverfittingGuard(L.Callback):
         self.best_pgd = -1.0
         self.fgsm_at_best = 0.0
         self.rollbacks = 0
+        self.collapses: list[dict] = []  # {epoch, step, signature, pgd, fgsm, action} of every collapse called
         self.history: list[dict[str, float]] = []
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
         self._best: dict | None = None  # weights + optimizer state at best_pgd (not checkpointed)
@@ -156,12 +157,31 @@ class CatastrophicOverfittingGuard(L.Callback):
     # ---- state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"best_pgd": self.best_pgd, "fgsm_at_best": self.fgsm_at_best, "rollbacks": self.rollbacks}
+        return {
+            "best_pgd": self.best_pgd,
+            "fgsm_at_best": self.fgsm_at_best,
+            "rollbacks": self.rollbacks,
+            "collapses": list(self.collapses),
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best_pgd = float(state_dict.get("best_pgd", -1.0))
         self.fgsm_at_best = float(state_dict.get("fgsm_at_best", 0.0))
         self.rollbacks = int(state_dict.get("rollbacks", 0))
+        self.collapses = list(state_dict.get("collapses", []))
+
+    def card_record(self) -> dict:
+        """What the model card keeps of the guard (``training.guard``): its action, probe and thresholds, the best
+        probe PGD accuracy and every collapse it called, with what it did."""
+        thresholds = ("min_drop", "drop_ratio", "fgsm_tolerance", "ratio_drop", "robust_floor", "min_gap", "grace")
+        return {
+            "action": self.action,
+            "probe": {"n": self.n, "pgd_steps": self.pgd_steps, "seed": self.seed},
+            "thresholds": {name: getattr(self, name) for name in thresholds},
+            "best_pgd": None if self.best_pgd < 0 else self.best_pgd,
+            "collapses": list(self.collapses),
+            "rollbacks": self.rollbacks,
+        }
 
     # ---- hooks -----------------------------------------------------------------------------------
 
@@ -311,10 +331,12 @@ class CatastrophicOverfittingGuard(L.Callback):
                 "--model.attack fgsm_rs or nfgsm, or a smaller --model.eps)"
             )
         action = self.action
+        where = {"epoch": trainer.current_epoch, "step": trainer.global_step, "signature": signature}
+        self.collapses.append(where | {"pgd": pgd_acc, "fgsm": fgsm_acc, "action": action})
         if action == "rollback" and (self._best is None or self.rollbacks >= self.max_rollbacks):
             reason = "no weights kept yet" if self._best is None else f"{self.rollbacks} rollbacks done"
             what += f"; cannot roll back ({reason})"
-            action = "stop"
+            action = self.collapses[-1]["action"] = "stop"
         if action != "warn" and self._best is not None:
             self._restore(trainer, pl_module)
             what += f"; restored the most robust weights (probe PGD accuracy {self.best_pgd:.3f})"

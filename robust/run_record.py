@@ -28,6 +28,8 @@ import torch
 
 from robust.averaging import EMA_DECAY_KEY
 from robust.card import ModelCard
+from robust.guard import CatastrophicOverfittingGuard
+from robust.learned import not_learned
 from robust.loading import CARD_KEY, training_card
 
 if TYPE_CHECKING:
@@ -44,6 +46,11 @@ def save(module: AdversarialClassifier, checkpoint: dict) -> None:
         checkpoint[RNG_CUDA] = torch.cuda.get_rng_state_all()
 
 
+def watching(callback, module: AdversarialClassifier) -> bool:
+    """Whether ``callback`` is an overfitting guard that watches ``module``'s training."""
+    return isinstance(callback, CatastrophicOverfittingGuard) and callback.active(module)
+
+
 def run_card(module: AdversarialClassifier, checkpoint: dict) -> ModelCard:
     """The card of ``module`` as its trainer stands: the settings in force (defaults resolved, guard changes kept;
     the EMA decay is the one :class:`robust.averaging.WeightEMA` put in ``checkpoint``, its hook running first), the
@@ -52,6 +59,8 @@ def run_card(module: AdversarialClassifier, checkpoint: dict) -> ModelCard:
     datamodule = getattr(trainer, "datamodule", None)
     monitored = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
     score = None if monitored is None else monitored.best_model_score
+    if hasattr(monitored, "real_score"):  # robust.checkpointing.BestCheckpoint: the measured value
+        score = monitored.real_score()
     hp = module.hparams
     in_force = {
         **hp,
@@ -62,9 +71,10 @@ def run_card(module: AdversarialClassifier, checkpoint: dict) -> ModelCard:
         "ema_decay": checkpoint.get(EMA_DECAY_KEY),
         "init": module.weights_init,
         "seed": None if os.environ.get("PL_GLOBAL_SEED") is None else int(os.environ["PL_GLOBAL_SEED"]),
+        "guard": next((cb.card_record() for cb in trainer.callbacks if watching(cb, module)), None),
         **optimization_record(trainer),
     }
-    return training_card(
+    card = training_card(
         in_force,
         datamodule.describe() if hasattr(datamodule, "describe") else None,
         trainer.callback_metrics,
@@ -73,6 +83,15 @@ def run_card(module: AdversarialClassifier, checkpoint: dict) -> ModelCard:
         global_step=trainer.global_step,
         best=None if score is None else {"monitor": monitored.monitor, "score": float(score)},
     )
+    from robust.module import val_tag  # robust.module imports this module
+
+    metrics = card.robustness.metrics
+    card.robustness.not_learned = not_learned(
+        metrics.get(val_tag("clean", hp.get("norm", "linf")).removeprefix("val/")),
+        hp.num_classes,
+        metrics.get("top_class"),
+    )
+    return card
 
 
 def restore(module: AdversarialClassifier, checkpoint: dict) -> None:

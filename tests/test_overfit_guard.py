@@ -262,6 +262,21 @@ def test_stop_ends_training_and_rollback_limit_stops_too(tmp_path):
     assert len(guard.history) == 3 and guard.rollbacks == 0 and module.alpha == pytest.approx(1.25 * EPS)
 
 
+def test_the_card_records_the_guard_thresholds_and_every_collapse_it_called(tmp_path):
+    guard = ScriptedGuard([(0.1, 0.1), (0.5, 0.55), (0.05, 0.9)], action="rollback", ratio_drop=0.25, n=32)
+    trainer = fit(small_module(), guard, tmp_path, epochs=2)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    record = load_model(tmp_path / "last.ckpt").card.training.guard
+    assert record["action"] == "rollback" and record["probe"] == {"n": 32, "pgd_steps": 10, "seed": 0}
+    assert record["thresholds"]["ratio_drop"] == 0.25 and record["best_pgd"] == 0.5 and record["rollbacks"] == 1
+    assert record["collapses"] == [
+        {"epoch": 1, "step": 2, "signature": "fell", "pgd": 0.05, "fgsm": 0.9, "action": "rollback"}
+    ]
+    unwatched = small_module(attack="pgd")
+    fit(unwatched, CatastrophicOverfittingGuard(n=8), tmp_path / "pgd", epochs=1).save_checkpoint(tmp_path / "p.ckpt")
+    assert load_model(tmp_path / "p.ckpt").card.training.guard is None
+
+
 def test_warn_only_warns(tmp_path):
     guard = ScriptedGuard([(0.1, 0.1), (0.5, 0.55), (0.05, 0.9), (0.04, 0.9)], action="warn", n=32)
     module = small_module()
