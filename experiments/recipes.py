@@ -321,6 +321,8 @@ def _adversarial(recipe: Recipe, setup: Setup) -> list[str]:
     return args + [
         "--ema.decay",
         "null" if decay is None else repr(decay),
+        "--ema.adapt",
+        "false",  # the decay of ema_decay: a sixth of the run, whatever WeightEMA would adapt it to
         "--overfit_guard.action",
         "warn",
         "--overfit_guard.on_collapse",
