@@ -329,9 +329,26 @@ def pgd(
 # ---- APGD (Croce & Hein 2020), as torchattacks implements it, per example ----------------------------------
 
 
+# The fewest classes the DLR losses are defined for: the untargeted denominator is z_1 - z_3 (the largest logit minus
+# the third), the targeted one z_1 - (z_3 + z_4)/2. With fewer, AutoAttack's reference offers cross-entropy instead.
+DLR_MIN_CLASSES = 3
+DLR_TARGETED_MIN_CLASSES = 4
+
+
+def _check_dlr_classes(num_classes: int, targeted: bool) -> None:
+    needed = DLR_TARGETED_MIN_CLASSES if targeted else DLR_MIN_CLASSES
+    if num_classes < needed:
+        raise RobustError(
+            f"the {'targeted ' if targeted else ''}DLR loss needs {needed} classes or more, the model has "
+            f"{num_classes}: use loss ce"
+        )
+
+
 def _dlr_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
-    """Per-example Difference-of-Logits-Ratio loss (Croce & Hein 2020), torchattacks' formulas: untargeted, or
-    targeted toward ``target`` (needs at least 4 classes). ``N×K`` logits -> ``N``."""
+    """Per-example Difference-of-Logits-Ratio loss (Croce & Hein 2020), torchattacks' formulas: untargeted (at least
+    :data:`DLR_MIN_CLASSES` classes), or targeted toward ``target`` (:data:`DLR_TARGETED_MIN_CLASSES`). ``N×K`` logits
+    -> ``N``."""
+    _check_dlr_classes(logits.shape[1], targeted=target is not None)
     (z, order), rows = logits.sort(dim=1), torch.arange(len(y), device=y.device)
     if target is not None:
         return -(logits[rows, y] - logits[rows, target]) / (z[:, -1] - 0.5 * z[:, -3] - 0.5 * z[:, -4] + 1e-12)
@@ -387,10 +404,12 @@ def _apgd_single(model, x, y, target, eps, steps, norm, loss, rho, start, may_ex
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = model(x_adv)
-            if loss == "ce" and target_ is None:
-                per_example = F.cross_entropy(logits, y_, reduction="none")
-            else:  # APGD-T's loss is the targeted DLR whatever ``loss`` says
+            if loss == "dlr":
                 per_example = _dlr_loss(logits, y_, target_)
+            elif target_ is None:
+                per_example = F.cross_entropy(logits, y_, reduction="none")
+            else:  # AutoAttack's reference ce-targeted loss: ascended, it climbs toward the target
+                per_example = -F.cross_entropy(logits, target_, reduction="none")
             (g,) = torch.autograd.grad(per_example.sum(), x_adv)
         return logits.detach(), per_example.detach(), g.detach()
 
@@ -482,7 +501,7 @@ def apgd_run(
     full: Tensor,
     restarts: int = 1,
     norm: str = "linf",
-    loss: str = "ce",
+    loss: str | None = None,
     targets: int = 0,
     rho: float = 0.75,
 ) -> PgdRun:
@@ -491,11 +510,14 @@ def apgd_run(
     examples of a role are attacked (torchattacks also skips the ones the model already gets wrong: callers pass
     the examples worth attacking).
 
-    ``loss``: ``"ce"`` or ``"dlr"``. ``targets > 0`` is APGD-T: for each of the ``targets`` classes the model finds
-    most likely after the top one on the clean image, in turn, a run with the targeted DLR loss toward it (success
-    is still a misclassification). A restart, or the next target, runs only on the examples still standing; random
-    starts are drawn for the whole batch every run (:func:`_apgd_start`) and losses are per example, so an example's
-    result does not depend on which others run (it is torchattacks' own when every example is attacked).
+    ``loss``: ``"ce"`` or ``"dlr"`` (:func:`_dlr_loss`: 3 classes or more); None: AutoAttack's, ``"ce"`` for APGD and
+    ``"dlr"`` for APGD-T. ``targets > 0`` is APGD-T: for each of the ``targets`` classes (1 to classes - 1) the model
+    finds most likely after the top one on the clean image, in turn, a run with the targeted loss toward it (the
+    targeted DLR: 4 classes or more; or the targeted cross-entropy of AutoAttack's reference, ``loss="ce"``, for
+    fewer); success is still a misclassification. A restart, or the next target, runs only on the examples still
+    standing; random starts are drawn for the whole batch every run (:func:`_apgd_start`) and losses are per example,
+    so an example's result does not depend on which others run (it is torchattacks' own when every example is
+    attacked).
 
     Args: as :func:`pgd_run`; ``eps`` in ``norm``'s pixel units, ``steps >= 1``, ``rho`` the step-halving threshold.
     Returns a :class:`PgdRun`: ``first`` and ``pred``, the first misclassified iterate and the prediction there
@@ -506,6 +528,8 @@ def apgd_run(
     check_budget(eps, None, steps, norm=norm, dims=x[0].numel())
     if restarts < 1:
         raise RobustError(f"restarts must be at least 1, got {restarts}")
+    if loss is None:
+        loss = "dlr" if targets else "ce"
     if loss not in ("ce", "dlr"):
         raise RobustError(f"APGD loss must be ce or dlr, got {loss!r}")
     seek, full = _check_active(seek, x), _check_active(full, x)
@@ -519,11 +543,12 @@ def apgd_run(
             logits = model(x[standing]) if standing.any() else None
         if logits is None:
             return PgdRun(first, pred, last)
-        if logits.shape[1] < 4 or not 1 <= targets <= logits.shape[1] - 1:
+        if not 1 <= targets <= logits.shape[1] - 1:
             raise RobustError(
-                f"APGD-T needs 4 classes or more (its loss uses the 4 largest logits) and 1 <= targets "
-                f"<= classes - 1, got {targets} targets for {logits.shape[1]} classes"
+                f"APGD-T takes 1 to classes - 1 target classes, got {targets} targets for {logits.shape[1]} classes"
             )
+        if loss == "dlr":
+            _check_dlr_classes(logits.shape[1], targeted=True)
         # the classes in torchattacks' order: its target_class-th largest clean logit, ties as its ascending sort
         ranked = torch.zeros(len(x), targets + 1, dtype=torch.long, device=x.device)
         ranked[standing] = logits.sort(dim=1)[1][:, -(targets + 1) :].flip(1)
@@ -562,7 +587,7 @@ def apgd(
     *,
     restarts: int = 1,
     norm: str = "linf",
-    loss: str = "ce",
+    loss: str | None = None,
     targets: int = 0,
     early_exit: bool = False,
     active: Tensor | None = None,
@@ -575,8 +600,8 @@ def apgd(
     iterate, at less cost; the same examples are fooled either way. Random starts come from torch's global RNG:
     run under :func:`seeded_rng` for a reproducible result.
 
-    Args: ``x`` ``N×C×H×W`` in [0, 1]; ``y`` ``N`` labels; ``steps >= 1``; ``targets`` for APGD-T (classes - 3 at
-    most). Returns: detached ``N×C×H×W`` images.
+    Args: ``x`` ``N×C×H×W`` in [0, 1]; ``y`` ``N`` labels; ``steps >= 1``; ``loss`` and ``targets`` (APGD-T, 1 to
+    classes - 1) as :func:`apgd_run`. Returns: detached ``N×C×H×W`` images.
     """
     _check_batch(x, y)
     active = _check_active(active, x)

@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -26,6 +27,7 @@ from robust.runfiles import data_root
 
 DIGIT_NAMES = tuple(str(i) for i in range(10))
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+ROOT_OPTION = "--data.init_args.root"  # the setting that names an image-folder tree, for its errors
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -112,7 +114,9 @@ class _Base(L.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
+            # A last training batch of one image would stop the run at an epoch's end (BatchNorm cannot train on one
+            # value per channel, as at a 1×1 feature map): that image sits the epoch out, a different one each epoch.
+            drop_last=shuffle and len(ds) % self.batch_size == 1 and len(ds) > 1,
             generator=None if shuffle else torch.Generator().manual_seed(0),
         )
 
@@ -285,34 +289,131 @@ def folder_transform(
     return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True)])
 
 
-def image_folder(path: str | Path, transform: v2.Compose) -> datasets.ImageFolder:
-    """A checked ``ImageFolder``: the folder exists, holds images, and at least two classes."""
-    path = Path(path)
-    class_folders(path)
+def is_image_file(path: str) -> bool:
+    """Whether a folder data set takes the file at ``path``: an image extension (:data:`IMAGE_EXTENSIONS`), and not
+    hidden (``.DS_Store``; ``._photo.png``, the resource forks macOS leaves on shared drives). Other files
+    (``notes.txt``) are skipped, as torchvision's ``is_valid_file`` skips them."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class FolderImageError(RobustError):
+    """A folder's image that cannot be read: one line, also when a DataLoader worker raised it (PyTorch re-raises a
+    worker's exception as ``type(message)`` with the worker's traceback in the message: its last line is kept)."""
+
+    def __init__(self, message: str) -> None:
+        last = message.rstrip().splitlines()[-1] if message.strip() else message
+        super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1] if "Traceback" in message else message)
+
+
+def load_folder_image(path: str) -> Image.Image:
+    """A folder data set's loader: :func:`robust.images.open_image` (RGB; transparency on white, 16-bit scaled, EXIF
+    rotation applied, as ``evaluate.py fool`` reads an image), a bad file one line naming it."""
+    from robust.images import open_image  # robust.images imports this module
+
     try:
-        ds = datasets.ImageFolder(
-            str(path),
-            transform=transform,
-            allow_empty=False,
-            is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS),
+        return open_image(path)
+    except RobustError as exc:
+        raise FolderImageError(f"{exc}: remove it from the folder or replace it") from None
+
+
+def _check_readable(samples: list[tuple[str, int]]) -> None:
+    """Every file's header opens in PIL (about 30 µs a file): a non-image file with an image's extension, an empty
+    one or a decompression bomb is one line naming it before training, not after an epoch."""
+    for path, _ in samples:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise FolderImageError(f"{path} is not an image PIL can read ({exc}): remove it from the folder") from None
+
+
+class _Folder(datasets.ImageFolder):
+    """torchvision's ``ImageFolder`` over the classes of :func:`class_names_in` (hidden folders left out)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = list(class_names_in(Path(directory)))
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+def image_folder(path: str | Path, transform: v2.Compose, option: str = "--data") -> datasets.ImageFolder:
+    """A checked ``ImageFolder`` of ``path/<class>/**/<image>``: at least two classes (:func:`class_folders`), an
+    image in every class folder, every image's header readable; stray files skipped (:func:`is_image_file`). Each
+    problem is one line naming the folder or file (and ``option``, the setting that chose the folder)."""
+    path = Path(path)
+    class_folders(path, option)
+    ds = _Folder(
+        str(path), transform=transform, loader=load_folder_image, is_valid_file=is_image_file, allow_empty=True
+    )
+    found = set(ds.targets)
+    empty = [name for i, name in enumerate(ds.classes) if i not in found]
+    if empty:
+        others = f" (nor do {', '.join(empty[1:])})" if len(empty) > 1 else ""
+        raise RobustError(
+            f"class folder {path / empty[0]} holds no images{others}: add {', '.join(IMAGE_EXTENSIONS)} files or "
+            "remove the folder"
         )
-    except FileNotFoundError as exc:
-        raise RobustError(f"data folder {path} holds no images in class sub-folders ({exc})") from None
+    _check_readable(ds.samples)
     return ds
 
 
-def class_folders(path: Path) -> tuple[str, ...]:
-    """Sorted class sub-folder names of ``path`` (as ImageFolder orders them); checked, no image decoding."""
+def class_names_in(path: Path) -> tuple[str, ...]:
+    """The class sub-folder names of ``path``, sorted (as ImageFolder orders them): hidden folders
+    (``.ipynb_checkpoints``) and ``__``-folders (``__MACOSX``) left out."""
+    return tuple(sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith((".", "__"))))
+
+
+def class_folders(path: Path, option: str = "--data") -> tuple[str, ...]:
+    """:func:`class_names_in` ``path``, checked (the folder exists, two classes or more; no image decoding); an
+    error names ``option``, the setting that chose the folder."""
     if not path.is_dir():
-        raise RobustError(f"data folder {path} does not exist")
-    classes = tuple(sorted(e.name for e in os.scandir(path) if e.is_dir()))
+        raise RobustError(f"data folder {path} does not exist: check {option}")
+    classes = class_names_in(path)
     if len(classes) < 2:
-        raise RobustError(f"data folder {path} has {len(classes)} class folder(s); a classifier needs at least 2")
+        found = f" ({', '.join(classes)})" if classes else ""
+        raise RobustError(
+            f"data folder {path} has {len(classes)} class folder(s){found}; a classifier needs at least 2: add a "
+            f"folder of images for each class under it ({option})"
+        )
     return classes
 
 
+def split_classes(root: Path, train_dir: str, val_dir: str) -> tuple[str, ...]:
+    """The classes of an image-folder tree ``root/{train_dir,val_dir}/<class>/``, checked without reading an image:
+    both splits there, at least 2 classes, the same in both; each problem one line naming the option to change."""
+    option = ROOT_OPTION
+    if not root.is_dir():
+        raise RobustError(f"data folder {root} does not exist: set {option}")
+    for split, flag in ((train_dir, "train_dir"), (val_dir, "val_dir")):
+        if not (root / split).is_dir():
+            holds = ", ".join(class_names_in(root)) or "no folders"
+            raise RobustError(
+                f"{root} has no {split}/ split (it holds {holds}): {option} must hold {train_dir}/<class>/ and "
+                f"{val_dir}/<class>/ image folders, the held-out images in {val_dir}/ (other split names: "
+                f"--data.init_args.{flag})"
+            )
+    train, val = class_folders(root / train_dir, option), class_folders(root / val_dir, option)
+    if train != val:
+        lacks = [
+            f"{root / split} lacks {', '.join(c for c in want if c not in have)}"
+            for split, have, want in ((val_dir, val, train), (train_dir, train, val))
+            if set(want) - set(have)
+        ]
+        raise RobustError(
+            f"the splits have different class folders ({'; '.join(lacks)}): give {train_dir}/ and {val_dir}/ the "
+            f"same class folders ({option})"
+        )
+    return train
+
+
 class ImageFolder(_Base):
-    """``root/<train_dir>/<class>/*`` and ``root/<val_dir>/<class>/*`` image trees (any size, any mode)."""
+    """``root/<train_dir>/<class>/*`` and ``root/<val_dir>/<class>/*`` image trees (any size, any mode, sub-folders
+    too; other files skipped: :func:`is_image_file`).
+
+    Everything that would fail later is one line before the first step: the splits and their classes when built
+    (:func:`split_classes`), empty class folders, unreadable images and too few images in ``setup``
+    (:func:`image_folder`).
+    """
 
     def __init__(
         self,
@@ -328,15 +429,23 @@ class ImageFolder(_Base):
     ) -> None:
         super().__init__(batch_size, num_workers, limit)
         self.root, self.train_dir, self.val_dir = Path(root), train_dir, val_dir
+        if image_size < 1:
+            raise RobustError(f"image_size must be at least 1 pixel, got {image_size}")
         self.image_size, self.resize, self.augment = image_size, resize, augment
-        self.class_names = class_folders(self.root / train_dir)
+        self.class_names = split_classes(self.root, train_dir, val_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train = image_folder(self.root / self.train_dir, folder_transform(self.image_size, self.resize, self.augment))
-        val = image_folder(self.root / self.val_dir, folder_transform(self.image_size, self.resize))
-        if train.classes != val.classes:
-            raise RobustError(f"{self.root / self.train_dir} and {self.root / self.val_dir} have different classes")
-        self.class_names = tuple(train.classes)
+        option = ROOT_OPTION
+        train = image_folder(
+            self.root / self.train_dir, folder_transform(self.image_size, self.resize, self.augment), option
+        )
+        val = image_folder(self.root / self.val_dir, folder_transform(self.image_size, self.resize), option)
+        if (tuple(train.classes), tuple(val.classes)) != (self.class_names,) * 2:
+            raise RobustError(f"the class folders of {self.root} changed since the run began: start it again")
         self.train_set, self.val_set = self._limited(train), self._limited(val)
+        if len(self.train_set) < 2:  # BatchNorm cannot train on one image
+            raise RobustError(
+                f"training needs 2 images or more; --data.init_args.limit {self.limit} keeps {len(self.train_set)}"
+            )

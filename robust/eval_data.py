@@ -22,6 +22,7 @@ from robust.data import (
     MNIST,
     Digits,
     class_folders,
+    class_names_in,
     evenly_spaced,
     folder_transform,
     image_folder,
@@ -131,8 +132,8 @@ def eval_data(
         root = Path(data)
         if not root.is_dir():
             raise RobustError(f"--data must be digits, mnist, cifar10 or an image folder; {data!r} is none of these")
-        base = image_folder(root, folder_transform(size, resize, channels=channels))
-        _check_not_a_split_root(root, base.classes)
+        _check_not_a_split_root(root, class_names_in(root))
+        base = image_folder(root, folder_transform(size, resize, channels=channels), "--data")
         match = _align_labels(base, base.classes, card)
         identity = {
             "name": "folder",

@@ -43,6 +43,7 @@ from robust.models import (
     normalized,
     read_state_dict,
 )
+from robust.threats import adaptations
 
 WEIGHTS_FILE, CARD_FILE, PROGRAM_FILE, ONNX_FILE = "model.safetensors", "model.json", "model.pt2", "model.onnx"
 CARD_KEY = "robust_card"  # where a checkpoint keeps its card (a dict, ModelCard.to_dict())
@@ -180,6 +181,7 @@ def training_card(
         eps=hp.get("eps") if hp.get("val_eps") is None else hp["val_eps"],
         steps=hp.get("val_steps"),
         jpeg_quality=hp.get("jpeg_quality"),
+        adapted=adaptations(num_classes),  # validation's threats at this class count
         best=best,
         epoch=epoch,
         global_step=global_step,

@@ -13,11 +13,16 @@ A threat is a key of :data:`THREATS`; its predictions are ``N`` class ids, score
 - ``autoattack`` (torchattacks' standard AutoAttack, slow, opt-in) and ``aa_worst`` (the per-example worst case of
   ``pgd_worst``'s attacks and AutoAttack); ``targeted_success`` (targeted PGD);
 - worst cases, per example (:data:`WORST_CASES`): ``pgd_worst`` is correct only where ``fgsm``, ``pgd``,
-  ``apgd``, ``apgd_dlr``, ``apgd_t`` and, when it runs, ``square`` all are (``apgd_dlr`` and ``apgd_t`` are left
-  out for a model with too few classes for their loss: 3 and 4), ``jpeg_worst`` only where every attack through
-  JPEG (``jpeg_fgsm``, ``jpeg_pgd``, ``bpda_pgd``) is: the figures to claim. Their predictions equal the label
+  ``apgd``, ``apgd_dlr``, ``apgd_t`` and, when it runs, ``square`` all are, ``jpeg_worst`` only where every attack
+  through JPEG (``jpeg_fgsm``, ``jpeg_pgd``, ``bpda_pgd``) is: the figures to claim. Their predictions equal the label
   only where every part is correct (else the first wrong part's prediction), so accuracy metrics work unchanged
   for every key.
+
+The suite adapts to the model's class count K as AutoAttack's reference allows (:func:`apgd_part`; its DLR losses
+need 3 and 4 logits): APGD-T takes at most K - 1 targets; at 3 classes it climbs the targeted cross-entropy; at 2,
+APGD-DLR and APGD-T are APGD-CE step for step, so ``apgd``'s run stands for them. :meth:`ThreatSpec.adaptations`
+says so in words, for reports, logs and cards; ``targeted_success`` on 2 classes has one target, the other class.
+``autoattack`` (torchattacks' standard version) needs 4 classes.
 
 Every threat runs in the spec's threat model (``norm``: L-inf or L2). How much is attacked is the spec's choice:
 
@@ -36,16 +41,26 @@ Images are ``N×C×H×W`` floats in [0, 1]; eps and steps are in pixel units. De
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from robust.attacks import (
+    DLR_MIN_CLASSES,
+    DLR_TARGETED_MIN_CLASSES,
+    apgd_run,
+    check_budget,
+    default_step,
+    fgsm,
+    pgd_run,
+    random_other_class,
+    seeded_rng,
+)
 from robust.attacks import apgd as _apgd
-from robust.attacks import apgd_run, check_budget, default_step, fgsm, pgd_run, random_other_class, seeded_rng
 from robust.checks import check_norm, check_square_queries
 from robust.defenses import JpegDefended, check_quality, jpeg
 from robust.errors import RobustError
@@ -94,8 +109,75 @@ _ATTACKED = (
     "autoattack",
     "targeted_success",
 )
-# the fewest classes each APGD loss needs: DLR's denominator uses the 3 largest logits, the targeted one the 4 largest
-_MIN_CLASSES = {"apgd_dlr": 3, "apgd_t": 4}
+_ADAPTIVE = ("apgd_dlr", "apgd_t")  # the parts whose attack depends on the class count (apgd_part)
+
+
+class ApgdPart(NamedTuple):
+    """How an APGD part of the suite runs on a model's class count: ``kwargs`` of :func:`robust.attacks.apgd_run`
+    (None: ``apgd``'s run stands for it), ``name`` as a column titles it, ``note``: how it departs from AutoAttack's
+    component, in one sentence (None: it does not)."""
+
+    kwargs: dict | None
+    name: str
+    note: str | None
+
+
+def apgd_part(key: str, num_classes: int, targets: int) -> ApgdPart:
+    """How ``apgd_dlr`` or ``apgd_t`` (``targets`` classes asked) runs on a model with ``num_classes`` >= 2 outputs.
+
+    Where AutoAttack's DLR losses are undefined it falls back as AutoAttack's reference implementation allows: at 3
+    classes APGD-T climbs the targeted cross-entropy (its ``ce-targeted`` loss). At 2 classes every loss that grows
+    with the margin between the two logits (cross-entropy, targeted or not, or a DLR without its scale) has a
+    gradient of the same sign and the same ordering of iterates, so APGD takes the very steps of APGD-CE: the part
+    is ``apgd``'s run, not a repeat of it."""
+    if key == "apgd_dlr":
+        if num_classes >= DLR_MIN_CLASSES:
+            return ApgdPart({"loss": "dlr"}, "APGD-DLR", None)
+        return ApgdPart(
+            None,
+            "APGD-CE",
+            f"APGD-DLR is APGD-CE (the DLR loss needs {DLR_MIN_CLASSES} logits, and on {num_classes} every margin loss "
+            "takes cross-entropy's steps): apgd's run stands for it",
+        )
+    if key != "apgd_t":
+        raise RobustError(f"{key} is not an APGD part of the suite; they are {', '.join(_ADAPTIVE)}")
+    used = min(targets, num_classes - 1)
+    if num_classes >= DLR_TARGETED_MIN_CLASSES:
+        fewer = f"APGD-T toward {used} target classes, all that {num_classes} classes leave (asked: {targets})"
+        return ApgdPart({"targets": used}, "APGD-T", fewer if used < targets else None)
+    if num_classes > 2:
+        return ApgdPart(
+            {"targets": used, "loss": "ce"},
+            "APGD-T-CE",
+            f"APGD-T climbs the targeted cross-entropy toward {used} target classes (AutoAttack's ce-targeted loss; "
+            f"its targeted DLR loss needs {DLR_TARGETED_MIN_CLASSES} logits)",
+        )
+    return ApgdPart(
+        None,
+        "APGD-CE",
+        "APGD-T is APGD-CE (its one target is the other class, and its targeted loss takes cross-entropy's steps): "
+        "apgd's run stands for it",
+    )
+
+
+# torchattacks' standard AutoAttack runs APGD-T and FAB-T toward classes - 1 targets with the targeted DLR loss
+AUTOATTACK_MIN_CLASSES = DLR_TARGETED_MIN_CLASSES
+
+
+def check_classes(threats: tuple[str, ...], num_classes: int) -> None:
+    """Raise unless a model with ``num_classes`` outputs can be measured under ``threats``: 2 classes or more, and
+    :data:`AUTOATTACK_MIN_CLASSES` for ``autoattack`` / ``aa_worst``."""
+    if num_classes < 2:
+        raise RobustError(f"the threat suite needs a model with 2 classes or more, this one has {num_classes}")
+    asked = [k for k in AUTOATTACK_THREATS if k in threats]
+    if asked and num_classes < AUTOATTACK_MIN_CLASSES:
+        verb = "needs" if len(asked) == 1 else "need"
+        raise RobustError(
+            f"{' and '.join(asked)} {verb} a model with {AUTOATTACK_MIN_CLASSES} classes or more (torchattacks' "
+            f"standard AutoAttack runs APGD-T, whose loss uses {DLR_TARGETED_MIN_CLASSES} logits), this one has "
+            f"{num_classes}: leave out --autoattack; --square-queries 5000 adds AutoAttack's gradient-free part to "
+            "pgd_worst"
+        )
 
 
 @contextmanager
@@ -107,6 +189,19 @@ def bn_mode(model: nn.Module, mode: Literal["eval", "train"]) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+APGD_TARGETS = 3  # APGD-T's target classes unless a spec says otherwise (AutoAttack's standard version uses 9)
+
+
+def adaptations(
+    num_classes: int, threats: Iterable[str] = DEFAULT_THREATS, apgd_targets: int = APGD_TARGETS
+) -> dict[str, dict[str, str]]:
+    """How ``threats`` (default: validation's) depart from AutoAttack's components on a model with ``num_classes``
+    outputs (:func:`apgd_part`), for reports, logs and cards: ``{key: {"runs": its column's name, "note": a
+    sentence}}``, empty where nothing departs (10 classes)."""
+    parts = {key: apgd_part(key, num_classes, apgd_targets) for key in _ADAPTIVE if key in set(threats)}
+    return {key: {"runs": part.name, "note": part.note} for key, part in parts.items() if part.note}
 
 
 @dataclass(frozen=True)
@@ -132,7 +227,7 @@ class ThreatSpec:
     norm: str = "linf"
     early_exit: bool = True
     cascade: bool = False
-    apgd_targets: int = 3
+    apgd_targets: int = APGD_TARGETS
     apgd_steps: int | None = None
     apgd_restarts: int | None = None
     square_queries: int = 0
@@ -180,6 +275,11 @@ class ThreatSpec:
         """How the worst cases' parts were measured, for reports: ``"cascade"`` (each on the survivors of the parts
         before it; its figure is the accuracy after all of them) or ``"independent"`` (each on every example)."""
         return "cascade" if self.cascade else "independent"
+
+    def adaptations(self, num_classes: int) -> dict[str, dict[str, str]]:
+        """How this spec's threats depart from AutoAttack's components on a model with ``num_classes`` outputs:
+        :func:`adaptations` of the keys it computes."""
+        return adaptations(num_classes, _wanted(self), self.apgd_targets)
 
     def for_batch(self, index: int) -> ThreatSpec:
         """This spec for the ``index``-th batch of a pass: seeded ``seed + index``, so batches differ and every
@@ -325,12 +425,13 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
     with bn_mode(model, "eval"), torch.enable_grad():
         if (
             draw_target
-            or wanted & {"clean", "autoattack", *_MIN_CLASSES}
+            or wanted & {"clean", "autoattack", *_ADAPTIVE}
             or (fast and wanted & (set(_ATTACKED) - set(_THROUGH_JPEG)))
         ):
             with torch.no_grad():
                 logits = model(x)
             num_classes, preds["clean"] = logits.shape[1], logits.argmax(1)
+            check_classes(tuple(wanted), num_classes)
         if "jpeg" in wanted or (fast and wanted & set(_THROUGH_JPEG)):
             preds["jpeg"] = _predict(model, x, suite.everyone, y, q)
         if draw_target:
@@ -359,21 +460,20 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
             mask, fallback = suite.gate("apgd")
             preds["apgd"] = suite.attacked("apgd", suite.run(apgd_run, model, y, mask), mask, fallback)
 
-        for key, kwargs in (("apgd_dlr", {"loss": "dlr"}), ("apgd_t", {"targets": spec.apgd_targets})):
+        for key in _ADAPTIVE:
             if key not in wanted:
                 continue
             mask, fallback = suite.gate(key)
-            if num_classes < _MIN_CLASSES[key]:
-                if key in spec.threats:
-                    raise RobustError(
-                        f"{key} needs a model with {_MIN_CLASSES[key]} classes or more, this one has "
-                        f"{num_classes}: leave it out of the threats"
-                    )
-                preds[key] = fallback  # a part of pgd_worst the model's class count rules out: it adds nothing
+            kwargs = apgd_part(key, num_classes, spec.apgd_targets).kwargs
+            if kwargs is None and "apgd" in preds:
+                # APGD-CE's own steps: on the same examples (in a cascade, its survivors, which it fails on again:
+                # an example's start and steps do not depend on the others) it gives apgd's predictions.
+                preds[key] = preds["apgd"]
                 continue
-            if key == "apgd_t":
-                kwargs["targets"] = min(kwargs["targets"], num_classes - 1)
-            preds[key] = suite.attacked(key, suite.run(apgd_run, model, y, mask, **kwargs), mask, fallback)
+            run = suite.run(apgd_run, model, y, mask, **(kwargs or {}))
+            preds[key] = suite.attacked(key, run, mask, fallback)
+            if kwargs is None:
+                preds["apgd"] = preds[key]  # for the next part; "apgd" is returned only when asked
 
         if "square" in wanted:
             mask, fallback = suite.gate("square")

@@ -1,11 +1,23 @@
-"""Data modules yield [0, 1] float images and int labels; folders are checked with clear errors."""
+"""Data modules yield [0, 1] float images and int labels; folders are checked with clear errors, stray files skipped
+(the battery of user folders: tests/test_user_folders.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
-from robust.data import CIFAR10, CIFAR10_NAMES, MNIST, Digits, ImageFolder, holdout_split
+from robust.data import (
+    CIFAR10,
+    CIFAR10_NAMES,
+    MNIST,
+    Digits,
+    FolderImageError,
+    ImageFolder,
+    class_names_in,
+    holdout_split,
+    is_image_file,
+)
 from robust.errors import RobustError
 
 
@@ -30,17 +42,54 @@ def test_image_folder_on_real_cifar_subset(shared_data):
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(RobustError, match="does not exist"):
+    with pytest.raises(RobustError, match="does not exist: set --data.init_args.root"):
         ImageFolder(root=str(tmp_path / "nope"))
     (tmp_path / "train" / "only").mkdir(parents=True)
-    with pytest.raises(RobustError, match="at least 2"):
+    with pytest.raises(RobustError, match=r"has no test/ split \(it holds train\).*--data.init_args.val_dir"):
+        ImageFolder(root=str(tmp_path))
+    (tmp_path / "test" / "only").mkdir(parents=True)
+    with pytest.raises(RobustError, match=r"train has 1 class folder\(s\) \(only\); a classifier needs at least 2"):
         ImageFolder(root=str(tmp_path))
     (tmp_path / "train" / "other").mkdir()
-    (tmp_path / "test" / "only").mkdir(parents=True)
     (tmp_path / "test" / "other").mkdir()
     dm = ImageFolder(root=str(tmp_path), num_workers=0)
-    with pytest.raises(RobustError, match="no images"):
+    with pytest.raises(RobustError, match=r"class folder .*train/only holds no images \(nor do other\)"):
         dm.setup()
+    for split in ("train", "test"):
+        for name in ("only", "other"):
+            Image.new("RGB", (4, 4)).save(tmp_path / split / name / "a.png")
+    with pytest.raises(RobustError, match="training needs 2 images or more; --data.init_args.limit 1 keeps 1"):
+        ImageFolder(root=str(tmp_path), num_workers=0, limit=1).setup()
+    with pytest.raises(RobustError, match="image_size must be at least 1 pixel, got 0"):
+        ImageFolder(root=str(tmp_path), image_size=0)
+
+
+def test_stray_files_and_folders_are_skipped(tmp_path):
+    assert is_image_file("a/b/cat.PNG") and is_image_file("dog.jpeg")
+    assert not any(is_image_file(n) for n in (".DS_Store", "notes.txt", "._cat.png", "a/.hidden.jpg", "cat.png.txt"))
+    for name in ("cat", "dog", ".ipynb_checkpoints", "__MACOSX"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "readme.md").write_text("not a class")
+    assert class_names_in(tmp_path) == ("cat", "dog")
+
+
+def test_an_image_error_from_a_dataloader_worker_stays_one_line():
+    """PyTorch re-raises a worker's exception as ``type(message)``, the worker's traceback in the message."""
+    wrapped = (
+        "Caught FolderImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "worker.py", line 1, in fetch\nrobust.data.FolderImageError: image a.png is damaged: remove it\n'
+    )
+    assert str(FolderImageError(wrapped)) == "image a.png is damaged: remove it"
+    assert str(FolderImageError("image b.png is damaged")) == "image b.png is damaged"
+
+
+@pytest.mark.parametrize(("n", "batch", "dropped"), [(129, 128, True), (130, 128, False), (9, 8, True), (1, 8, False)])
+def test_a_last_training_batch_of_one_image_sits_the_epoch_out(n, batch, dropped):
+    """BatchNorm cannot train on one image: a last batch of one is dropped (training only, never validation)."""
+    dm = Digits(batch_size=batch, limit=n, image_size=8)
+    dm.setup()
+    assert dm.train_dataloader().drop_last is dropped and dm.val_dataloader().drop_last is False
+    assert len(dm.train_dataloader()) == n // batch + (0 if dropped or n % batch == 0 else 1)
 
 
 def test_cifar10_offline_without_files_is_a_clear_error(tmp_path):

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from robust import load_model
 from robust.defenses import to_uint8
 from robust.errors import RobustError
-from robust.fool import fool, quantize_within
+from robust.fool import fool, quantize_within, summary
 from robust.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +111,21 @@ def test_untargeted_fool_is_quantized_inside_the_ball(model, digits_val, attack)
     with torch.no_grad():
         assert model(result.x_adv).argmax(1).item() == result.pred["adversarial"]
     assert [len(result.top[k]) for k in ("original", "adversarial", "jpeg")] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("target", [None, "other"])
+def test_a_two_class_model_is_fooled_with_its_two_classes(target):
+    """Two classes (a cat/dog folder's model): the top-k lists hold both, and the one other class is a target."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2)).eval()
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        original = int(model(x).argmax(1))
+    goal = None if target is None else str(1 - original)
+    result = fool(model, x, target=goal, eps=0.3, steps=5)
+    assert result.pred["adversarial"] == 1 - original  # fooled: the other class, the only one there is
+    assert [len(result.top[k]) for k in ("original", "adversarial", "jpeg")] == [2, 2, 2]
+    assert (f"target '{goal}' reached" if target else ": fooled]") in summary(result)
 
 
 def test_eps_zero_changes_nothing(model, digits_val):

@@ -1,10 +1,14 @@
-"""The threat suite: worst cases, seeding and side effects, APGD, only what is asked runs, the spec's checks."""
+"""The threat suite: worst cases, seeding and side effects, APGD, only what is asked runs, the spec's checks, and
+how it adapts to 2 and 3 classes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import robust.threats
+from robust.attacks import apgd_run, seeded_rng
 from robust.errors import RobustError
 from robust.module import AdversarialClassifier
 from robust.threats import (
@@ -13,7 +17,9 @@ from robust.threats import (
     WORST_CASES,
     ThreatSpec,
     accuracy,
+    adaptations,
     apgd,
+    check_classes,
     correct_counts,
     predictions,
     worst_case,
@@ -153,3 +159,107 @@ def test_bad_specs_are_clear_errors(bad):
 def test_every_key_has_one_place():
     assert len(set(THREATS)) == len(THREATS) and "autoattack" not in DEFAULT_THREATS
     assert all(set(parts) <= set(THREATS) for parts in WORST_CASES.values())
+
+
+# ---- the class count: 2 and 3 classes ---------------------------------------------------------------------------
+
+
+def linear(classes: int, seed: int = 0) -> nn.Module:
+    """A ``classes``-way linear model on 3×8×8 images (float64: attack arithmetic without rounding ties)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(3 * 8 * 8, classes).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(classes, 3 * 8 * 8, generator=g, dtype=torch.float64) * 0.3)
+        lin.bias.zero_()
+    return nn.Sequential(nn.Flatten(), lin).eval()
+
+
+def labelled(model: nn.Module, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random images in [0, 1] labelled with the model's own prediction (every one starts correct)."""
+    x = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        return x, model(x).argmax(1)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_the_default_suite_runs_on_two_and_three_classes(classes, monkeypatch):
+    """Every default threat is measured; the APGD runs are what :func:`robust.threats.apgd_part` says (at 2 classes
+    APGD-CE's alone, standing for APGD-DLR and APGD-T; at 3 the DLR and the targeted cross-entropy toward both other
+    classes); the worst case is the per-example worst case of what ran, in a cascade too."""
+    model = linear(classes)
+    x, y = labelled(model)
+    runs = []
+
+    def spy(*args, **kwargs):
+        runs.append({k: kwargs[k] for k in ("loss", "targets") if k in kwargs})
+        return apgd_run(*args, **kwargs)
+
+    monkeypatch.setattr(robust.threats, "apgd_run", spy)
+    spec = ThreatSpec(0.02, steps=5)
+    preds = predictions(model, x, y, spec)
+    assert set(preds) == {*DEFAULT_THREATS, "target"}
+    parts = torch.stack([preds[p] == y for p in spec.parts("pgd_worst")])
+    assert torch.equal(preds["pgd_worst"] == y, parts.all(0)) and 0 < (preds["pgd_worst"] == y).sum() < len(y)
+    if classes == 2:
+        assert runs == [{}]  # APGD-CE once
+        assert torch.equal(preds["apgd_dlr"], preds["apgd"]) and torch.equal(preds["apgd_t"], preds["apgd"])
+        assert torch.equal(preds["target"], 1 - y)  # a targeted threat on 2 classes has one target
+    else:
+        assert runs == [{}, {"loss": "dlr"}, {"targets": 2, "loss": "ce"}]
+    runs.clear()
+    cascade = predictions(model, x, y, ThreatSpec(0.02, steps=5, cascade=True))
+    assert torch.equal(cascade["pgd_worst"], preds["pgd_worst"])
+    assert len(runs) == (1 if classes == 2 else 3)
+
+
+def test_two_class_apgd_parts_are_apgd_ce_step_for_step():
+    """What stands behind reusing APGD-CE's run at 2 classes: APGD-T's targeted loss toward the other class, from the
+    same start, goes through the same iterates and fools the same images."""
+    model = linear(2)
+    x, y = labelled(model)
+    everyone, nobody = torch.ones(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.bool)
+    with seeded_rng(0):
+        ce = apgd_run(model, x, y, 0.02, 10, seek=nobody, full=everyone)
+    with seeded_rng(0):
+        targeted = apgd_run(model, x, y, 0.02, 10, seek=nobody, full=everyone, targets=1, loss="ce")
+    assert 0 < (ce.pred != y).sum() < len(y)
+    assert torch.equal(ce.pred, targeted.pred) and torch.allclose(ce.last, targeted.last, atol=1e-12)
+
+
+def test_apgd_losses_refuse_too_few_classes():
+    x, y = labelled(linear(3))
+    everyone = torch.ones(len(y), dtype=torch.bool)
+    run = {"seek": ~everyone, "full": everyone}
+    with pytest.raises(RobustError, match="the DLR loss needs 3 classes or more, the model has 2: use loss ce"):
+        apgd_run(linear(2), x, y % 2, 0.02, 2, loss="dlr", **run)
+    with pytest.raises(RobustError, match="the targeted DLR loss needs 4 classes or more, the model has 3"):
+        apgd_run(linear(3), x, y, 0.02, 2, targets=2, **run)
+    with pytest.raises(RobustError, match="APGD-T takes 1 to classes - 1 target classes, got 3 targets for 3"):
+        apgd_run(linear(3), x, y, 0.02, 2, targets=3, loss="ce", **run)
+
+
+def test_adaptations_say_what_ran_at_each_class_count():
+    assert adaptations(10) == {} == adaptations(4)
+    two = adaptations(2)
+    assert set(two) == {"apgd_dlr", "apgd_t"} and {a["runs"] for a in two.values()} == {"APGD-CE"}
+    assert "apgd's run stands for it" in two["apgd_t"]["note"]
+    three = adaptations(3)
+    assert list(three) == ["apgd_t"] and three["apgd_t"]["runs"] == "APGD-T-CE"
+    assert "targeted cross-entropy toward 2 target classes" in three["apgd_t"]["note"]
+    assert (
+        "toward 3 target classes, all that 4 classes leave (asked: 9)"
+        in adaptations(4, apgd_targets=9)["apgd_t"]["note"]
+    )
+    assert ThreatSpec(0.1, threats=("clean", "pgd")).adaptations(2) == {}  # only what the spec computes
+    assert set(ThreatSpec(0.1, threats=("pgd_worst",)).adaptations(2)) == {"apgd_dlr", "apgd_t"}  # its parts
+
+
+def test_too_few_classes_for_a_threat_is_one_line():
+    model = linear(3)
+    x, y = labelled(model)
+    with pytest.raises(RobustError, match="autoattack needs a model with 4 classes or more .* leave out --autoattack"):
+        predictions(model, x, y, ThreatSpec(0.02, threats=("clean", "autoattack")))
+    with pytest.raises(RobustError, match="needs a model with 2 classes or more, this one has 1"):
+        check_classes(("clean",), 1)
+    with pytest.raises(RobustError, match="apgd_targets"):
+        ThreatSpec(0.03, apgd_targets=0)
