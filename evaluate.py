@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from robust.checks import (
     check_at_least_one,
@@ -237,7 +238,7 @@ def threat_model(args: argparse.Namespace, card, default_eps) -> tuple[str, list
 def run_report(args: argparse.Namespace) -> None:
     from robust import load_model
     from robust import report as rep
-    from robust.cli_defaults import default_eps, default_out, pick_device, report_journal
+    from robust.cli_defaults import default_eps, default_out, pick_device, report_folder, report_journal
     from robust.eval_data import data_class_names, eval_data
     from robust.render import markdown_table, write_report
     from robust.sharding import launch
@@ -253,8 +254,12 @@ def run_report(args: argparse.Namespace) -> None:
             args.data, model.card, args.limit, args.batch_size, args.num_workers, args.cifar10_root, args.data_root
         )
     norm, eps = threat_model(args, model.card, default_eps)
-    out = args.out or default_out(args.model, args.data)
     model_info = rep.model_identity(args.model, model)
+    out, notice = report_folder(
+        Path(args.out) if args.out else default_out(args.model, args.data), model_info, bool(args.out)
+    )
+    if notice and world.rank == 0:
+        print(notice)
     journal = report_journal(out, model_info, data_info, args.batch_size, world.device, args.resume)
     results = rep.evaluate(
         model,

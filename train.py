@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ModelSummary,
+    RichModelSummary,
+    RichProgressBar,
+    TQDMProgressBar,
+)
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+import robust.data  # noqa: F401  (its data modules known by their short names: --data.help ImageFolder)
 from robust.averaging import WeightEMA
 from robust.callbacks import AdversarialImages, ValidateAtEnd
-from robust.cli import user_error
+from robust.checkpointing import BestCheckpoint
+from robust.cli import parser_error, user_error
+from robust.cli_defaults import check_accelerator
+from robust.errors import RobustError
 from robust.guard import CatastrophicOverfittingGuard
 from robust.module import ARG_SECTIONS, AdversarialClassifier, val_tag
 from robust.precision import resolve_precision
+from robust.progress import OneLineSummary, RunNotices, progress_bar, quiet_known_noise, resume_command
 from robust.resume import RunLengthSchedule, check_resume_config, run_folder
 from robust.runfiles import resolve_data_root, run_summary
 
 FIT_HELP = """Train a robust classifier. The options most runs change (every other one is listed below):
 
   --config configs/X.yaml           the recipe (digits.yaml: the default; imagefolder.yaml: your own images)
+  --data NAME                       the data: Digits, MNIST, CIFAR10, ImageFolder (--data.help ImageFolder: its
+                                    options: batch_size, num_workers, image_size, augment, limit)
   --data.init_args.root DIR         an image-folder root holding train/ and test/ (or set ROBUST_DATA)
+  --data.init_args.batch_size N     images per optimizer step (a few hundred images: 16, for enough steps)
   --trainer.max_epochs N            how long to train
   --model.attack / --model.eps      the training attack (fgsm_rs, nfgsm, pgd, fgsm, none) and its L-inf budget
   --model.adv_ratio R               fraction of each batch made adversarial (0: clean training)
@@ -60,6 +77,22 @@ class RobustHelpFormatter(DefaultHelpFormatter):
             self.end_section()
 
 
+class RobustArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one line (:func:`robust.cli.parser_error`: the closest valid option,
+    the valid choices) and exit code 2; the full usage stays behind ``--help``. ``debug``: jsonargparse's own."""
+
+    debug = False
+
+    def error(self, message: str, ex: Exception | None = None):
+        if self.debug or not self.exit_on_error:  # nested parsers raise, for the top one to report
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        options = [s for action in parser._actions for s in action.option_strings]
+        line = parser_error(message, parser.prog.replace(" [options]", ""), options)
+        print(f"error: {line}", file=sys.stderr)
+        self.exit(2)
+
+
 class RobustCLI(LightningCLI):
     """LightningCLI with the data's classes linked into the model, robust checkpointing, resume, weight averaging
     (``--ema.decay``) and a precision that follows the hardware."""
@@ -68,7 +101,7 @@ class RobustCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.channels", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         # last.ckpt from its own checkpoint callback, written at every train-epoch end: the monitored one writes
         # last.ckpt only when it also writes a best checkpoint, so it would lag behind when validation is rare.
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
@@ -98,8 +131,16 @@ class RobustCLI(LightningCLI):
             "differ from those it was trained with (default: refused, naming them)",
         )
 
+    def __init__(self, *args, **kwargs) -> None:
+        # train.py's own arguments, for the command that resumes an interrupted run (RunNotices)
+        given = kwargs.get("args")
+        self.command_args = list(sys.argv[1:] if given is None else given)
+        super().__init__(*args, **kwargs)
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks = [ours_for_lightnings(cb) for cb in trainer.callbacks]
+        trainer.callbacks.append(RunNotices(resume_command(self.command_args)))
         # --ema.decay null or 0 (the default): no averaging, so no callback at all
         trainer.callbacks = [cb for cb in trainer.callbacks if not (isinstance(cb, WeightEMA) and cb.decay is None)]
         # Before the checkpoint callbacks, which Lightning runs last anyway.
@@ -112,6 +153,7 @@ class RobustCLI(LightningCLI):
         check that only the run length differs from the settings it was trained with."""
         config = self.config.get(self.subcommand, self.config)
         trainer = config["trainer"]
+        check_accelerator(trainer.get("accelerator"), trainer.get("devices"))
         trainer["precision"], notice = resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
         if notice:
             print(notice)
@@ -124,6 +166,7 @@ class RobustCLI(LightningCLI):
         monitor_the_norm(config)
         if self.subcommand != "fit" or config.get("ckpt_path") is None:
             return
+        quiet_known_noise(resuming=True)
         logger = trainer.get("logger")
         log_init = getattr(logger, "init_args", None) or {}
         folder = run_folder(
@@ -146,6 +189,16 @@ class RobustCLI(LightningCLI):
         print("\n" + "\n".join(run_summary(trainer, log_dir)))
 
 
+def ours_for_lightnings(callback):
+    """Lightning's default bar and summary replaced (a user's own kept): lines where stdout is no terminal, else the
+    rich bar with named fields (:func:`robust.progress.progress_bar`); a one-line summary."""
+    if type(callback) in (RichProgressBar, TQDMProgressBar):
+        return progress_bar()
+    if type(callback) in (ModelSummary, RichModelSummary):
+        return OneLineSummary()
+    return callback
+
+
 def monitor_the_norm(config) -> None:
     """Keep the best checkpoint by the worst case of the run's own threat model: under ``--model.norm l2`` the
     default monitor ``val/pgd_worst`` (L∞) becomes ``val/l2/pgd_worst``, and its file name says so."""
@@ -160,12 +213,14 @@ def monitor_the_norm(config) -> None:
 def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
     """Parse ``args`` (default ``sys.argv``) and run the subcommand; with ``run=False`` (no subcommand in ``args``)
     only build the model, data and trainer, for scripts that add callbacks before fitting."""
-    debug = "--debug" in (args if args is not None else sys.argv)
+    debug = RobustArgumentParser.debug = "--debug" in (args if args is not None else sys.argv)
     if debug:
         args = [a for a in (args if args is not None else sys.argv[1:]) if a != "--debug"]
+    quiet_known_noise()
     try:
         return RobustCLI(
             AdversarialClassifier,
+            parser_class=RobustArgumentParser,
             subclass_mode_data=True,
             trainer_defaults={
                 "inference_mode": False,
@@ -185,6 +240,12 @@ def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
             args=args,
             run=run,
         )
+    except SIGTERMException:  # Lightning's, a SystemExit without a code: a terminated run must not exit 0
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except MisconfigurationException as exc:  # Lightning's word for a user's setting it refuses: one line too
+        if debug:
+            raise
+        raise SystemExit(user_error(RobustError(str(exc).strip().splitlines()[0]))) from None
     except Exception as exc:
         raise SystemExit(user_error(exc, debug)) from None
 

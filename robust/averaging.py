@@ -6,12 +6,13 @@ import math
 
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from robust.errors import RobustError
 
 EMA_DECAY_KEY = "ema_decay"  # the checkpoint key through which the decay reaches the model card
+FIRST_STEP_SHARE = 0.05  # the most of the first step's weights an average may keep at the end of a run
 
 
 class WeightEMA(WeightAveraging):
@@ -32,25 +33,43 @@ class WeightEMA(WeightAveraging):
     The catastrophic-overfitting guard keeps :meth:`average_state` with the weights it may roll back to and restores
     it with them, so no collapsed weights stay in the average.
 
+    A decay too slow for the run (after its optimizer steps the average would still hold more than
+    :data:`FIRST_STEP_SHARE` of the first step's weights: 0.99 over 16 steps keeps 86%) is lowered to
+    ``1 - 3/steps`` for the run, with one line saying so (``adapt``); the card records the decay in force.
+
     Args:
         decay: weight of the old average at each step, in [0, 1); the last ~``1/(1 - decay)`` steps dominate
             (0.999: ~1,000 steps). ``None`` or 0: no averaging; train.py then adds no callback.
+        adapt: lower a decay too slow for the run's optimizer steps to ``1 - 3/steps`` (false: keep it as given,
+            and say what to change).
     """
 
-    def __init__(self, decay: float | None = None) -> None:
+    def __init__(self, decay: float | None = None, adapt: bool = True) -> None:
         if decay is not None and not 0 <= decay < 1:
             raise RobustError(f"ema decay must be in [0, 1) (null or 0: no averaging), got {decay}")
         self.decay = float(decay) if decay else None
+        self.adapt = adapt
         super().__init__(use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(self.decay or 0.0))
 
     def on_train_start(self, trainer, pl_module) -> None:
         total = trainer.estimated_stepping_batches
-        if math.isfinite(total) and self.decay is not None and self.decay ** (total - 1) > 0.05:
-            rank_zero_warn(
-                f"ema decay {self.decay}: after this run's {int(total)} optimizer steps the average still "
-                f"holds {self.decay ** (total - 1):.0%} of the first step's weights; --ema.decay "
-                f"{1 - 3 / total:.4g} or less (1 - 3/steps) averages over the run instead"
+        if not math.isfinite(total) or self.decay is None or self.decay ** (total - 1) <= FIRST_STEP_SHARE:
+            return
+        held = f"{self.decay ** (total - 1):.0%}"
+        fitting = max(0.0, round(1 - 3 / total, 4))  # 1 - 3/steps: the first step weighs e^-3 = 5% at the end
+        if not self.adapt:
+            rank_zero_info(
+                f"ema: decay {self.decay} over this run's {int(total)} optimizer steps leaves {held} of the first "
+                f"step's weights in the average; --ema.decay {fitting:g} or less averages over the run"
             )
+            return
+        rank_zero_info(
+            f"ema: decay {self.decay} -> {fitting:g} for this run: over its {int(total)} optimizer steps {self.decay} "
+            f"would leave {held} of the first step's weights in the average (--ema.adapt false keeps it)"
+        )
+        self.decay = fitting
+        if self._average_model is not None:
+            self._average_model.multi_avg_fn = get_ema_multi_avg_fn(fitting)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)

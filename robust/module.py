@@ -313,6 +313,7 @@ class AdversarialClassifier(L.LightningModule):
             self.log("val/loss", F.cross_entropy(self(x), y), sync_dist=True)
         # The same threats every epoch (seeded by the batch index); the training RNG is untouched.
         preds = predictions(self, x, y, self.val_spec.for_batch(batch_idx))
+        self._clean_counts += torch.bincount(preds["clean"], minlength=self.hparams.num_classes)
         for key in VAL_KEYS:
             self.val_acc[key](preds[key], labels_for(key, preds, y))
             self.log(
@@ -322,6 +323,15 @@ class AdversarialClassifier(L.LightningModule):
                 on_epoch=True,
                 prog_bar=key in ("clean", "pgd_worst"),
             )
+
+    def on_validation_epoch_start(self) -> None:
+        self._clean_counts = torch.zeros(self.hparams.num_classes, dtype=torch.long, device=self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/top_class``: the share of clean predictions given to the most predicted class (1 for a constant
+        classifier; :func:`robust.learned.not_learned` reads it)."""
+        counts = self.trainer.strategy.reduce(self._clean_counts.float(), reduce_op="sum")
+        self.log("val/top_class", counts.max() / counts.sum().clamp(min=1))
 
     # ---- optimization and checkpoints ---------------------------------------------------------
 
@@ -348,6 +358,18 @@ class AdversarialClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         run_record.split_rng_by_rank(self.trainer.global_rank, self.trainer.world_size)
+
+    def on_fit_start(self) -> None:
+        """Say once, in the log and in TensorBoard's text tab (``val/threats``), how validation's threats adapt to
+        a class count under AutoAttack's needs (2 or 3 classes; the card keeps it too)."""
+        adapted = self.val_spec.adaptations(self.hparams.num_classes)
+        if not adapted:
+            return
+        text = f"validation on {self.hparams.num_classes} classes: " + "; ".join(a["note"] for a in adapted.values())
+        rank_zero_info(text)
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.is_global_zero and hasattr(experiment, "add_text"):
+            experiment.add_text("val/threats", text)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the run record: the model card (settings in force, data, latest ``val/*`` figures) and the RNG

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from robust.files import atomic_write_files
 from robust.hf import HF_PREFIX
+from robust.learned import REMEDY
 from robust.threats import THREATS, WORST_CASES
 
 FILES = ("report.json", "report.md", "robustness_curve.png")
@@ -117,8 +118,8 @@ def threat_names(report: dict) -> dict[str, str]:
         "fgsm": "FGSM",
         "pgd": pgd_name,
         "apgd": apgd_name,
-        "apgd_dlr": f"APGD-DLR{apgd_rest}",
-        "apgd_t": f"APGD-T{apgd_rest}",
+        "apgd_dlr": _adapted_title(report, "apgd_dlr", "APGD-DLR", apgd_rest),
+        "apgd_t": _adapted_title(report, "apgd_t", "APGD-T", apgd_rest),
         "square": f"Square-{report.get('square_queries', 0)}",
         "pgd_worst": f"Worst case ({worst_parts(report)})",
         "jpeg": f"JPEG q{q}",
@@ -133,10 +134,25 @@ def threat_names(report: dict) -> dict[str, str]:
     return {k: names[k] for k in THREATS if k in report["rows"][0]}
 
 
+def _runs(report: dict, key: str, name: str) -> str:
+    """What ran for the APGD part ``key`` (named ``name`` in AutoAttack): the report's ``adapted`` record of the
+    model's class count (:meth:`robust.threats.ThreatSpec.adaptations`), else ``name``."""
+    return ((report.get("adapted") or {}).get(key) or {}).get("runs", name)
+
+
+def _adapted_title(report: dict, key: str, name: str, rest: str) -> str:
+    """``APGD-T-10``; ``APGD-T-CE-10`` where another loss ran; ``APGD-DLR-10 (= APGD-CE-10)`` where APGD-CE's run
+    stood for it (2 classes)."""
+    runs = _runs(report, key, name)
+    return f"{runs}{rest}" if runs.startswith(name) else f"{name}{rest} (= {runs}{rest})"
+
+
 def worst_parts(report: dict) -> str:
-    """The cheap worst case's attacks as its title names them: ``FGSM, PGD, APGD-CE, -DLR, -T`` (``, Square`` when
-    the report ran Square)."""
-    return "FGSM, PGD, APGD-CE, -DLR, -T" + (", Square" if report.get("square_queries") else "")
+    """The cheap worst case's attacks as its title names them: ``FGSM, PGD, APGD-CE, -DLR, -T`` (those that ran at
+    the model's class count: ``-T-CE`` at 3, neither at 2; ``, Square`` when the report ran Square)."""
+    apgds = [_runs(report, k, n) for k, n in (("apgd_dlr", "APGD-DLR"), ("apgd_t", "APGD-T"))]
+    rest = "".join(f", {runs.removeprefix('APGD')}" for runs in apgds if runs != "APGD-CE")
+    return f"FGSM, PGD, APGD-CE{rest}" + (", Square" if report.get("square_queries") else "")
 
 
 # report.md's first table: what to claim; the second: every attack behind it.
@@ -196,6 +212,11 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"# {report_title(report)}",
         "",
+        *(
+            [f"**Not learned:** {report['not_learned']}: the figures below mean nothing. Try {REMEDY}.", ""]
+            if report.get("not_learned")
+            else []
+        ),
         "Accuracy (%); the worst cases (an image counts only if it survives every attack of its setting) are the "
         "figures to claim.",
         "",
@@ -219,9 +240,12 @@ def markdown_table(report: dict) -> str:
         + "the parts of each worst case are measured "
         f"{'on the survivors of the parts before' if report.get('mode') == 'cascade' else 'independently'}. "
         f"Worst case ({worst_parts(report)}): correct under all of them; JPEG worst case: correct "
-        f"through JPEG under FGSM and PGD made on the bare model (transfer) and BPDA PGD through it (adaptive). "
-        f"Warnings below fire only beyond sampling noise: {FLAG_RULE}.",
+        f"through JPEG under FGSM and PGD made on the bare model (transfer) and BPDA PGD through it (adaptive)."
+        + (f" Warnings below fire only beyond sampling noise: {FLAG_RULE}." if report["flags"] else ""),
     ]
+    if report.get("adapted"):
+        notes = "; ".join(a["note"] for a in report["adapted"].values())
+        lines.append(f"\nThe model has {report['num_classes']} classes, and AutoAttack's parts adapt: {notes}.")
     if {"autoattack", "pgd_worst"} <= report["rows"][0].keys():
         gaps = ", ".join(
             f"{100 * (r['pgd_worst'] - r['autoattack']):+.1f} at eps {format_eps(r['eps'], norm)}"

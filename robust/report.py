@@ -23,10 +23,20 @@ from robust.errors import RobustError
 from robust.files import sha256_path
 from robust.hf import HF_PREFIX
 from robust.images import check_images
+from robust.learned import not_learned
 from robust.models import card_of
 from robust.render import honesty_flags
 from robust.sharding import Journal, World, sharded_counts
-from robust.threats import AUTOATTACK_THREATS, DEFAULT_THREATS, THREATS, ThreatSpec, correct_counts, predictions
+from robust.threats import (
+    AUTOATTACK_THREATS,
+    DEFAULT_THREATS,
+    THREATS,
+    ThreatSpec,
+    bn_mode,
+    check_classes,
+    correct_counts,
+    predictions,
+)
 
 
 def evaluate(
@@ -73,8 +83,10 @@ def evaluate(
             the model's device); every process gets the same result. journal: where finished batches' counts are
             kept and, when resuming, read back (:class:`robust.sharding.Journal`).
     Returns: ``{"rows": [{"eps", "alpha", <threat>: accuracy in [0, 1], ...}, ...], "flags": [...], "n",
-    "eps", "steps", "restarts", "alpha", "quality", "seed", "autoattack"}``; rows sorted by eps. Accuracies are
-    counts of correct predictions over ``n``, whatever the number of processes.
+    "eps", "steps", "restarts", "alpha", "quality", "seed", "autoattack", "num_classes", "adapted", ...}``; rows sorted
+    by eps; ``adapted``: how the threats departed from AutoAttack's components at the model's class count
+    (:meth:`robust.threats.ThreatSpec.adaptations`). Accuracies are counts of correct predictions over ``n``, whatever
+    the number of processes.
     """
     eps_list = sorted({float(e) for e in eps_list})
     if not eps_list:
@@ -103,6 +115,8 @@ def evaluate(
         for e in eps_list
     ]
     world = world or World(next(model.parameters()).device)
+    num_classes = class_count(model, loader, world.device)
+    check_classes(keys, num_classes)  # before the pass: autoattack on too few classes is one line, at once
     count = partial(batch_counts, model, keys, world.device)
     totals = sharded_counts(loader, specs, count, 1 + len(keys), world, journal, progress).tolist()
     n = totals[0][0]
@@ -129,7 +143,23 @@ def evaluate(
         "mode": specs[0].mode,
         "early_exit": bool(early_exit),
         "square_queries": int(square_queries),
+        "num_classes": num_classes,
+        "adapted": specs[0].adaptations(num_classes),
+        "not_learned": not_learned(rows[0].get("clean"), num_classes),
     }
+
+
+def class_count(model: nn.Module, loader: DataLoader | Sequence[tuple[Tensor, Tensor]], device: torch.device) -> int:
+    """The model's outputs: its card's ``num_classes``, else the logits' width on one image of the first batch (eval
+    mode, no gradient)."""
+    card = card_of(model)
+    if card is not None:
+        return card.num_classes
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise RobustError("the evaluation data holds no images")
+    with bn_mode(model, "eval"), torch.no_grad():
+        return int(model(batch[0][:1].to(device)).shape[1])
 
 
 def batch_counts(

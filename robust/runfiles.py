@@ -5,8 +5,9 @@
 - :func:`resolve_data_root`: a config's data folder as given, else under ``$ROBUST_DATA``; a missing folder is one
   line naming the flag to set.
 - :func:`run_summary`: the lines ``train.py`` prints at the end of every run (logs, best checkpoint or why there is
-  none, ``last.ckpt``), after :func:`link_latest` points ``<save_dir>/<name>/best.ckpt`` and ``last.ckpt`` at the
-  run's files, so a stable path always names the latest run's checkpoints.
+  none, a line when its model has not learned, ``last.ckpt``), after :func:`link_latest` points
+  ``<save_dir>/<name>/best.ckpt`` and ``last.ckpt`` at the run's files, so a stable path always names the latest
+  run's checkpoints.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from pathlib import Path
 
 from robust.errors import RobustError
+from robust.learned import REMEDY
 
 DATA_ENV = "ROBUST_DATA"
 
@@ -103,7 +105,11 @@ def run_summary(trainer, log_dir: str | None) -> list[str]:
     if log_dir:
         lines.append(f"TensorBoard logs: {log_dir}   (view: uv run tensorboard --logdir {log_dir})")
     if best:
-        lines.append(f"Best checkpoint ({best_cb.monitor} = {float(best_cb.best_model_score):.4f}): {best}")
+        score = best_cb.real_score() if hasattr(best_cb, "real_score") else float(best_cb.best_model_score)
+        lines.append(f"Best checkpoint ({best_cb.monitor} = {score:.4f}): {best}")
+        reason = best_cb.best_not_learned() if hasattr(best_cb, "best_not_learned") else None
+        if reason:
+            lines.append(f"Not learned: {reason}, so its robust accuracy means nothing; try {REMEDY}")
     else:
         lines.append(f"Best checkpoint: none: {no_best_reason(trainer, getattr(best_cb, 'monitor', None))}")
     lines.append(f"Last checkpoint: {last}" if last else "Last checkpoint: none (--last_checkpoint is off)")

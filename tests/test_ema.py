@@ -20,7 +20,17 @@ from robust.files import load_checkpoint
 from robust.loading import CARD_KEY, load_model, model_from_ckpt
 
 DECAY = 0.5  # a tiny run has a few steps: let each of them count
-EMA_RUN = ("--ema.decay", str(DECAY), "--model.lr_scheduler", "null", "--overfit_guard.action", "warn")
+# --ema.adapt false: the average of these few steps is checked at this decay, not the one it adapts to
+EMA_RUN = (
+    "--ema.decay",
+    str(DECAY),
+    "--ema.adapt",
+    "false",
+    "--model.lr_scheduler",
+    "null",
+    "--overfit_guard.action",
+    "warn",
+)
 
 
 class Recorder(L.Callback):

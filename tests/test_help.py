@@ -3,12 +3,13 @@ and last, the model's options are listed in sections; warnings print values, not
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import os
 import re
-import subprocess
 import sys
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,16 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def fit_help() -> str:
-    proc = subprocess.run(
-        [sys.executable, "train.py", "fit", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+    """``train.py fit --help`` at 120 columns, in this process (a new interpreter's imports are not what is tested)."""
+    import train
+
+    out, before, argv = io.StringIO(), os.environ.get("COLUMNS"), sys.argv
+    os.environ["COLUMNS"], sys.argv = "120", ["train.py", "fit", "--help"]  # the usage line's program name
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+            train.main(["fit", "--help"])
+    finally:
+        sys.argv = argv
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
+    assert not exit_.value.code
+    return out.getvalue()
 
 
 def option_entries(text: str) -> dict[str, str]:
@@ -82,11 +89,19 @@ def test_the_model_options_are_listed_in_sections_in_signature_order(fit_help):
         assert listed == [f"--model.{name}" for name in names if name not in linked], title
 
 
-def test_the_ema_warning_gives_the_decay_to_use_not_a_formula():
-    ema = WeightEMA(decay=0.999)
+def test_a_decay_too_slow_for_the_run_is_lowered_in_one_line_with_values_not_a_formula(caplog):
     trainer = SimpleNamespace(estimated_stepping_batches=230)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    ema = WeightEMA(decay=0.999)
+    with caplog.at_level(logging.INFO):
         ema.on_train_start(trainer, None)
-    [message] = [str(w.message) for w in caught]
-    assert "--ema.decay 0.987 or less" in message and "holds 80% of the first step's weights" in message
+    [message] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ema:")]
+    assert message.startswith("ema: decay 0.999 -> 0.987 for this run") and "leave 80% of the first step's" in message
+    assert ema.decay == 0.987  # in force, and what the card records
+    kept = WeightEMA(decay=0.999, adapt=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        kept.on_train_start(trainer, None)
+    assert kept.decay == 0.999 and any("--ema.decay 0.987 or less" in r.getMessage() for r in caplog.records)
+    fitting = WeightEMA(decay=0.98)  # 0.98^229 = 1%: an average over the run already
+    fitting.on_train_start(trainer, None)
+    assert fitting.decay == 0.98

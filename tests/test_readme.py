@@ -217,6 +217,8 @@ def test_every_block_runs_as_written_from_a_fresh_copy(shared_data, tmp_path):
     # What the README says these commands leave behind
     logs = repo / "lightning_logs" / "digits"
     assert (logs / "best.ckpt").resolve().is_file() and (logs / "last.ckpt").resolve().is_file()
-    assert (repo / "reports" / "best-digits" / "report.md").read_text().startswith("# Robustness of `best.ckpt`")
+    # the report's folder names the run and checkpoint that best.ckpt points to, and the data
+    [report_md] = (repo / "reports").glob("digits-version_0-best-epoch*-digits/report.md")
+    assert report_md.read_text().startswith("# Robustness of `best.ckpt`")
     assert (repo / "fooled" / "figure.png").is_file() and (repo / "model" / "model.onnx").is_file()
     assert any((repo / "lightning_logs" / "imagefolder").rglob("last.ckpt"))

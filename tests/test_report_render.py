@@ -64,7 +64,9 @@ def test_report_md_starts_with_what_was_measured_then_what_to_claim():
     others = [names[k] for k in keys]
     assert per_attack[0] == "| ε (L∞) | " + " | ".join(others) + " |"
     assert md.index("Worst case") < md.index("| ε (L∞) | FGSM")  # the compact table comes first
-    assert FLAG_RULE in md and "**Warning:**" not in md
+    # no warning fired: none announced, and a model that has learned carries no "Not learned"
+    assert FLAG_RULE not in md and "Warnings below" not in md and "**Warning:**" not in md
+    assert "Not learned" not in md
 
 
 def test_autoattack_joins_the_compact_table_when_it_ran():
@@ -89,7 +91,7 @@ def test_flags_fire_only_beyond_sampling_noise_and_count_the_images():
     assert honesty_flags([{"eps": 0.1, **ROW, "pgd": 0.806 + 5 / 40, "fgsm": 0.806}], 40) == []
     # The flag reaches report.md with its count
     md = markdown_table(make_report(n=10_000, pgd=0.856))
-    assert md.count("**Warning:**") == 2 and "500 of 10000 images" in md
+    assert md.count("**Warning:**") == 2 and "500 of 10000 images" in md and FLAG_RULE in md
 
 
 def test_every_threat_has_its_own_look():
@@ -129,3 +131,17 @@ def test_a_folder_of_splits_is_one_line_naming_the_split_to_pass(tmp_path):
     )
     _, identity = eval_data(str(tmp_path / "test"), card)
     assert identity["n"] == 2
+
+
+def test_a_model_at_chance_is_flagged_under_the_heading():
+    """The issue's case: 4 balanced classes, clean 0.20, the worst case 0.25 (a constant classifier's): the report
+    says in one line that the model has not learned, and what to change."""
+    from robust.learned import not_learned
+
+    reason = not_learned(0.20, 4)
+    assert reason and "within 10 points of chance (0.250 for 4 classes)" in reason
+    assert not_learned(0.36, 4) is None and not_learned(0.34, 4) is not None
+    assert "one class" in not_learned(0.9, 10, top_share=0.99) and not_learned(None, 4) is None
+    md = markdown_table({**make_report(), "not_learned": reason})
+    [line] = [line for line in md.splitlines() if line.startswith("**Not learned:**")]
+    assert md.splitlines().index(line) == 2 and "configs/imagefolder_finetune.yaml" in line
