@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,19 @@ def tiny_fit_args(save_dir, *extra: str) -> list[str]:
         str(save_dir),
         *extra,
     ]
+
+
+def evaluate_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``python evaluate.py ARGS`` run in this process: its exit code (``SystemExit``'s for argument errors), stdout
+    and stderr, as a CompletedProcess. A new interpreter's start-up (seconds of torch and Lightning imports) is not the
+    behaviour under test; the real-process path is checked by test_fool.py's
+    test_robust_error_in_a_real_process_is_one_line_exit_2 and test_imports.py."""
+    import evaluate
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = evaluate.main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return subprocess.CompletedProcess(["evaluate.py", *args], code, out.getvalue(), err.getvalue())

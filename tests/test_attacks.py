@@ -52,8 +52,8 @@ def test_pgd_matches_torchattacks(digits_model, batch):
 def test_targeted_pgd_matches_torchattacks_and_reaches_target(digits_model, batch):
     x, y = batch
     target = random_other_class(y, 10, generator=torch.Generator().manual_seed(0))
-    ours = pgd(digits_model, x, target, EPS, alpha=EPS / 8, steps=20, targeted=True, random_start=False)
-    atk = torchattacks.PGD(digits_model, eps=EPS, alpha=EPS / 8, steps=20, random_start=False)
+    ours = pgd(digits_model, x, target, EPS, alpha=EPS / 4, steps=10, targeted=True, random_start=False)
+    atk = torchattacks.PGD(digits_model, eps=EPS, alpha=EPS / 4, steps=10, random_start=False)
     atk.set_mode_targeted_by_label(quiet=True)
     assert (ours - atk(x, target)).abs().max().item() <= 1e-6
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_apgd_matches_torchattacks(digits_model, batch, norm, eps, loss, targets
 
 
 def test_attacks_lower_accuracy_by_a_large_margin(digits_model, digits_val):
-    x, y = digits_val
+    x, y = digits_val[0][:128], digits_val[1][:128]  # 128 of the 360: clean ~0.99, FGSM ~0.1-0.15, PGD-10 0.0
     clean = accuracy(digits_model, x, y)
     assert clean >= 0.9
     torch.manual_seed(0)

@@ -3,15 +3,13 @@ JPEG-defended and exported (safetensors, torch.export, ONNX) like an RGB one; a 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_fit_args
+from conftest import evaluate_in_process, tiny_fit_args
 from PIL import Image
 
 import train
@@ -45,13 +43,8 @@ GREY = [
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "evaluate.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
-    )
+    """``evaluate.py`` in this process (conftest's evaluate_in_process says where the real-process path is tested)."""
+    return evaluate_in_process(*args)
 
 
 @pytest.fixture(scope="module")

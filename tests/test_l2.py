@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_fit_args
+from conftest import evaluate_in_process, tiny_fit_args
 
 import train
 from robust import load_model
@@ -31,7 +30,8 @@ L2 = [
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True)
+    """``evaluate.py`` in this process (conftest's evaluate_in_process says where the real-process path is tested)."""
+    return evaluate_in_process(*args)
 
 
 @pytest.fixture(scope="module")

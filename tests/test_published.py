@@ -3,14 +3,13 @@ the papers' optimizers and schedules through LightningCLI, and configs that hold
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import evaluate_in_process
 from torch import nn
 
 import train
@@ -24,13 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "evaluate.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
-    )
+    """``evaluate.py`` in this process (conftest's evaluate_in_process says where the real-process path is tested)."""
+    return evaluate_in_process(*args)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))

@@ -1,11 +1,13 @@
-"""Resuming and the end of a run, as a user meets them: ``train.py fit`` in real processes (tiny digits runs of a few
-seconds each), and the schedule rebuild and config comparison of :mod:`robust.resume` against torch's own schedules."""
+"""Resuming and the end of a run, as a user meets them: ``train.py fit`` (tiny digits runs of a few seconds each,
+in this process), and the schedule rebuild and config comparison of :mod:`robust.resume` against torch's own
+schedules."""
 
 from __future__ import annotations
 
-import os
+import contextlib
+import io
+import logging
 import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 import yaml
 from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
 
+import train
 from robust.errors import RobustError
 from robust.files import load_checkpoint
 from robust.optim import Cyclic, Piecewise
@@ -46,20 +49,31 @@ TINY = [
 
 
 def fit(logs: Path, *extra: str) -> subprocess.CompletedProcess:
-    """``python train.py fit --config configs/digits.yaml`` (tiny) in a new process, logging under ``logs``."""
-    cmd = [
-        sys.executable,
-        "train.py",
+    """``train.py fit --config configs/digits.yaml`` (tiny), logging under ``logs``, in this process: its exit code,
+    stdout, and stderr with Lightning's log lines (where the resume notices go). A new interpreter's start-up is not
+    the behaviour under test: the slow test_reliability.py and test_fool.py's real-process test run real processes."""
+    args = [
         "fit",
         "--config",
-        "configs/digits.yaml",
+        str(ROOT / "configs" / "digits.yaml"),
         *TINY,
         "--trainer.logger.init_args.save_dir",
         str(logs),
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    out, err = io.StringIO(), io.StringIO()
+    handler, log = logging.StreamHandler(err), logging.getLogger("lightning.pytorch")
+    log.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                train.main(args)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        log.removeHandler(handler)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
@@ -143,22 +157,14 @@ def test_accepted_changes_resume_with_the_new_settings(one_epoch, tmp_path):
     assert saved["model"]["eps"] == 0.1
 
 
-def test_a_missing_data_root_is_one_line_naming_the_flag(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("ROBUST_DATA", None)
+def test_a_missing_data_root_is_one_line_naming_the_flag(tmp_path, monkeypatch):
+    monkeypatch.delenv("ROBUST_DATA", raising=False)
     missing = str(tmp_path / "nowhere" / "cifar10-subset")
-    cmd = [
-        sys.executable,
-        "train.py",
-        "fit",
-        "--config",
-        "configs/imagefolder.yaml",
-        "--data.init_args.root",
-        missing,
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    args = ["--data.init_args.root", missing, "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        train.main(["fit", "--config", str(ROOT / "configs" / "imagefolder.yaml"), *args])
+    proc = subprocess.CompletedProcess(args, exit_.value.code, out.getvalue(), err.getvalue())
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [line] = error_lines(proc)
     assert "--data.init_args.root /path/to/cifar10-subset" in line and "ROBUST_DATA" in line
