@@ -135,8 +135,11 @@ class Digits(_Base):
     train/val split.
 
     Args:
-        batch_size: images per batch. num_workers: data loading processes. image_size: side in pixels.
-        limit: keep that many evenly spaced images of each split (quick runs). split_seed: seed of the split.
+        batch_size: images per optimizer step.
+        num_workers: data loading processes (0: in the training process).
+        image_size: side of the square images, in pixels.
+        limit: keep that many evenly spaced images of each split (quick runs).
+        split_seed: seed of the train/val split.
         channels: 3 (the grey digit repeated as RGB) or 1 (grayscale).
     """
 
@@ -190,8 +193,10 @@ class MNIST(_Base):
 
     Args:
         root: the folder holding ``MNIST/raw`` (torchvision's layout); default ``$ROBUST_DATA``, else ``data``.
-        batch_size: images per batch. num_workers: data loading processes. limit: keep that many evenly spaced
-            images of each split (quick runs). download: let torchvision download the files when missing.
+        batch_size: images per optimizer step.
+        num_workers: data loading processes (0: in the training process).
+        limit: keep that many evenly spaced images of each split (quick runs).
+        download: let torchvision download the files when missing.
         channels: 1 (grayscale, as published) or 3 (the digit repeated as RGB, for RGB backbones).
         val_size: 0 validates on the test split; N holds out N training images to validate on.
         split_seed: seed of the held-out draw.
@@ -244,7 +249,16 @@ def _train_transform(size: int, augment: bool) -> v2.Compose:
 
 
 class CIFAR10(_Base):
-    """torchvision's CIFAR-10 in ``root`` (downloaded when ``download``); val = the official test set."""
+    """torchvision's CIFAR-10 in ``root`` (downloaded when ``download``); val = the official test set.
+
+    Args:
+        root: the folder torchvision's CIFAR10 reads (and downloads to).
+        batch_size: images per optimizer step.
+        num_workers: data loading processes (0: in the training process).
+        augment: pad-and-crop and horizontal flips of the training images.
+        download: let torchvision download the files when missing.
+        limit: keep that many evenly spaced images of each split (quick runs).
+    """
 
     class_names = CIFAR10_NAMES
 
@@ -413,6 +427,17 @@ class ImageFolder(_Base):
     Everything that would fail later is one line before the first step: the splits and their classes when built
     (:func:`split_classes`), empty class folders, unreadable images and too few images in ``setup``
     (:func:`image_folder`).
+
+    Args:
+        root: the folder holding the two splits (your images: ``root/train/<class>/``, ``root/test/<class>/``).
+        train_dir: the training split's folder under ``root``.
+        val_dir: the validation split's folder under ``root`` (per-epoch ``val/*`` and the best checkpoint).
+        image_size: side of the square model input, in pixels (images are resized and centre-cropped to it).
+        resize: short side before the centre crop (default ``image_size``; ImageNet style: 256 for 224).
+        batch_size: images per optimizer step (a few hundred images: 16 or 32, for enough steps).
+        num_workers: data loading processes (0: in the training process).
+        augment: padded random crops and horizontal flips of the training images.
+        limit: keep that many evenly spaced images of each split (quick runs).
     """
 
     def __init__(

@@ -105,3 +105,21 @@ def test_a_decay_too_slow_for_the_run_is_lowered_in_one_line_with_values_not_a_f
     fitting = WeightEMA(decay=0.98)  # 0.98^229 = 1%: an average over the run already
     fitting.on_train_start(trainer, None)
     assert fitting.decay == 0.98
+
+
+@pytest.mark.parametrize("name", ["Digits", "MNIST", "CIFAR10", "ImageFolder"])
+def test_each_data_module_s_options_are_described_by_its_short_name(name):
+    """``train.py fit --data.help NAME``: every option of the data module with a description of its own, as the
+    model's (``Args:`` of robust.data's classes, one option a line)."""
+    import train
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        train.main(["fit", "--data.help", name])
+    assert not exit_.value.code
+    text = out.getvalue()
+    entries = option_entries("\noptions:\n" + text[text.index("\n  --data.") + 1 :])
+    assert {"--data.batch_size", "--data.num_workers", "--data.limit"} <= set(entries)
+    for option, description in entries.items():
+        assert len(description.split()) >= 3, f"{option} has no description of its own: {description!r}"
+        assert "num_workers:" not in description and "limit:" not in description  # not another option's text

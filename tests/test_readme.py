@@ -218,7 +218,7 @@ def test_every_block_runs_as_written_from_a_fresh_copy(shared_data, tmp_path):
     logs = repo / "lightning_logs" / "digits"
     assert (logs / "best.ckpt").resolve().is_file() and (logs / "last.ckpt").resolve().is_file()
     # the report's folder names the run and checkpoint that best.ckpt points to, and the data
-    [report_md] = (repo / "reports").glob("digits-version_0-best-epoch*-digits/report.md")
+    [report_md] = (repo / "reports").glob("digits-version_*-best-epoch*-digits/report.md")
     assert report_md.read_text().startswith("# Robustness of `best.ckpt`")
     assert (repo / "fooled" / "figure.png").is_file() and (repo / "model" / "model.onnx").is_file()
     assert any((repo / "lightning_logs" / "imagefolder").rglob("last.ckpt"))
