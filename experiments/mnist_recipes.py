@@ -139,14 +139,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default="mnist_recipes")
     parser.add_argument("--fresh", action="store_true", help="train and measure every row again")
     parser.add_argument(
-        "--no-reference", dest="reference", action="store_false", help="do not train `paper` (no time ratios)"
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="train `paper` only when --recipes names it (no time ratios)",
     )
     args = parser.parse_args(argv)
     if args.limit < 1 or args.aa_limit < 0 or min(args.seeds) < 0 or args.threads < 1:
         parser.error("--limit and --threads must be 1 or more, --aa-limit and --seeds 0 or more")
     args.limit = min(args.limit, MNIST_TEST_IMAGES)
     env = work_env(args)
-    recipes = (["paper"] if args.reference else []) + [r for r in args.recipes if r != "paper"]
+    # paper first, the time reference (unless --no-reference), then the recipes asked for, each once
+    recipes = list(dict.fromkeys((["paper"] if args.reference else []) + args.recipes))
     rows = [run_recipe(recipe, seed, args, env) for recipe in recipes for seed in args.seeds]
     if args.train_only:
         return {"rows": rows}
