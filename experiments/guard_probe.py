@@ -58,11 +58,13 @@ class ProbeRecorder(L.Callback):
 
     def __init__(self, guard: CatastrophicOverfittingGuard, test: tuple[torch.Tensor, torch.Tensor], eps: float):
         self.guard, self.test, self.eps = guard, test, eps
+        self.probe: tuple[torch.Tensor, torch.Tensor] | None = None
         self.records: list[dict] = []
         self._last_step = -1
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.guard._probe = self.guard.take_probe(trainer, self.guard.n, self.guard.seed)
+        # the guard's own probe: the same images it takes, drawn under the same seed
+        self.probe = self.guard.take_probe(trainer, self.guard.n, self.guard.seed)
         self.measure(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -74,7 +76,7 @@ class ProbeRecorder(L.Callback):
         model, eps = pl_module.model, self.eps
         was_training = model.training
         model.eval()
-        x, y = self.guard._probe
+        x, y = self.probe
         xt, yt = self.test
         start = time.perf_counter()
         with torch.enable_grad(), seeded_rng(0):
@@ -207,13 +209,11 @@ def main(argv: list[str] | None = None) -> dict:
         run=False,
     )
     guard = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CatastrophicOverfittingGuard))
-    xt, yt = cli.datamodule.test_tensors() if hasattr(cli.datamodule, "test_tensors") else (None, None)
-    if xt is None:
-        cli.datamodule.setup("test")
-        ds = cli.datamodule.test_dataloader().dataset
-        idx = torch.linspace(0, len(ds) - 1, args.test).round().long().tolist()
-        xt = torch.stack([ds[i][0] for i in idx])
-        yt = torch.as_tensor([int(ds[i][1]) for i in idx])
+    cli.datamodule.setup("test")
+    ds = cli.datamodule.test_dataloader().dataset
+    idx = torch.linspace(0, len(ds) - 1, args.test).round().long().tolist()
+    xt = torch.stack([ds[i][0] for i in idx])
+    yt = torch.as_tensor([int(ds[i][1]) for i in idx])
     recorder = ProbeRecorder(guard, (xt, yt), float(cli.model.hparams.eps))
     cli.trainer.callbacks.insert(0, recorder)
     start = time.perf_counter()
