@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from robust.attacks import check_budget, default_step, fgsm, pgd, resolve_class, seeded_rng
 from robust.defenses import check_quality, jpeg
 from robust.errors import RobustError
+from robust.fast_path import fast_model
 from robust.files import atomic_write_files
 from robust.images import check_images, png_bytes
 from robust.models import card_of
@@ -88,13 +89,16 @@ def fool(
     quality: int = 75,
     seed: int = 0,
     norm: str = "linf",
+    fast_path: bool = True,
 ) -> FoolResult:
     """Attack ``model``'s prediction of one image ``x`` (``1×C×S×S`` in [0, 1]) and JPEG the result.
 
     Untargeted (``target=None``) pushes away from the model's own prediction; otherwise ``target`` is a class
     name or id of the model card's ``class_names`` (ids only, for a model without a card). ``attack`` is ``fgsm``
     or ``pgd`` (``steps`` of ``alpha``, default the registry's: L∞ eps/4, L2 2.5·eps/steps; random start seeded by
-    ``seed``); ``eps`` in pixel units of ``norm`` (``linf``: [0, 1]; ``l2``).
+    ``seed``); ``eps`` in pixel units of ``norm`` (``linf``: [0, 1]; ``l2``). ``fast_path``: the attack runs on
+    :func:`robust.fast_path.fast_model`'s frozen copy (False: on ``model``, for debugging); the predictions shown
+    are ``model``'s own either way.
     """
     if attack not in ("fgsm", "pgd"):
         raise RobustError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
@@ -114,11 +118,12 @@ def fool(
     pred, top = {}, {}
     pred["original"], top["original"] = _top(model, x, names)
     y = torch.tensor([pred["original"] if target_id is None else target_id], device=x.device)
+    attacked = fast_model(model) if fast_path else model
     with seeded_rng(seed, x.device):
         if attack == "fgsm":
-            x_adv = fgsm(model, x, y, eps, targeted=target_id is not None, norm=norm)
+            x_adv = fgsm(attacked, x, y, eps, targeted=target_id is not None, norm=norm)
         else:
-            x_adv = pgd(model, x, y, eps, alpha, steps, targeted=target_id is not None, norm=norm)
+            x_adv = pgd(attacked, x, y, eps, alpha, steps, targeted=target_id is not None, norm=norm)
     x_adv = quantize_within(x_adv, x, eps, norm)
     x_jpeg = jpeg(x_adv, quality)
     pred["adversarial"], top["adversarial"] = _top(model, x_adv, names)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from robust.errors import RobustError
+from robust.fast_path import fast_model
 from robust.files import sha256_path
 from robust.hf import HF_PREFIX
 from robust.images import check_images
@@ -59,6 +60,7 @@ def evaluate(
     early_exit: bool = True,
     cascade: bool = False,
     square_queries: int = 0,
+    fast_path: bool = True,
 ) -> dict:
     """Accuracy of ``model`` under every threat, on the same images, for each eps.
 
@@ -79,6 +81,8 @@ def evaluate(
             Square with this many queries (the ``square`` threat, a part of ``pgd_worst``; 0: not run).
         seed: seeds random starts and the random targets (batch ``i`` with ``seed + i``; the global RNG is left
             untouched).
+        fast_path: attack :func:`robust.fast_path.fast_model`'s frozen, folded copy of ``model`` (the same figures
+            within float rounding, faster; built once per call); False attacks ``model`` itself, for debugging.
         world: the processes sharing the batches (:func:`robust.sharding.launch`; default this process alone, on
             the model's device); every process gets the same result. journal: where finished batches' counts are
             kept and, when resuming, read back (:class:`robust.sharding.Journal`).
@@ -117,6 +121,8 @@ def evaluate(
     world = world or World(next(model.parameters()).device)
     num_classes = class_count(model, loader, world.device)
     check_classes(keys, num_classes)  # before the pass: autoattack on too few classes is one line, at once
+    if fast_path:
+        model = fast_model(model)
     count = partial(batch_counts, model, keys, world.device)
     totals = sharded_counts(loader, specs, count, 1 + len(keys), world, journal, progress).tolist()
     n = totals[0][0]
@@ -143,6 +149,7 @@ def evaluate(
         "mode": specs[0].mode,
         "early_exit": bool(early_exit),
         "square_queries": int(square_queries),
+        "fast_path": bool(fast_path),
         "num_classes": num_classes,
         "adapted": specs[0].adaptations(num_classes),
         "not_learned": not_learned(rows[0].get("clean"), num_classes),

@@ -1,0 +1,132 @@
+"""The inference fast path (robust/fast_path.py): the user's model untouched, BatchNorm folded, and the same figures
+as the plain path for every threat key, within what float rounding can move.
+
+The bound, and why. Folding computes ``w·(x - μ)/σ + b`` as ``(w/σ)·x + (b - w·μ/σ)``, and channels-last changes the
+order in which a convolution sums: float32 rounding then moves logits by a few ulps per layer (1.6e-6 measured on a
+ResNet18), far below ``LOGIT_BOUND`` = 1e-4. So a clean prediction can differ only where the top-2 logit margin is
+below the bound. An attack's images can part only where a gradient component is within rounding of zero and its sign
+flips (L-inf), which moves that pixel by one step; that changes a verdict only for an example that sits on its
+decision boundary after the attack, so per threat at most ``FLIPS`` of the batch's predictions may differ, and on
+every model here none did. ``mnist_net`` has no BatchNorm and keeps its layout: the fast path runs the very same
+operations there, so its figures are equal, bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from robust.archs import mnist_net
+from robust.errors import RobustError
+from robust.fast_path import fast_model, prefers_channels_last
+from robust.models import CIFAR10_MEAN, CIFAR10_STD, CardedModel, build_model, normalized
+from robust.report import evaluate
+from robust.threats import DEFAULT_THREATS, ThreatSpec, predictions
+
+LOGIT_BOUND = 1e-4
+FLIPS = 1  # per threat and batch: examples left on a decision boundary by an attack whose images parted (docstring)
+EVERY_THREAT = (*DEFAULT_THREATS, "square", "autoattack", "aa_worst")
+
+
+def bn_resnet18() -> nn.Module:
+    """A CIFAR-stem ResNet18 with random weights and BatchNorm statistics of its own (not the identity), eval mode."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, mean=CIFAR10_MEAN, std=CIFAR10_STD, cifar_stem=True).train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.rand(16, 3, 32, 32))
+    return model.eval()
+
+
+def small_mnist_net() -> nn.Module:
+    torch.manual_seed(0)
+    return normalized(mnist_net(), (0.1307,), (0.3081,)).eval()
+
+
+def own_labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's clean predictions: on an untrained model every example then starts correct and is attacked."""
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def state(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_the_user_model_is_untouched_and_batchnorm_is_folded():
+    model = bn_resnet18()
+    before, flags = state(model), [p.requires_grad for p in model.parameters()]
+    fast = fast_model(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert [p.requires_grad for p in model.parameters()] == flags and not model.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # every ResNet BatchNorm follows a conv
+    assert not any(p.requires_grad for p in fast.parameters()) and not fast.training
+    assert model.backbone.conv1.weight.is_contiguous()  # the layout changed on the copy only
+    assert prefers_channels_last(model) and not prefers_channels_last(small_mnist_net())
+
+
+def test_a_carded_model_keeps_its_card_and_its_checks():
+    """A CardedModel cannot be traced (its forward checks the channels): its layers are folded inside, and the copy
+    keeps the card and the check."""
+    inner = bn_resnet18()
+    card = type("Card", (), {"channels": 3, "num_classes": 10})()
+    fast = fast_model(CardedModel(inner, card))
+    assert isinstance(fast, CardedModel) and fast.card is not None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    with pytest.raises(RobustError, match="channel"):
+        fast(torch.rand(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("build", [bn_resnet18, small_mnist_net], ids=["resnet18", "mnist_net"])
+def test_logits_within_the_rounding_bound(build):
+    model = build()
+    size, channels = (28, 1) if build is small_mnist_net else (32, 3)
+    x = torch.rand(8, channels, size, size, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(True)
+    plain, fast = model(x), fast_model(model)(x)
+    assert (plain - fast).abs().max() <= LOGIT_BOUND
+    grads = [torch.autograd.grad(out.logsumexp(1).sum(), x)[0] for out in (plain, fast)]
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=LOGIT_BOUND)
+
+
+def assert_same_figures(model, x, y, spec, exact=False):
+    """Every threat's predictions of the plain path and the fast path on ``x``: equal where no rounding can move
+    them (module docstring); ``exact``: equal everywhere."""
+    plain, fast = predictions(model, x, y, spec), predictions(fast_model(model), x, y, spec)
+    with torch.no_grad():
+        top2 = model(x).topk(2, 1).values
+    tie = (top2[:, 0] - top2[:, 1]) < LOGIT_BOUND
+    for key in spec.threats:
+        differ = plain[key] != fast[key]
+        if exact:
+            assert not differ.any(), key
+        elif key in ("clean", "jpeg"):
+            assert not (differ & ~tie).any(), key  # jpeg: the same uint8 images through the same model
+        else:
+            assert int(differ.sum()) <= FLIPS, (key, int(differ.sum()))
+
+
+def test_every_threat_on_the_digits_model(digits_model, digits_val):
+    x, y = digits_val[0][:8], digits_val[1][:8]
+    spec = ThreatSpec(0.1, steps=3, threats=EVERY_THREAT, square_queries=20)
+    assert_same_figures(digits_model, x, y, spec)
+
+
+@pytest.mark.parametrize("build", [bn_resnet18, small_mnist_net], ids=["resnet18", "mnist_net"])
+def test_every_default_threat_on_resnet18_and_mnist_net(build):
+    model = build()
+    size, channels = (28, 1) if build is small_mnist_net else (16, 3)  # 16×16: a quarter of ResNet18's CIFAR cost
+    x = torch.rand(8, channels, size, size, generator=torch.Generator().manual_seed(2))
+    spec = ThreatSpec(2 / 255, steps=2, threats=(*DEFAULT_THREATS, "square"), square_queries=20)
+    assert_same_figures(model, x, own_labels(model, x), spec, exact=build is small_mnist_net)
+
+
+def test_the_report_records_the_path_and_gives_the_same_figures(digits_model, digits_val):
+    batches = [(digits_val[0][:16], digits_val[1][:16])]
+    kwargs = {"steps": 2, "threats": ("clean", "pgd", "apgd"), "progress": False}
+    fast, plain = (evaluate(digits_model, batches, [0.1], fast_path=f, **kwargs) for f in (True, False))
+    assert fast["fast_path"] and not plain["fast_path"]
+    for key in kwargs["threats"]:
+        assert abs(fast["rows"][0][key] - plain["rows"][0][key]) * fast["n"] <= FLIPS, key
