@@ -605,6 +605,8 @@ def apgd(
     """
     _check_batch(x, y)
     active = _check_active(active, x)
+    if early_exit:
+        _check_exit(model, active)  # before the clean pass, which in train mode would move BatchNorm statistics
     with torch.no_grad():
         correct = torch.zeros_like(active)
         if active.any():

@@ -57,8 +57,21 @@ def train_digits_model(epochs: int = 3, seed: int = 0) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def digits_model() -> torch.nn.Module:
+def _digits_model_session() -> torch.nn.Module:
     return train_digits_model()
+
+
+@pytest.fixture
+def digits_model(_digits_model_session) -> torch.nn.Module:
+    """The session's trained digits model, in eval mode. Shared by every test, so a test that leaves it changed
+    (weights, BatchNorm statistics, dtype, mode, frozen parameters) fails here, not by moving later tests' figures."""
+    model = _digits_model_session
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    yield model
+    after = model.state_dict()
+    changed = [k for k, v in before.items() if not (after[k].dtype == v.dtype and torch.equal(after[k], v))]
+    assert not changed, f"the test changed the shared digits model: {changed[:3]}"
+    assert not model.training and all(p.requires_grad for p in model.parameters()), "the test left the model changed"
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +84,7 @@ def digits_val() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def digits_ckpt(digits_model, tmp_path_factory) -> Path:
+def digits_ckpt(_digits_model_session, tmp_path_factory) -> Path:
     """A real Lightning checkpoint of ``digits_model``: an AdversarialClassifier fitted for one batch on Digits by a
     Trainer (so the checkpoint holds the data description), its weights then set to ``digits_model``'s, saved."""
     import lightning as L
@@ -99,7 +112,7 @@ def digits_ckpt(digits_model, tmp_path_factory) -> Path:
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=Digits(batch_size=64))
-    module.model.load_state_dict(digits_model.state_dict())
+    module.model.load_state_dict(_digits_model_session.state_dict())
     path = tmp_path_factory.mktemp("digits_ckpt") / "digits.ckpt"
     trainer.save_checkpoint(path)
     return path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchattacks
@@ -129,31 +131,27 @@ def test_attacks_lower_accuracy_by_a_large_margin(digits_model, digits_val):
     ],
 )
 def test_bounds_dtype_device_and_no_side_effects(digits_model, batch, attack, dtype):
-    model = digits_model.to(dtype)
-    try:
-        x, y = batch[0][:8].to(dtype), batch[1][:8]  # per-image properties: 8 images suffice (float64 convs are slow)
-        x_before = x.clone()
-        frozen = next(model.parameters())
-        frozen.requires_grad_(False)
-        flags = [p.requires_grad for p in model.parameters()]
-        for mode in (True, False):
-            model.train(mode)
-            bn = model.backbone.bn1
-            stats = bn.running_mean.clone()
-            x_adv = attack(model, x, y)
-            assert [m.training for m in model.modules()] == [mode] * len(list(model.modules()))
-            if not mode:
-                assert torch.equal(bn.running_mean, stats)
-            assert x_adv.dtype == dtype and x_adv.device == x.device and x_adv.shape == x.shape
-            assert not x_adv.requires_grad and x_adv.grad_fn is None
-            assert x_adv.min() >= 0 and x_adv.max() <= 1
-            assert (x_adv - x).abs().max().item() <= EPS + 1e-6
-            assert torch.equal(x, x_before)
-            assert [p.requires_grad for p in model.parameters()] == flags
-            assert all(p.grad is None for p in model.parameters())
-    finally:
-        next(model.parameters()).requires_grad_(True)
-        model.float().eval()
+    model = copy.deepcopy(digits_model).to(dtype)  # train mode moves BatchNorm statistics: not the shared model's
+    x, y = batch[0][:8].to(dtype), batch[1][:8]  # per-image properties: 8 images suffice (float64 convs are slow)
+    x_before = x.clone()
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    for mode in (True, False):
+        model.train(mode)
+        bn = model.backbone.bn1
+        stats = bn.running_mean.clone()
+        x_adv = attack(model, x, y)
+        assert [m.training for m in model.modules()] == [mode] * len(list(model.modules()))
+        if not mode:
+            assert torch.equal(bn.running_mean, stats)
+        assert x_adv.dtype == dtype and x_adv.device == x.device and x_adv.shape == x.shape
+        assert not x_adv.requires_grad and x_adv.grad_fn is None
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert (x_adv - x).abs().max().item() <= EPS + 1e-6
+        assert torch.equal(x, x_before)
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ budget checks, the registry of default steps, and the threat suite in L2."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -125,26 +126,21 @@ def test_fgm_is_one_normalized_gradient_step_then_projection(targeted):
     ids=["fgm", "fgm_rs", "fgm_long_targeted", "pgd", "pgd_restarts", "pgd_no_start", "apgd"],
 )
 def test_l2_bounds_and_no_side_effects(digits_model, batch, attack):
-    model = digits_model
+    model = copy.deepcopy(digits_model)  # train mode moves BatchNorm statistics: not the shared model's
     x, y = batch[0][:8], batch[1][:8]
     x_before = x.clone()
-    frozen = next(model.parameters())
-    frozen.requires_grad_(False)
-    try:
-        flags = [p.requires_grad for p in model.parameters()]
-        for mode in (True, False):
-            model.train(mode)
-            x_adv = attack(model, x, y)
-            assert [m.training for m in model.modules()] == [mode] * len(list(model.modules()))
-            assert not x_adv.requires_grad and x_adv.grad_fn is None and x_adv.shape == x.shape
-            assert x_adv.min() >= 0 and x_adv.max() <= 1
-            assert l2_dist(x_adv, x).max().item() <= EPS + 1e-6
-            assert torch.equal(x, x_before)
-            assert [p.requires_grad for p in model.parameters()] == flags
-            assert all(p.grad is None for p in model.parameters())
-    finally:
-        frozen.requires_grad_(True)
-        model.eval()
+    next(model.parameters()).requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    for mode in (True, False):
+        model.train(mode)
+        x_adv = attack(model, x, y)
+        assert [m.training for m in model.modules()] == [mode] * len(list(model.modules()))
+        assert not x_adv.requires_grad and x_adv.grad_fn is None and x_adv.shape == x.shape
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert l2_dist(x_adv, x).max().item() <= EPS + 1e-6
+        assert torch.equal(x, x_before)
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(p.grad is None for p in model.parameters())
 
 
 def test_l2_early_exit_stays_in_the_ball(digits_model, batch):

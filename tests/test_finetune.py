@@ -26,10 +26,10 @@ DIGITS = {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # the fixtures' normalization 
 
 
 @pytest.fixture(scope="module")
-def sources(digits_model, digits_ckpt, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+def sources(_digits_model_session, digits_ckpt, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """Each kind of weights source of ``digits_model``: kind -> (the spec to pass, the file its sha256 is of)."""
     folder = tmp_path_factory.mktemp("sources")
-    torch.save(digits_model.backbone.state_dict(), folder / "digits.pth")
+    torch.save(_digits_model_session.backbone.state_dict(), folder / "digits.pth")
     export = export_model(digits_ckpt, folder / "export")
     return {
         "state_dict": (folder / "digits.pth", folder / "digits.pth"),

@@ -35,9 +35,10 @@ def batch(digits_val):
 
 
 @pytest.fixture(scope="module")
-def suite(digits_model, batch):
+def suite(_digits_model_session, batch):
     """Every default threat's predictions on the batch, with the model in train mode (to check it is restored)."""
     x, y = batch
+    digits_model = _digits_model_session
     digits_model.train()
     rng = torch.get_rng_state()
     try:
