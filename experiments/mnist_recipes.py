@@ -45,6 +45,18 @@ RECIPES: dict[str, tuple[str, list[str], str, str]] = {
         "FGSM-RS, guard stop and EMA 0.999",
     ),
     "rollback": (PAPER, ["--overfit_guard.action", "rollback"], "last", "FGSM-RS, the guard rolls back a collapse"),
+    "heldout_ema": (
+        PAPER,
+        ["--data.init_args.val_size", "1000", "--ema.decay", "0.999"],
+        "best",
+        "FGSM-RS, EMA 0.999, epoch chosen on 1,000 held-out",
+    ),
+    "long_ema": (
+        PAPER,
+        ["--trainer.max_epochs", "15", "--ema.decay", "0.999"],
+        "last",
+        "FGSM-RS for 15 epochs (1.5x), EMA 0.999",
+    ),
     "alpha1": (PAPER, ["--model.alpha", "0.3"], "last", "FGSM-RS with step eps (0.3) instead of 1.25·eps"),
     "eps35": (
         PAPER,
