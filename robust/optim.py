@@ -18,12 +18,13 @@ fits any ``max_epochs``. The schedules here each take ``(optimizer, total_steps)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
 from lightning.pytorch.cli import instantiate_class
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, OneCycleLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 OptimizerFactory = Callable[[Iterable], Optimizer]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
@@ -43,7 +44,8 @@ class OneCycle(OneCycleLR):
         self.peak_at = float(peak_at)  # kept for the card
         super().__init__(
             optimizer,
-            max_lr=[g["lr"] for g in optimizer.param_groups],
+            # a group torch's one-cycle already ran on (a resume's rebuild) keeps its peak in max_lr, not in lr
+            max_lr=[g.get("max_lr", g["lr"]) for g in optimizer.param_groups],
             total_steps=total_steps,
             pct_start=peak_at,
             anneal_strategy="linear",
@@ -52,7 +54,7 @@ class OneCycle(OneCycleLR):
 
 class RunFraction(LambdaLR):
     """A schedule written as a multiple of each group's ``lr`` per optimizer step, :meth:`factor`, from the step and
-    the run's length ``total_steps`` alone: a resume of another length rebuilds it by setting ``total_steps``
+    the run's length ``total_steps`` alone, so a resume of another length rebuilds it for the new length
     (:func:`robust.resume.rebuild_schedule`). Subclasses set their own attributes, then call this ``__init__``."""
 
     name = "run-fraction"
@@ -96,12 +98,14 @@ class Piecewise(RunFraction):
         return self.gamma ** sum(step >= m * self.total_steps for m in self.milestones)
 
 
-class Cosine(CosineAnnealingLR):
-    """Cosine annealing from each group's ``lr`` to 0 over the run."""
+class Cosine(RunFraction):
+    """Cosine annealing from each group's ``lr`` to 0 over the run: ``lr × (1 + cos(π·step / total_steps)) / 2``
+    (torch's ``CosineAnnealingLR`` with ``eta_min`` 0, in closed form)."""
 
-    def __init__(self, optimizer: Optimizer, total_steps: int) -> None:
-        self.total_steps = int(total_steps)
-        super().__init__(optimizer, T_max=total_steps)
+    name = "cosine"
+
+    def factor(self, step: int) -> float:
+        return (1 + math.cos(math.pi * step / self.total_steps)) / 2
 
 
 def default_optimizer(params: Iterable) -> Optimizer:

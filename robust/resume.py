@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,10 @@ from typing import Any
 import lightning as L
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
-from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
+from torch.optim.lr_scheduler import LRScheduler, OneCycleLR
 
 from robust.errors import RobustError
-from robust.optim import RunFraction
+from robust.optim import SchedulerFactory
 
 # How long a run is: may differ between a run and its resume.
 RUN_LENGTH = ("trainer.max_epochs", "trainer.max_steps", "trainer.min_epochs", "trainer.min_steps", "trainer.max_time")
@@ -111,68 +110,42 @@ def check_resume_config(folder: Path, given: dict, accept: bool) -> str | None:
 class RunLengthSchedule(L.Callback):
     """On a resumed run, rebuild learning-rate schedules restored from the checkpoint for this run's length.
 
-    A ``OneCycleLR``, ``CosineAnnealingLR`` or :class:`robust.optim.RunFraction` (``Cyclic``, ``Piecewise``) is built
-    for the number of steps the run had when it started; the checkpoint keeps that number. When a resume trains for
-    another number (``--trainer.max_epochs 12`` after 10, another batch count), the schedule is recomputed for the
-    new total with the same shape (``pct_start``, three-phase, annealing, milestones as fractions), the learning rate
-    set to the rebuilt schedule's value at the current step, and one line printed. Without this, a one-cycle schedule
+    A schedule of the module's factory (``lr_scheduler``: ``OneCycle``, ``Cyclic``, ``Cosine``, ``Piecewise``, any
+    whose ``total_steps`` is the run's length) is built for the number of steps the run had when it started; the
+    checkpoint keeps that number. When a resume trains for another number (``--trainer.max_epochs 12`` after 10,
+    another batch count), the factory builds the schedule for the new total and it is stepped to the current step, as
+    if the run had been configured that way from the start, and one line says so. Without this, a one-cycle schedule
     stepped past its end raises torch's ``ValueError``."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.ckpt_path is None:
+        factory = getattr(pl_module, "lr_scheduler", None)
+        if trainer.ckpt_path is None or factory is None:
             return
         for config in trainer.lr_scheduler_configs:
             total = int(trainer.estimated_stepping_batches) if config.interval == "step" else trainer.max_epochs
             if total is None or total < 1:
                 continue
-            notice = rebuild_schedule(config.scheduler, total)
-            if notice:
+            rebuilt = rebuild_schedule(config.scheduler, factory, total)
+            if rebuilt:
+                config.scheduler, notice = rebuilt
                 rank_zero_info(notice)
 
 
-def rebuild_schedule(scheduler: Any, total: int) -> str | None:
-    """Rebuild ``scheduler`` (``OneCycleLR``, ``CosineAnnealingLR`` or a :class:`robust.optim.RunFraction`) in place
-    for ``total`` steps, keeping its step count and shape; the optimizer's learning rates become the rebuilt schedule's
-    at the current step. Returns a one-line notice, or None when the schedule already fits (or is of another kind,
-    or the run is already past ``total``)."""
-    step = scheduler.last_epoch
-    if isinstance(scheduler, OneCycleLR):
-        old = scheduler.total_steps
-        if old == total or step > total:
-            return None
-        phases = scheduler._schedule_phases
-        pct = (phases[0]["end_step"] + 1) / old
-        ends = [pct * total - 1, 2 * pct * total - 2, total - 1] if len(phases) == 3 else [pct * total - 1, total - 1]
-        for phase, end in zip(phases, ends, strict=True):
-            phase["end_step"] = float(end)
-        scheduler.total_steps = total
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns when get_lr() is called outside step()
-            lrs = scheduler.get_lr()  # also sets the cycled momentum of each group
-        name = "one-cycle"
-    elif isinstance(scheduler, CosineAnnealingLR):
-        old = scheduler.T_max
-        if old == total or step > total:
-            return None
-        scheduler.T_max = total
-        lrs = [
-            scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * step / total)) / 2
-            for base in scheduler.base_lrs
-        ]
-        name = "cosine"
-    elif isinstance(scheduler, RunFraction):
-        old = scheduler.total_steps
-        if old == total or step > total:
-            return None
-        scheduler.total_steps = total
-        lrs = [base * scheduler.factor(step) for base in scheduler.base_lrs]
-        name = scheduler.name
-    else:
+def rebuild_schedule(scheduler: LRScheduler, factory: SchedulerFactory, total: int) -> tuple[LRScheduler, str] | None:
+    """``factory(optimizer, total)`` stepped to ``scheduler``'s step, and a one-line notice; the optimizer's learning
+    rates (and a one-cycle's momentum) become the new schedule's at that step. None when ``scheduler`` already fits,
+    has no ``total_steps``, or the run is already past ``total``."""
+    step, old = scheduler.last_epoch, getattr(scheduler, "total_steps", None)
+    if old is None or old == total or step > total:
         return None
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-    return (
+    rebuilt = factory(scheduler.optimizer, total)
+    rebuilt.last_epoch = step - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "step() before optimizer.step()": this step only moves the count
+        rebuilt.step()
+    name = getattr(rebuilt, "name", "one-cycle" if isinstance(rebuilt, OneCycleLR) else type(rebuilt).__name__)
+    lr = rebuilt.get_last_lr()[0]
+    return rebuilt, (
         f"resume: the {name} learning-rate schedule was built for {old} steps; rebuilt for this run's {total} "
-        f"(at step {step}, lr {float(lrs[0]):.4g})"
+        f"(at step {step}, lr {float(lr):.4g})"
     )
