@@ -3,6 +3,8 @@
 - training: one adversarial training step (FGSM-RS on the full batch, on half of it, PGD-10) over one clean
   step, through the product's own ``AdversarialClassifier.training_step`` + backward + optimizer step;
 - attacks: our PGD-10 throughput over torchattacks' PGD-10, same model and batch, both in eval mode;
+- floor (only with ``--only floor``): our PGD on the inference fast path over torchattacks' and our step over 2
+  forwards, at 1 and 2 threads, for ResNet18, PreAct-ResNet18 and mnist_net (``benchmarks/floor.py``);
 - JPEG: our batched ``robust.defenses.jpeg`` over a per-image PIL save/load loop, quality 75;
 - suite (long, only with ``--only suite``): the report's threat suite with and without early exit and cascade
   (``benchmarks/suite.py``);
@@ -38,6 +40,7 @@ from torchvision.transforms.v2 import functional as TF
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts: its shared parts import as benchmarks.*
 
+from benchmarks.floor import bench_floor  # noqa: E402
 from benchmarks.suite import MNIST_MODEL, bench_suite, print_suite_accuracy  # noqa: E402
 from benchmarks.timing import FULL, QUICK, Row, Sizes, time_interleaved  # noqa: E402
 from robust.attacks import default_step, pgd  # noqa: E402
@@ -53,8 +56,8 @@ from robust.runfiles import shared_data_dir  # noqa: E402
 EPS, QUALITY = 8 / 255, 75
 PGD_ALPHA = default_step("pgd", EPS)  # the registry's evaluation step: eps/4 = 2/255
 KEY_JPEG = "jpeg_batched_over_pil"
-BENCHMARKS = ("train", "pgd", "jpeg", "suite", "autoattack")
-DEFAULT_BENCHMARKS = ("train", "pgd", "jpeg")  # the suite and AutoAttack take minutes: only when named
+BENCHMARKS = ("train", "pgd", "jpeg", "floor", "suite", "autoattack")
+DEFAULT_BENCHMARKS = ("train", "pgd", "jpeg")  # the floor, the suite and AutoAttack take minutes: only when named
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,10 @@ def run_benchmarks(
             images, record[f"{key}_images"] = sample_images(n, side, seed=1)
             new_rows, record[key], record[f"{key}_pixels_identical"] = bench_jpeg(images.to(device), run)
             rows += new_rows
+    if "floor" in only:
+        new_rows, keys = bench_floor(device, sizes, run, lambda n, size: sample_images(n, size, seed=2)[0])
+        rows += new_rows
+        record.update(keys)
     if {"suite", "autoattack"} & set(only):
         suite = suite or parse_args([])
         suite_run = {**run, "repeats": suite.suite_repeats or (1 if sizes.quick else 3), "warmup": 0}
@@ -307,7 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=BENCHMARKS,
         default=list(DEFAULT_BENCHMARKS),
-        help="run only these (default: all but suite and autoattack, which take minutes)",
+        help="run only these (default: all but floor, suite and autoattack, which take minutes)",
     )
     p.add_argument(
         "--suite-repeats",

@@ -103,6 +103,20 @@ def test_sample_images_are_real_photos_in_range():
     assert torch.equal(x, run.sample_images(3, 64, seed=0)[0])
 
 
+def test_the_floor_benchmark_gives_every_model_its_rows_and_ratios():
+    """``--only floor`` on tiny sizes, one thread (no timing asserted): four rows and five ratios per model."""
+    run = load_script("run")  # puts the repository on sys.path, so benchmarks.* import
+    from benchmarks.floor import MODELS, bench_floor
+    from benchmarks.timing import QUICK
+
+    timing = {"repeats": 1, "warmup": 0, "sync": lambda: None}
+    rows, keys = bench_floor(torch.device("cpu"), QUICK, timing, lambda n, s: run.sample_images(n, s, 0)[0], (1,))
+    assert len(rows) == 4 * len(MODELS)
+    for model in MODELS:
+        for key in ("pgd_fast_over_torchattacks", "pgd_fast_over_plain", "step_over_floor", "forward_fast_over_plain"):
+            assert keys[f"{model.name}_t1_{key}"] > 0
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [(["--repeats", "0"], "at least"), (["--threads", "0"], "at least"), (["--device", "cuda"], "CUDA")],
