@@ -13,11 +13,13 @@ from conftest import evaluate_in_process
 from torch import nn
 
 import train
+from experiments.mnist_recipes import RECIPE_CHANGES, RECIPES, ROBUST_RECIPE
 from robust import load_model
 from robust.archs import ARCHS, build_arch, mnist_net
 from robust.errors import RobustError
 from robust.loading import spec_kind
 from robust.optim import Cyclic
+from robust.resume import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,3 +194,57 @@ def test_the_paper_configs_hold_the_papers_values(config, tmp_path):
         assert model.hparams.attack_early_exit is True
         assert (opt.defaults["lr"], data.batch_size, cli.trainer.max_epochs) == (1e-4, 50, 100)
         assert model.lr_scheduler is None
+
+
+def _config(name: str, tmp_path: Path, *extra: str) -> dict:
+    """A shipped config resolved by train.py (nothing built), flattened to ``key -> value``."""
+    cli = train.main(
+        ["--config", str(ROOT / "configs" / name), "--data.init_args.root", str(tmp_path), *extra], run=False
+    )
+    return flatten(cli.config.as_dict())
+
+
+def test_the_mnist_recipe_is_the_paper_run_with_the_measured_changes(tmp_path):
+    """configs/mnist_robust.yaml is what experiments/mnist_recipes.py measured as its recipe: mnist_fgsm.yaml with the
+    recipe's overrides; nothing else differs but the log folder's name (and the path of the config itself)."""
+    config, overrides, kept, _ = RECIPES[ROBUST_RECIPE]
+    assert config == "configs/mnist_robust.yaml" and not overrides and kept == "best"
+    ours = _config("mnist_robust.yaml", tmp_path)
+    paper = _config("mnist_fgsm.yaml", tmp_path, *RECIPE_CHANGES)
+    differ = {k for k in ours.keys() | paper.keys() if ours.get(k) != paper.get(k)}
+    assert differ == {"config", "trainer.logger.init_args.name"}, {k: (ours.get(k), paper.get(k)) for k in differ}
+    assert (ours["data.init_args.val_size"], ours["ema.decay"]) == (1000, 0.999)
+
+
+@pytest.mark.shared_data
+def test_the_mnist_recipe_trains_and_keeps_a_held_out_choice(shared_data, tmp_path):
+    cli = train.main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "mnist_robust.yaml"),
+            "--data.init_args.root",
+            str(shared_data),
+            "--data.init_args.download",
+            "false",
+            "--data.init_args.val_size",
+            "64",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "3",
+            "--trainer.limit_val_batches",
+            "1",
+            "--overfit_guard.n",
+            "32",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    card = load_model(cli.trainer.checkpoint_callback.best_model_path).card
+    assert (card.arch, card.training.attack, card.training.eps) == ("mnist_net", "fgsm_rs", 0.3)
+    # 3 steps: the EMA's decay is lowered for so short a run (robust.averaging), and the card records it
+    assert card.training.ema_decay is not None and len(cli.datamodule.val_set) == 64  # held out, not the test split
+    assert Path(cli.trainer.checkpoint_callback.best_model_path).name.startswith("best-epoch000-")
