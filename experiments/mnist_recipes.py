@@ -29,7 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.common import machine, write_results  # noqa: E402
-from experiments.mnist import CHEAP_WORST, MNIST_TEST_IMAGES, PROTOCOL, evaluate, pct, train, work_env  # noqa: E402
+from experiments.mnist import (  # noqa: E402
+    CHEAP_WORST,
+    MNIST_TEST_IMAGES,
+    PROTOCOL,
+    evaluate,
+    images_measured,
+    pct,
+    train,
+    work_env,
+)
 
 PAPER = "configs/mnist_fgsm.yaml"
 ROBUST = "configs/mnist_robust.yaml"  # the project's recipe: the paper's run with RECIPE_CHANGES
@@ -102,6 +111,16 @@ def measure(checkpoint: Path, name: str, args: argparse.Namespace, env: dict) ->
     return row
 
 
+def measured(name: str, args: argparse.Namespace) -> bool:
+    """Whether ``name`` is trained and measured (as this run would measure it) in ``--work``: a ``--kept-only`` row."""
+    parts = [f"{name}.train"]
+    if args.aa_limit:
+        parts.append(f"{name}.aa-limit{args.aa_limit}")
+    if not args.aa_limit or images_measured(args.aa_limit) != images_measured(args.limit):
+        parts.append(f"{name}.eval-limit{args.limit}")
+    return all((args.work / "rows" / f"{part}.json").is_file() for part in parts)
+
+
 def run_recipe(recipe: str, seed: int, args: argparse.Namespace, env: dict) -> dict:
     config, extra, which, _ = RECIPES[recipe]
     name = f"{recipe}_seed{seed}"
@@ -160,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default="mnist_recipes")
     parser.add_argument("--fresh", action="store_true", help="train and measure every row again")
     parser.add_argument(
+        "--kept-only", action="store_true", help="the table of the recipes x seeds already measured in --work, no runs"
+    )
+    parser.add_argument(
         "--no-reference",
         dest="reference",
         action="store_false",
@@ -172,11 +194,20 @@ def main(argv: list[str] | None = None) -> dict:
     env = work_env(args)
     # paper first, the time reference (unless --no-reference), then the recipes asked for, each once
     recipes = list(dict.fromkeys((["paper"] if args.reference else []) + args.recipes))
-    rows = [run_recipe(recipe, seed, args, env) for recipe in recipes for seed in args.seeds]
+    grid = [(recipe, seed) for recipe in recipes for seed in args.seeds]
+    if args.kept_only:
+        grid = [(recipe, seed) for recipe, seed in grid if measured(f"{recipe}_seed{seed}", args)]
+        if not grid:
+            parser.error(f"no row of these recipes and seeds is measured in {args.work}")
+    rows = [run_recipe(recipe, seed, args, env) for recipe, seed in grid]
     if args.train_only:
         return {"rows": rows}
-    reference = statistics.fmean(r["train_s"] for r in rows if r["recipe"] == "paper") if args.reference else None
-    summaries = {rc: summary([r for r in rows if r["recipe"] == rc], reference) for rc in recipes}
+    paper = [r["train_s"] for r in rows if r["recipe"] == "paper"]
+    reference = statistics.fmean(paper) if args.reference and paper else None
+    summaries = {
+        rc: summary([r for r in rows if r["recipe"] == rc], reference)
+        for rc in dict.fromkeys(r["recipe"] for r in rows)
+    }
     line = machine()
     command = "python experiments/mnist_recipes.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(summaries, rows, rows[0]["n"], rows[0].get("aa_n"), line)

@@ -31,6 +31,9 @@ def test_a_tiny_comparison_writes_means_minima_and_time_ratios(shared_data, tmp_
     assert "| ema: FGSM-RS, EMA of the weights (decay 0.999) | 0 1 |" in page
     again = mnist_recipes.main([*argv, "--out", str(tmp_path / "out"), "--train-args", *TINY])
     assert again["rows"] == doc["rows"]  # every row kept in --work: nothing trained or measured again
+    more = ["--recipes", "ema", "guard", "--seeds", "0", "1", "2", "--kept-only"]  # guard and seed 2 never ran
+    table = mnist_recipes.main([*argv, *more, "--out", str(tmp_path / "kept")])
+    assert table["rows"] == doc["rows"] and set(table["summaries"]) == {"paper", "ema"}
 
 
 @pytest.mark.slow  # one tiny in-process fit with the probes
