@@ -7,7 +7,8 @@ ResNet18), far below ``LOGIT_BOUND`` = 1e-4. So a clean prediction can differ on
 below the bound. An attack's images can part only where a gradient component is within rounding of zero and its sign
 flips (L-inf), which moves that pixel by one step; that changes a verdict only for an example that sits on its
 decision boundary after the attack, so per threat at most ``FLIPS`` of the batch's predictions may differ, and on
-every model here none did. (``mnist_net`` has no BatchNorm and keeps its layout; its stem's input gradient is summed
+every model here none did. A ReLU whose input is within rounding of zero may switch between the paths and move an
+image's input gradient by that unit's share: gradients are compared by direction (``GRAD_COSINE``). (``mnist_net`` has no BatchNorm and keeps its layout; its stem's input gradient is summed
 in another order, by a matrix product.)
 """
 
@@ -25,6 +26,7 @@ from robust.report import evaluate
 from robust.threats import DEFAULT_THREATS, ThreatSpec, predictions
 
 LOGIT_BOUND = 1e-4
+GRAD_COSINE = 0.9999  # per example, input gradients of the two paths (test_logits_within_the_rounding_bound)
 FLIPS = 1  # per threat and batch: examples left on a decision boundary by an attack whose images parted (docstring)
 EVERY_THREAT = (*DEFAULT_THREATS, "square", "autoattack", "aa_worst")
 
@@ -88,8 +90,11 @@ def test_logits_within_the_rounding_bound(build):
     x.requires_grad_(True)
     plain, fast = model(x), fast_model(model)(x)
     assert (plain - fast).abs().max() <= LOGIT_BOUND
-    grads = [torch.autograd.grad(out.logsumexp(1).sum(), x)[0] for out in (plain, fast)]
-    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=LOGIT_BOUND)
+    grads = [torch.autograd.grad(out.logsumexp(1).sum(), x)[0].flatten(1) for out in (plain, fast)]
+    # By direction, not element by element: a ReLU whose input is within rounding of zero may switch, which moves the
+    # gradient by that unit's share alone (under AVX2 one of these 8 images: 2e-4 on a 0.04 scale, cosine 0.999998).
+    assert torch.nn.functional.cosine_similarity(*grads, dim=1).min() >= GRAD_COSINE
+    assert (grads[0].sign() == grads[1].sign()).float().mean() >= 0.99  # what an L-inf step takes
 
 
 def assert_same_figures(model, x, y, spec):
