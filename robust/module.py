@@ -24,7 +24,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from robust import run_record
 from robust.attacks import ATTACKS, check_budget, default_step, least_likely_class, random_other_class
 from robust.errors import RobustError
-from robust.fast_path import fast_model
 from robust.loading import describe_init, initialize_classifier
 from robust.models import default_normalization, head_of
 from robust.objectives import check_objective, objective_loss, training_attack
@@ -208,9 +207,6 @@ class AdversarialClassifier(L.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in ("clean", "adv")})
         self.val_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in VAL_KEYS})
-        # Validation's attacked copy (on_validation_epoch_start), in a tuple: a module attribute would join the state
-        # dict and the checkpoints.
-        self._val_model: tuple[nn.Module, ...] = ()
 
     def forward(self, x: Tensor) -> Tensor:
         """``N×C×H×W`` images in [0, 1] -> ``N×num_classes`` logits."""
@@ -316,8 +312,7 @@ class AdversarialClassifier(L.LightningModule):
         with torch.no_grad():
             self.log("val/loss", F.cross_entropy(self(x), y), sync_dist=True)
         # The same threats every epoch (seeded by the batch index); the training RNG is untouched.
-        attacked = self._val_model[0] if self._val_model else self
-        preds = predictions(attacked, x, y, self.val_spec.for_batch(batch_idx))
+        preds = predictions(self, x, y, self.val_spec.for_batch(batch_idx))
         self._clean_counts += torch.bincount(preds["clean"], minlength=self.hparams.num_classes)
         for key in VAL_KEYS:
             self.val_acc[key](preds[key], labels_for(key, preds, y))
@@ -331,14 +326,10 @@ class AdversarialClassifier(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._clean_counts = torch.zeros(self.hparams.num_classes, dtype=torch.long, device=self.device)
-        # The weights stay fixed through a validation (an EMA callback's average is already in: callbacks' hooks run
-        # first), so the threat suite attacks one frozen, folded copy of them, built here (robust/fast_path.py).
-        self._val_model = (fast_model(self.model),)
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/top_class``: the share of clean predictions given to the most predicted class (1 for a constant
         classifier; :func:`robust.learned.not_learned` reads it)."""
-        self._val_model = ()  # the next validation may see other weights
         counts = self.trainer.strategy.reduce(self._clean_counts.float(), reduce_op="sum")
         self.log("val/top_class", counts.max() / counts.sum().clamp(min=1))
 

@@ -8,8 +8,8 @@ below the bound. An attack's images can part only where a gradient component is 
 flips (L-inf), which moves that pixel by one step; that changes a verdict only for an example that sits on its
 decision boundary after the attack, so per threat at most ``FLIPS`` of the batch's predictions may differ, and on
 every model here none did. A ReLU whose input is within rounding of zero may switch between the paths and move an
-image's input gradient by that unit's share: gradients are compared by direction (``GRAD_COSINE``). (``mnist_net`` has no BatchNorm and keeps its layout; its stem's input gradient is summed
-in another order, by a matrix product.)
+image's input gradient by that unit's share: gradients are compared by direction (``GRAD_COSINE``). (``mnist_net``
+has no BatchNorm and keeps its layout; its stem's input gradient is summed in another order, by a matrix product.)
 """
 
 from __future__ import annotations
