@@ -12,9 +12,10 @@ checkpoint measured is the recipe's: ``last.ckpt`` (the final weights; with an E
 for a recipe that chooses its epoch on held-out training images.
 
 Per recipe: the mean and the **minimum** over its seeds of each figure, and its training time as a ratio to
-``paper``'s mean in the same run (``paper`` is always trained). Rows are kept in ``--work``/rows as they finish (the
-machinery of ``experiments/mnist.py``), so the comparison runs in parts; ``docs/results/<name>.md`` and ``.json``
-are rewritten from all the rows kept, with its hand-written Reading section kept.
+``paper``'s mean in the same run (``paper`` is trained unless ``--no-reference``). Rows are kept in ``--work``/rows
+as they finish (the machinery of ``experiments/mnist.py``), so the comparison runs in parts; ``--kept-only`` writes
+the page from the rows already there. ``docs/results/<name>.md`` and ``.json`` are rewritten, with the page's
+hand-written Reading section kept.
 """
 
 from __future__ import annotations
@@ -59,13 +60,13 @@ RECIPES: dict[str, tuple[str, list[str], str, str]] = {
     "rollback": (PAPER, ["--overfit_guard.action", "rollback"], "last", "FGSM-RS, the guard rolls back a collapse"),
     "heldout_ema": (
         PAPER,
-        ["--data.init_args.val_size", "1000", "--ema.decay", "0.999"],
+        [*RECIPE_CHANGES, "--ema.decay", "0.999"],
         "best",
         "FGSM-RS, EMA 0.999, epoch chosen on 1,000 held-out",
     ),
     "heldout_lr": (
         PAPER,
-        ["--data.init_args.val_size", "1000", "--model.optimizer.init_args.lr", "0.0025"],
+        [*RECIPE_CHANGES, "--model.optimizer.init_args.lr", "0.0025"],
         "best",
         "FGSM-RS at half the peak lr (2.5e-3), epoch chosen on 1,000 held-out",
     ),
