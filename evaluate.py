@@ -244,11 +244,11 @@ def threat_model(args: argparse.Namespace, card, default_eps) -> tuple[str, list
 
 def run_report(args: argparse.Namespace) -> None:
     from robust import load_model
-    from robust import report as rep
     from robust.cli_defaults import default_eps, default_out, pick_device, report_folder, report_journal
-    from robust.eval_data import data_class_names, eval_data
-    from robust.render import markdown_table, write_report
-    from robust.sharding import launch
+    from robust.data.eval_data import data_class_names, eval_data
+    from robust.evaluation import report as rep
+    from robust.evaluation.render import markdown_table, write_report
+    from robust.evaluation.sharding import launch
 
     world = launch(pick_device(args.device), args.devices, args.num_nodes)
     with world.rank_zero_first():  # downloads happen once
@@ -300,8 +300,8 @@ def run_report(args: argparse.Namespace) -> None:
 def run_fool(args: argparse.Namespace) -> None:
     from robust import load_model
     from robust.cli_defaults import pick_device
-    from robust.fool import fool, summary, write_fool
-    from robust.images import load_image
+    from robust.data.images import load_image
+    from robust.evaluation.fool import fool, summary, write_fool
 
     model = load_model(args.model, **external_options(args)).to(pick_device(args.device))
     x = load_image(args.image, model.card.image_size, model.card.resize, model.card.channels)
@@ -316,13 +316,13 @@ def run_fool(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     if args.onnx_data and not args.onnx:
         raise RobustError("--onnx-data only applies with --onnx")
-    from robust.export import export_model
+    from robust.export.folder import export_model
 
     folder = export_model(args.checkpoint, args.out, args.torch_export, args.onnx, args.onnx_data)
     print(f"exported {args.checkpoint} to {folder}")
     if args.onnx:
-        from robust.card import ModelCard
-        from robust.loading import CARD_FILE
+        from robust.models.card import ModelCard
+        from robust.models.resolve import CARD_FILE
 
         onnx = ModelCard.from_json((folder / CARD_FILE).read_text(), CARD_FILE).onnx
         print(

@@ -20,19 +20,21 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-import robust.data  # noqa: F401  (its data modules known by their short names: --data.help ImageFolder)
-from robust.averaging import WeightEMA
-from robust.callbacks import AdversarialImages, ValidateAtEnd
-from robust.checkpointing import BestCheckpoint
+import robust.data.modules  # noqa: F401  (its data modules known by their short names: --data.help ImageFolder)
 from robust.cli import parser_error, user_error
 from robust.cli_defaults import check_accelerator
+from robust.data.roots import resolve_data_root
 from robust.errors import RobustError
-from robust.guard import CatastrophicOverfittingGuard
-from robust.module import ARG_SECTIONS, AdversarialClassifier, val_tag
-from robust.precision import resolve_precision
-from robust.progress import OneLineSummary, RunNotices, progress_bar, quiet_known_noise, resume_command
-from robust.resume import RunLengthSchedule, check_resume_config, run_folder
-from robust.runfiles import resolve_data_root, run_summary
+from robust.threats import val_tag
+from robust.training.averaging import WeightEMA
+from robust.training.callbacks import AdversarialImages, ValidateAtEnd
+from robust.training.checkpointing import BestCheckpoint
+from robust.training.guard import CatastrophicOverfittingGuard
+from robust.training.module import ARG_SECTIONS, AdversarialClassifier
+from robust.training.precision import resolve_precision
+from robust.training.progress import OneLineSummary, RunNotices, progress_bar, quiet_known_noise, resume_command
+from robust.training.resume import RunLengthSchedule, check_resume_config, run_folder
+from robust.training.runfiles import run_summary
 
 FIT_HELP = """Train a robust classifier. The options most runs change (every other one is listed below):
 
@@ -57,7 +59,7 @@ MODEL_SECTION = {f"model.{name}": title for title, names in ARG_SECTIONS.items()
 
 class RobustHelpFormatter(DefaultHelpFormatter):
     """jsonargparse's help formatter, keeping the line breaks of the description and epilog (:data:`FIT_HELP`) and
-    listing the model's options under the titles of their sections (:data:`robust.module.ARG_SECTIONS`). The
+    listing the model's options under the titles of their sections (:data:`robust.training.module.ARG_SECTIONS`). The
     sections are in the help only: the keys stay flat (``--model.eps``, ``model: eps:``)."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
@@ -191,7 +193,7 @@ class RobustCLI(LightningCLI):
 
 def ours_for_lightnings(callback):
     """Lightning's default bar and summary replaced (a user's own kept): lines where stdout is no terminal, else the
-    rich bar with named fields (:func:`robust.progress.progress_bar`); a one-line summary."""
+    rich bar with named fields (:func:`robust.training.progress.progress_bar`); a one-line summary."""
     if type(callback) in (RichProgressBar, TQDMProgressBar):
         return progress_bar()
     if type(callback) in (ModelSummary, RichModelSummary):
@@ -229,7 +231,7 @@ def main(args: list[str] | None = None, run: bool = True) -> RobustCLI | None:
                     "init_args": {"save_dir": "lightning_logs"},
                 },
                 "callbacks": [LearningRateMonitor(logging_interval="epoch")],
-                "plugins": [{"class_path": "robust.checkpointing.AtomicCheckpointIO"}],
+                "plugins": [{"class_path": "robust.training.checkpointing.AtomicCheckpointIO"}],
             },
             save_config_kwargs={"overwrite": True},
             parser_kwargs={

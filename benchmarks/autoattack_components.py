@@ -36,9 +36,9 @@ from conftest import train_digits_model  # noqa: E402  (the test suite's model, 
 
 from benchmarks.suite import MNIST_MODEL, mnist_test  # noqa: E402
 from robust.attacks import apgd, seeded_rng  # noqa: E402
-from robust.data import Digits  # noqa: E402
-from robust.loading import external_model  # noqa: E402
+from robust.data.modules import Digits  # noqa: E402
 from robust.machine import machine  # noqa: E402
+from robust.models.resolve import external_model  # noqa: E402
 from robust.threats import DEFAULT_THREATS, ThreatSpec, predictions  # noqa: E402
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from benchmarks.timing import Row, Sizes, time_interleaved
 from robust.attacks import default_step, pgd
 from robust.fast_path import fast_model
-from robust.models import CIFAR10_MEAN, CIFAR10_STD, build_model
+from robust.models.build import CIFAR10_MEAN, CIFAR10_STD, build_model
 
 EPS = 8 / 255
 ALPHA = default_step("pgd", EPS)

@@ -132,7 +132,7 @@ def train_command(data_root: Path, log_dir: Path) -> list[str]:
         "--config",
         "configs/cifar10_fast.yaml",
         "--data.class_path",
-        "robust.data.ImageFolder",
+        "robust.data.modules.ImageFolder",
         "--data.init_args.root",
         str(data_root),
         "--trainer.accelerator",
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(NO_CUDA)
         return 0
-    from robust.runfiles import shared_data_dir
+    from robust.data.roots import shared_data_dir
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

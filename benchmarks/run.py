@@ -49,9 +49,9 @@ from robust.defenses import jpeg, to_uint8  # noqa: E402
 from robust.errors import RobustError  # noqa: E402
 from robust.files import atomic_write_bytes  # noqa: E402
 from robust.machine import machine  # noqa: E402
-from robust.models import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from robust.module import AdversarialClassifier  # noqa: E402
-from robust.runfiles import shared_data_dir  # noqa: E402
+from robust.models.build import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from robust.training.module import AdversarialClassifier  # noqa: E402
+from robust.training.runfiles import shared_data_dir  # noqa: E402
 
 EPS, QUALITY = 8 / 255, 75
 PGD_ALPHA = default_step("pgd", EPS)  # the registry's evaluation step: eps/4 = 2/255

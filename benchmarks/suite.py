@@ -25,12 +25,12 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from benchmarks.timing import Row, Sizes, time_interleaved
-from robust.data import Digits, evenly_spaced, mnist_tensors
+from robust.data.modules import Digits, evenly_spaced, mnist_tensors
+from robust.data.roots import shared_data_dir
 from robust.errors import RobustError
-from robust.loading import external_model, load_model
-from robust.module import AdversarialClassifier
-from robust.runfiles import shared_data_dir
+from robust.models.resolve import external_model, load_model
 from robust.threats import DEFAULT_THREATS, ThreatSpec, accuracy, predictions, worst_case
+from robust.training.module import AdversarialClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = ROOT / "configs" / "digits.yaml"  # what `make train` trains

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from experiments.common import machine  # noqa: E402
 from robust.attacks import fgsm, pgd, seeded_rng  # noqa: E402
-from robust.guard import CatastrophicOverfittingGuard  # noqa: E402
+from robust.training.guard import CatastrophicOverfittingGuard  # noqa: E402
 
 
 def accuracy(model, x, y) -> float:

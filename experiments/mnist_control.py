@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from experiments.common import machine, write_results  # noqa: E402
 from experiments.mnist import evaluate, kept, pct, work_env  # noqa: E402
-from robust.archs import build_arch  # noqa: E402
 from robust.files import atomic_write_bytes  # noqa: E402
-from robust.runfiles import data_root  # noqa: E402
+from robust.models.archs import build_arch  # noqa: E402
+from robust.training.runfiles import data_root  # noqa: E402
 
 EPS, ALPHA, LR_MAX, EPOCHS, BATCH = 0.3, 0.375, 5e-3, 10, 100  # train_mnist.py's defaults
 

@@ -83,20 +83,20 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
 from experiments.common import fmt, limit_args, machine  # noqa: E402
-from robust.averaging import EMA_DECAY_KEY  # noqa: E402
 from robust.cli import exit_code  # noqa: E402
 from robust.cli_defaults import pick_device  # noqa: E402
-from robust.data import ImageFolder  # noqa: E402
+from robust.data.eval_data import eval_data  # noqa: E402
+from robust.data.modules import ImageFolder  # noqa: E402
 from robust.errors import RobustError  # noqa: E402
-from robust.eval_data import eval_data  # noqa: E402
 from robust.files import load_checkpoint  # noqa: E402
-from robust.guard import CatastrophicOverfittingGuard  # noqa: E402
-from robust.loading import CARD_KEY, model_from_ckpt  # noqa: E402
-from robust.models import CardedModel, card_of  # noqa: E402
-from robust.module import AdversarialClassifier  # noqa: E402
+from robust.models.build import CardedModel, card_of  # noqa: E402
+from robust.models.resolve import CARD_KEY, model_from_ckpt  # noqa: E402
 from robust.objectives import check_objective  # noqa: E402
-from robust.runfiles import shared_data_dir  # noqa: E402
 from robust.threats import ThreatSpec, accuracy  # noqa: E402
+from robust.training.averaging import EMA_DECAY_KEY  # noqa: E402
+from robust.training.guard import CatastrophicOverfittingGuard  # noqa: E402
+from robust.training.module import AdversarialClassifier  # noqa: E402
+from robust.training.runfiles import shared_data_dir  # noqa: E402
 
 CONFIG = ROOT / "configs" / "imagefolder.yaml"
 FINETUNE_CONFIG = ROOT / "configs" / "imagefolder_finetune.yaml"

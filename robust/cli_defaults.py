@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from robust.card import ModelCard
 from robust.errors import RobustError
-from robust.hf import HF_PREFIX
-from robust.sharding import Journal
+from robust.evaluation.sharding import Journal
+from robust.models.card import ModelCard
+from robust.models.hf import HF_PREFIX
 
 
 def default_eps(card: ModelCard) -> float:
@@ -55,7 +55,7 @@ def default_out(spec: str, data: str) -> Path:
 
 
 def report_folder(out: Path, model_info: dict, chosen: bool) -> tuple[Path, str | None]:
-    """Where a report of the model ``model_info`` (:func:`robust.report.model_identity`) goes, and a one-line
+    """Where a report of the model ``model_info`` (:func:`robust.evaluation.report.model_identity`) goes, and a one-line
     notice: ``out``, unless it holds another model's report (another file, or the same file with other weights);
     then, for a default folder, the first free ``out-2``, ``out-3``, ...; a folder the user ``chosen`` is replaced,
     saying so."""
@@ -86,7 +86,8 @@ def report_journal(
     out: str | Path, model_info: dict, data_info: dict, batch_size: int, device: torch.device, resume: bool
 ) -> Journal:
     """The journal of the report written to ``out`` (in ``out/.cache``), valid for this model and data identity
-    (:func:`robust.report.model_identity`, :func:`robust.eval_data.eval_data`), batch size, device type and torch
+    (:func:`robust.evaluation.report.model_identity`, :func:`robust.data.eval_data.eval_data`), batch size, device type
+    and torch
     version; read back only when ``resume``."""
     identity = {
         "model": model_info,

@@ -98,7 +98,7 @@ def _narrow_convs_by_matmul(model: nn.Module) -> None:
 def _fold(module: nn.Module) -> nn.Module:
     """``module`` with each BatchNorm that follows a convolution folded into it: the whole module where ``torch.fx``
     can trace it, else each child that it can (a wrapper whose ``forward`` branches on its input, as a
-    :class:`robust.models.CardedModel` checking channels, is kept and its layers folded inside)."""
+    :class:`robust.models.build.CardedModel` checking channels, is kept and its layers folded inside)."""
     if not any(isinstance(m, _BatchNorm) for m in module.modules()):
         return module
     try:

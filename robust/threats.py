@@ -509,6 +509,12 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
     return out
 
 
+def val_tag(key: str, norm: str) -> str:
+    """The logged name of threat ``key``'s validation accuracy: ``val/<key>`` in L∞, ``val/l2/<key>`` in L2, so no
+    figure can be read in the wrong norm."""
+    return f"val/{key}" if norm == "linf" else f"val/{norm}/{key}"
+
+
 def labels_for(key: str, preds: dict, y: Tensor) -> Tensor:
     """What ``key``'s predictions are scored against: the targets for ``targeted_success``, else ``y``."""
     return preds["target"] if key == "targeted_success" else y

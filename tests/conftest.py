@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robust.data import Digits
-from robust.models import build_model
-from robust.runfiles import shared_data_dir
+from robust.data.modules import Digits
+from robust.data.roots import shared_data_dir
+from robust.models.build import build_model
 
 
 @pytest.fixture(autouse=True)
@@ -89,8 +89,8 @@ def digits_ckpt(_digits_model_session, tmp_path_factory) -> Path:
     Trainer (so the checkpoint holds the data description), its weights then set to ``digits_model``'s, saved."""
     import lightning as L
 
-    from robust.data import DIGIT_NAMES
-    from robust.module import AdversarialClassifier
+    from robust.data.modules import DIGIT_NAMES
+    from robust.training.module import AdversarialClassifier
 
     module = AdversarialClassifier(
         num_classes=10,

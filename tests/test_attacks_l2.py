@@ -14,8 +14,8 @@ from torch import nn
 from robust import attacks
 from robust.attacks import ATTACKS, FGSM_RS_STEP, SINGLE_STEP_ATTACKS, attack_info, default_step, fgsm, pgd
 from robust.errors import RobustError
-from robust.module import AdversarialClassifier
 from robust.threats import ThreatSpec, apgd, predictions
+from robust.training.module import AdversarialClassifier
 
 EPS = 1.0  # L2, over 3·32·32 values: about 0.018 per value if spread evenly (digits images)
 

@@ -10,14 +10,14 @@ import lightning as L
 import pytest
 import torch
 
-from robust.card import ModelCard, RobustnessRecord, TrainingRecord
-from robust.data import DIGIT_NAMES, Digits
+from robust.data.modules import DIGIT_NAMES, Digits
 from robust.errors import RobustError
 from robust.files import load_checkpoint
-from robust.loading import CARD_KEY, load_model
-from robust.module import AdversarialClassifier
-from robust.optim import Cosine, Cyclic, OneCycle, Piecewise
-from robust.run_record import schedule_record
+from robust.models.card import ModelCard, RobustnessRecord, TrainingRecord
+from robust.models.resolve import CARD_KEY, load_model
+from robust.training.module import AdversarialClassifier
+from robust.training.optim import Cosine, Cyclic, OneCycle, Piecewise
+from robust.training.run_record import schedule_record
 
 CARD = ModelCard(
     arch="resnet18",
@@ -51,7 +51,7 @@ def fitted(tmp_path_factory) -> tuple[Path, AdversarialClassifier]:
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=Digits(batch_size=16, image_size=16))
-    module.alpha = 0.5 * module.alpha
+    module.set_attack_step(0.5 * module.alpha)
     path = tmp_path_factory.mktemp("card") / "fitted.ckpt"
     trainer.save_checkpoint(path)
     return path, module
@@ -148,10 +148,10 @@ def test_the_card_records_every_schedule_by_its_own_arguments():
         )
     ]
     assert records == [
-        {"class": "robust.optim.Cyclic", "total_steps": 50, "peak_at": 0.3},
-        {"class": "robust.optim.Piecewise", "total_steps": 50, "milestones": [0.5, 0.9], "gamma": 0.2},
-        {"class": "robust.optim.Cosine", "total_steps": 50},
-        {"class": "robust.optim.OneCycle", "total_steps": 50, "peak_at": 0.25},
+        {"class": "robust.training.optim.Cyclic", "total_steps": 50, "peak_at": 0.3},
+        {"class": "robust.training.optim.Piecewise", "total_steps": 50, "milestones": [0.5, 0.9], "gamma": 0.2},
+        {"class": "robust.training.optim.Cosine", "total_steps": 50},
+        {"class": "robust.training.optim.OneCycle", "total_steps": 50, "peak_at": 0.25},
         {"class": "torch.optim.lr_scheduler.StepLR", "step_size": 7, "gamma": 0.5},
     ]
     assert json.loads(json.dumps(records)) == records

@@ -105,7 +105,10 @@ def no_gpu(monkeypatch):
         (["--config", "configs/nope.yaml"], "error: --config "),
         (["--trainer.accelerator", "gpu"], "error: --trainer.accelerator gpu: this machine has no GPU"),
         (["--trainer.devices", "abc"], "error: --trainer.devices abc: not a number of CPU processes"),
-        (["--data.init_args.batch_sise", "8"], "error: --data.init_args.batch_sise: robust.data.Digits has no "),
+        (
+            ["--data.init_args.batch_sise", "8"],
+            "error: --data.init_args.batch_sise: robust.data.modules.Digits has no ",
+        ),
     ],
 )
 def test_each_train_mistake_is_one_line_and_exit_code_2(args, expected, no_gpu, capsys):

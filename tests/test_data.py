@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from robust.data import (
+from robust.data.modules import (
     CIFAR10,
     CIFAR10_NAMES,
     MNIST,

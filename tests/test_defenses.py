@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from robust.attacks import pgd
-from robust.data import ImageFolder
+from robust.data.modules import ImageFolder
 from robust.defenses import JpegDefended, bpda_jpeg, jpeg, to_uint8
 from robust.errors import RobustError
 

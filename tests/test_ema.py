@@ -1,4 +1,5 @@
-"""Weight averaging (``--ema.decay``, robust.averaging.WeightEMA): validation, checkpoints, the card and the export
+"""Weight averaging (``--ema.decay``, robust.training.averaging.WeightEMA): validation, checkpoints, the card and the
+export
 hold the EMA of the trained weights; a resume continues it; off adds no callback; a guard restore puts it back."""
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from test_overfit_guard import ScriptedGuard, small_data, small_module
 
 import train
-from robust.averaging import WeightEMA, weight_averages
-from robust.export import export_model
+from robust.export.folder import export_model
 from robust.files import load_checkpoint
-from robust.loading import CARD_KEY, load_model, model_from_ckpt
+from robust.models.resolve import CARD_KEY, load_model, model_from_ckpt
+from robust.training.averaging import WeightEMA, weight_averages
 
 DECAY = 0.5  # a tiny run has a few steps: let each of them count
 # --ema.adapt false: the average of these few steps is checked at this decay, not the one it adapts to

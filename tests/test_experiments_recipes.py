@@ -17,11 +17,11 @@ import yaml
 
 import train
 from experiments import recipes
-from robust.averaging import weight_averages
 from robust.errors import RobustError
 from robust.files import load_checkpoint
-from robust.guard import CatastrophicOverfittingGuard
-from robust.loading import model_from_ckpt
+from robust.models.resolve import model_from_ckpt
+from robust.training.averaging import weight_averages
+from robust.training.guard import CatastrophicOverfittingGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN_ARGS = ("--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1", "--data.init_args.num_workers", "0")

@@ -18,12 +18,12 @@ import torchvision
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import robust
-from robust.card import ModelCard
-from robust.data import DIGIT_NAMES, Digits
+from robust.data.modules import DIGIT_NAMES, Digits
 from robust.errors import RobustError
-from robust.export import export_model
-from robust.loading import load_model, model_from_checkpoint
-from robust.module import VAL_KEYS, AdversarialClassifier
+from robust.export.folder import export_model
+from robust.models.card import ModelCard
+from robust.models.resolve import load_model, model_from_checkpoint
+from robust.training.module import VAL_KEYS, AdversarialClassifier
 
 
 def train_checkpoint(folder: Path, cifar_stem: bool, val_batches: int) -> tuple[Path, AdversarialClassifier]:
@@ -282,7 +282,7 @@ def test_export_replaces_exports_only_and_is_all_or_nothing(trained, exported, t
     def crash(*args) -> None:
         raise RuntimeError("crash")
 
-    monkeypatch.setattr("robust.export._torch_export", crash)
+    monkeypatch.setattr("robust.export.folder._torch_export", crash)
     with pytest.raises(RuntimeError, match="crash"):
         export_model(trained[0], out, torch_export=True)
     assert (out / "model.json").read_text() == before  # the old export is untouched

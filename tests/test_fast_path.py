@@ -18,11 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from robust.archs import mnist_net
 from robust.errors import RobustError
+from robust.evaluation.report import evaluate
 from robust.fast_path import fast_model, prefers_channels_last
-from robust.models import CIFAR10_MEAN, CIFAR10_STD, CardedModel, build_model, normalized
-from robust.report import evaluate
+from robust.models.archs import mnist_net
+from robust.models.build import CIFAR10_MEAN, CIFAR10_STD, CardedModel, build_model, normalized
 from robust.threats import DEFAULT_THREATS, ThreatSpec, predictions
 
 LOGIT_BOUND = 1e-4

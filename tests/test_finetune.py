@@ -16,11 +16,11 @@ from conftest import tiny_fit_args
 
 import train
 from robust.errors import RobustError
-from robust.export import export_model
-from robust.loading import load_model
-from robust.models import build_model
-from robust.module import AdversarialClassifier
-from robust.optim import Cosine, OneCycle
+from robust.export.folder import export_model
+from robust.models.build import build_model
+from robust.models.resolve import load_model
+from robust.training.module import AdversarialClassifier
+from robust.training.optim import Cosine, OneCycle
 
 DIGITS = {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # the fixtures' normalization (torchvision stem)
 
@@ -122,7 +122,7 @@ def test_bad_sources_are_one_line_errors(case, match, digits_ckpt, tmp_path):
 
 
 def test_hf_arch_refuses_weights():
-    with pytest.raises(RobustError, match="weights are for the archs of robust.archs"):
+    with pytest.raises(RobustError, match="weights are for the archs of robust.models.archs"):
         AdversarialClassifier(arch="hf:org/name", weights="imagenet")
 
 

@@ -15,10 +15,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from robust import load_model
+from robust.data.images import load_image
 from robust.defenses import to_uint8
 from robust.errors import RobustError
-from robust.fool import fool, quantize_within, summary
-from robust.images import load_image
+from robust.evaluation.fool import fool, quantize_within, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = "photos/cats-coco-000000039769.png"

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import train as train_cli
-from robust.data import ImageFolder
+from robust.data.modules import ImageFolder
 from robust.defenses import jpeg, to_uint8
-from robust.module import VAL_KEYS
-from robust.report import evaluate
+from robust.evaluation.report import evaluate
+from robust.training.module import VAL_KEYS
 
 SKIP_WITHOUT_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

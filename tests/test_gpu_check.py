@@ -92,7 +92,7 @@ def test_training_command_parses_to_one_epoch_on_the_cifar10_subset(shared_data,
     assert not exit_.value.code
     printed = capsys.readouterr().out
     expected = [
-        "class_path: robust.data.ImageFolder",
+        "class_path: robust.data.modules.ImageFolder",
         f"root: {root}",
         "max_epochs: 1",
         "limit_val_batches: 4",

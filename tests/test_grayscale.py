@@ -14,10 +14,10 @@ from PIL import Image
 
 import train
 from robust import load_model
-from robust.data import MNIST, Digits
+from robust.data.modules import MNIST, Digits
 from robust.defenses import jpeg
 from robust.errors import RobustError
-from robust.export import export_model
+from robust.export.folder import export_model
 from robust.threats import ThreatSpec, accuracy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from robust.averaging import WeightEMA
-from robust.module import ARG_SECTIONS, AdversarialClassifier
+from robust.training.averaging import WeightEMA
+from robust.training.module import ARG_SECTIONS, AdversarialClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 

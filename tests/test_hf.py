@@ -19,11 +19,11 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from robust.attacks import fgsm
-from robust.card import ModelCard, TrainingRecord
+from robust.data.images import open_image, to_model_input
 from robust.defenses import jpeg
 from robust.errors import RobustError
-from robust.images import open_image, to_model_input
-from robust.loading import build_classifier, load_model
+from robust.models.card import ModelCard, TrainingRecord
+from robust.models.resolve import build_classifier, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = "photos/cats-coco-000000039769.png"
@@ -119,7 +119,8 @@ def test_card_eval_mode_and_cpu(hf_dirs: dict[str, Path], kind: str) -> None:
     assert (card.image_size, card.resize) == (32, 36)
     expected_mean = [0.485, 0.456, 0.406] if kind == "perceiver" else [0.5, 0.5, 0.5]
     assert card.mean == pytest.approx(expected_mean) and card.data == "huggingface"
-    assert card.training == TrainingRecord(attack="none")
+    init = {"weights": f"hf:{hf_dirs[kind]}", "kind": "hf", "sha256": None, "classes": None, "fresh": None}
+    assert card.training == TrainingRecord(attack="none", init=init)  # trained elsewhere, as the init record says
     assert ModelCard.from_json(card.to_json(), "the card") == card  # a valid card, JSON round trip
     assert not any(m.training for m in model.modules())
     assert {p.device.type for p in model.parameters()} == {"cpu"}
@@ -149,8 +150,8 @@ def test_logits_match_the_hf_model(hf_dirs: dict[str, Path], photo: Image.Image,
 )
 def test_preprocessing_matches_the_processor(photo: Image.Image, name: str, kwargs: dict) -> None:
     transformers = pytest.importorskip("transformers")
-    from robust.hf import processor_geometry, processor_normalization
-    from robust.models import Normalize
+    from robust.models.build import Normalize
+    from robust.models.hf import processor_geometry, processor_normalization
 
     processor = getattr(transformers, name)(**kwargs)
     geometry = processor_geometry(processor)
@@ -243,7 +244,7 @@ def test_num_classes_replaces_the_head(hf_dirs: dict[str, Path], photo: Image.Im
 
 
 def test_missing_transformers_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from robust.hf import load_hf_model
+    from robust.models.hf import load_hf_model
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(RobustError, match=r"robust\[hf\] extra"):

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from robust.data import folder_transform
+from robust.data.images import check_images, load_image, open_image, png_bytes, to_model_input
+from robust.data.modules import folder_transform
 from robust.defenses import to_uint8
 from robust.errors import RobustError
-from robust.images import check_images, load_image, open_image, png_bytes, to_model_input
 
 
 def to_float(pixels: torch.Tensor) -> torch.Tensor:

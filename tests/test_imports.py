@@ -28,7 +28,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_library_imports_no_lightning():
     code = (
-        "import sys, robust, robust.attacks, robust.defenses, robust.loading, robust.export; "
+        "import sys, robust, robust.attacks, robust.defenses, robust.models.resolve, robust.export; "
         "from robust import load_model; "
         "print(sorted(m for m in sys.modules if 'lightning' in m.partition('.')[0]))"
     )

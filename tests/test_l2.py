@@ -12,7 +12,7 @@ from conftest import evaluate_in_process, tiny_fit_args
 
 import train
 from robust import load_model
-from robust.module import val_tag
+from robust.training.module import val_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 L2 = [
@@ -118,8 +118,8 @@ def test_bad_l2_input_is_one_line(digits_ckpt, tmp_path, args, message):
 
 def test_fool_in_l2_stays_inside_the_ball(l2_run, tmp_path):
     path, _ = l2_run
-    from robust.data import Digits
-    from robust.fool import fool
+    from robust.data.modules import Digits
+    from robust.evaluation.fool import fool
 
     model = load_model(path)
     dm = Digits(image_size=model.card.image_size)
@@ -139,7 +139,7 @@ def test_the_cifar10_l2_config_trains_on_the_shared_subset(shared_data, tmp_path
             "--config",
             str(ROOT / "configs" / "cifar10_l2.yaml"),
             "--data",
-            "robust.data.ImageFolder",
+            "robust.data.modules.ImageFolder",
             "--data.init_args.root",
             str(shared_data / "cifar10-subset"),
             "--data.init_args.batch_size",

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from robust.errors import RobustError
-from robust.models import Normalize, build_model, imagenet_class_names
+from robust.models.build import Normalize, build_model, imagenet_class_names
 
 
 def test_model_normalizes_inside_and_outputs_logits():

@@ -11,10 +11,10 @@ from conftest import tiny_fit_args
 import train
 from robust.attacks import nfgsm, seeded_rng
 from robust.errors import RobustError
-from robust.loading import load_model
-from robust.models import card_of
-from robust.module import AdversarialClassifier
+from robust.models.build import card_of
+from robust.models.resolve import load_model
 from robust.objectives import objective_loss, trades_pgd
+from robust.training.module import AdversarialClassifier
 
 
 def module(**kw) -> AdversarialClassifier:

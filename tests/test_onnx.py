@@ -20,16 +20,16 @@ import torch
 from PIL import Image
 
 import evaluate
-import robust.onnx_export
+import robust.export.onnx
 from robust.attacks import pgd
-from robust.card import ModelCard, TrainingRecord
-from robust.data import DIGIT_NAMES, folder_transform
+from robust.data.images import load_image, png_bytes
+from robust.data.modules import DIGIT_NAMES, folder_transform
 from robust.errors import RobustError
-from robust.export import export_model
+from robust.export.folder import export_model
+from robust.export.onnx import TOLERANCE, check_batch, onnx_session
 from robust.files import sha256_hex
-from robust.images import load_image, png_bytes
-from robust.loading import load_model
-from robust.onnx_export import TOLERANCE, check_batch, onnx_session
+from robust.models.card import ModelCard, TrainingRecord
+from robust.models.resolve import load_model
 
 onnx = pytest.importorskip("onnx")  # the extra robust[onnx]; `make` installs it
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -131,7 +131,7 @@ def test_export_is_refused_when_onnxruntime_disagrees(digits_ckpt, onnx_cli, tmp
     out = tmp_path / "model"
     shutil.copytree(onnx_cli[0], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real = robust.onnx_export.onnx_logits
+    real = robust.export.onnx.onnx_logits
 
     def off_by_twice_the_tolerance(session, x: torch.Tensor) -> torch.Tensor:
         logits = real(session, x)
@@ -139,8 +139,8 @@ def test_export_is_refused_when_onnxruntime_disagrees(digits_ckpt, onnx_cli, tmp
         return logits
 
     converted = ((out / "model.onnx").read_bytes(), json.loads(before["model.json"])["onnx"]["opset"])
-    monkeypatch.setattr(robust.onnx_export, "to_onnx", lambda *_: converted)  # the fixture's conversion
-    monkeypatch.setattr(robust.onnx_export, "onnx_logits", off_by_twice_the_tolerance)
+    monkeypatch.setattr(robust.export.onnx, "to_onnx", lambda *_: converted)  # the fixture's conversion
+    monkeypatch.setattr(robust.export.onnx, "onnx_logits", off_by_twice_the_tolerance)
     with pytest.raises(RobustError, match=r"differ from torch's by up to 0\.002 on 32 digits images") as info:
         export_model(digits_ckpt, out, onnx=True)
     assert "\n" not in str(info.value)

@@ -17,11 +17,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from robust.attacks import seeded_rng
-from robust.data import Digits, ImageFolder
+from robust.data.modules import Digits, ImageFolder
 from robust.errors import RobustError
-from robust.guard import CatastrophicOverfittingGuard
-from robust.loading import load_model
-from robust.module import AdversarialClassifier
+from robust.models.resolve import load_model
+from robust.training.guard import CatastrophicOverfittingGuard
+from robust.training.module import AdversarialClassifier
 
 EPS = 0.1
 

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_fit_args
 
 import train
-from robust import precision
+from robust.training import precision
 
 
 @pytest.mark.parametrize("native", [False, True])

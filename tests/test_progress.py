@@ -18,11 +18,11 @@ import pytest
 import torch
 
 import train
-from robust.checkpointing import BestCheckpoint
 from robust.files import load_checkpoint
 from robust.learned import small_data_advice
-from robust.loading import CARD_KEY
-from robust.progress import LineProgress, NamedRichBar, named_fields, progress_bar, resume_command
+from robust.models.resolve import CARD_KEY
+from robust.training.checkpointing import BestCheckpoint
+from robust.training.progress import LineProgress, NamedRichBar, named_fields, progress_bar, resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

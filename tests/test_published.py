@@ -15,11 +15,11 @@ from torch import nn
 import train
 from experiments.mnist_recipes import RECIPE_CHANGES, RECIPES, ROBUST_RECIPE
 from robust import load_model
-from robust.archs import ARCHS, build_arch, mnist_net
 from robust.errors import RobustError
-from robust.loading import spec_kind
-from robust.optim import Cyclic
-from robust.resume import flatten
+from robust.models.archs import ARCHS, build_arch, mnist_net
+from robust.models.resolve import spec_kind
+from robust.training.optim import Cyclic
+from robust.training.resume import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 

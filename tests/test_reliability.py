@@ -15,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from robust import load_model
-from robust.data import Digits
+from robust.data.modules import Digits
 from robust.files import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

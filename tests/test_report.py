@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from robust import load_model
-from robust.card import ModelCard, TrainingRecord
-from robust.data import CIFAR10_NAMES, Digits
+from robust.data.eval_data import eval_data
+from robust.data.images import png_bytes
+from robust.data.modules import CIFAR10_NAMES, Digits
 from robust.errors import RobustError
-from robust.eval_data import eval_data
-from robust.images import png_bytes
-from robust.render import honesty_flags, markdown_table
-from robust.report import evaluate
+from robust.evaluation.render import honesty_flags, markdown_table
+from robust.evaluation.report import evaluate
+from robust.models.card import ModelCard, TrainingRecord
 from robust.threats import AUTOATTACK_THREATS, DEFAULT_THREATS, THREATS, WORST_CASES, ThreatSpec
 
 EPS = (0.05, 0.1)

@@ -1,4 +1,5 @@
-"""report.md, the curve and the honesty flags as a reader meets them: structure, not pixels (robust.render, on a
+"""report.md, the curve and the honesty flags as a reader meets them: structure, not pixels (robust.evaluation.render,
+on a
 report dict; no model needed)."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import io
 import pytest
 from PIL import Image
 
-from robust.render import CURVE_STYLE, FLAG_RULE, curve_png, honesty_flags, markdown_table, threat_names
+from robust.evaluation.render import CURVE_STYLE, FLAG_RULE, curve_png, honesty_flags, markdown_table, threat_names
 
 ROW = {
     "clean": 0.992,
@@ -115,8 +116,8 @@ def test_the_curve_is_a_png_with_an_accuracy_panel_and_a_success_panel(autoattac
 def test_a_folder_of_splits_is_one_line_naming_the_split_to_pass(tmp_path):
     from types import SimpleNamespace
 
+    from robust.data.eval_data import eval_data
     from robust.errors import RobustError
-    from robust.eval_data import eval_data
 
     for split in ("train", "test"):
         for cls in ("cat", "dog"):

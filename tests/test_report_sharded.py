@@ -16,10 +16,10 @@ import pytest
 import torch
 from test_report import cli_main
 
-import robust.report
+import robust.evaluation.report
 from robust.errors import RobustError
-from robust.report import batch_counts
-from robust.sharding import Journal, World, launch, pending, sharded_counts
+from robust.evaluation.report import batch_counts
+from robust.evaluation.sharding import Journal, World, launch, pending, sharded_counts
 from robust.threats import ThreatSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def run_report(argv: list[str]) -> dict:
 def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "report"
     measured = []  # (batch, eps) of every attacked batch
-    real = robust.report.predictions
+    real = robust.evaluation.report.predictions
 
     def predictions(model, x, y, spec):
         measured.append((spec.seed, spec.eps))  # a pass seeds batch b with seed + b; seed is 0
@@ -137,7 +137,7 @@ def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt,
             raise Killed
         return real(model, x, y, spec)
 
-    monkeypatch.setattr(robust.report, "predictions", predictions)
+    monkeypatch.setattr(robust.evaluation.report, "predictions", predictions)
     kill_at = 2  # while measuring batch 1: batch 0 is done for both eps
     with pytest.raises(Killed):
         cli_main(report_args(digits_ckpt, out))
@@ -164,7 +164,7 @@ def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt,
     resumed = run_report(report_args(digits_ckpt, out, "--resume"))
     assert measured == [(1, 0.05), (1, 0.1), (2, 0.05), (2, 0.1)]
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "robustness_curve.png"]
-    monkeypatch.setattr(robust.report, "predictions", real)
+    monkeypatch.setattr(robust.evaluation.report, "predictions", real)
     assert resumed == run_report(report_args(digits_ckpt, tmp_path / "fresh"))
 
 

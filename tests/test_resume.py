@@ -1,5 +1,5 @@
 """Resuming and the end of a run, as a user meets them: ``train.py fit`` (tiny digits runs of a few seconds each,
-in this process), and the schedule rebuild and config comparison of :mod:`robust.resume` against torch's own
+in this process), and the schedule rebuild and config comparison of :mod:`robust.training.resume` against torch's own
 schedules."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import yaml
 from torch.optim.lr_scheduler import OneCycleLR
 
 import train
+from robust.data.roots import resolve_data_root
 from robust.errors import RobustError
 from robust.files import load_checkpoint
-from robust.optim import Cosine, Cyclic, OneCycle, Piecewise
-from robust.resume import check_resume_config, config_differences, rebuild_schedule
-from robust.runfiles import resolve_data_root
+from robust.training.optim import Cosine, Cyclic, OneCycle, Piecewise
+from robust.training.resume import check_resume_config, config_differences, rebuild_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 # digits.yaml as it is (validation every 10 epochs, one-cycle schedule), made tiny: one batch of 64 images of 8×8

@@ -8,8 +8,8 @@ from test_early_exit import linear_batch, linear_model
 from torch import nn
 
 from robust.errors import RobustError
-from robust.render import markdown_table
-from robust.report import evaluate
+from robust.evaluation.render import markdown_table
+from robust.evaluation.report import evaluate
 from robust.threats import ThreatSpec, predictions
 
 CHEAP = ("clean", "fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "pgd_worst")

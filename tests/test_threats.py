@@ -10,7 +10,6 @@ from torch import nn
 import robust.threats
 from robust.attacks import apgd_run, seeded_rng
 from robust.errors import RobustError
-from robust.module import AdversarialClassifier
 from robust.threats import (
     DEFAULT_THREATS,
     THREATS,
@@ -24,6 +23,7 @@ from robust.threats import (
     predictions,
     worst_case,
 )
+from robust.training.module import AdversarialClassifier
 
 EPS = 0.1
 

@@ -19,9 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train as train_cli
 from robust.errors import RobustError
 from robust.files import load_checkpoint
-from robust.models import head_of
-from robust.module import VAL_KEYS
-from robust.run_record import split_rng_by_rank
+from robust.models.build import head_of
+from robust.training.module import VAL_KEYS
+from robust.training.run_record import split_rng_by_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -95,7 +95,7 @@ def test_checkpoints_and_resolved_config(run):
     assert (ckpts / "last.ckpt").is_file()
     assert len(list(ckpts.glob("best-epoch*-pgd*.ckpt"))) == 1
     config = (run / "config.yaml").read_text()
-    assert "adv_ratio: 0.5" in config and "robust.data.Digits" in config
+    assert "adv_ratio: 0.5" in config and "robust.data.modules.Digits" in config
 
 
 def _free_port() -> int:
@@ -207,7 +207,7 @@ def test_fast_cifar10_recipe_trains_on_the_shared_subset(shared_data, tmp_path):
     root = str(shared_data / "cifar10-subset")
     data = [
         "--data.class_path",
-        "robust.data.ImageFolder",
+        "robust.data.modules.ImageFolder",
         "--data.init_args.root",
         root,
         "--data.init_args.batch_size",

@@ -19,9 +19,9 @@ from PIL import Image
 
 import evaluate
 import train
-from robust.card import ModelCard
-from robust.data import FolderImageError, ImageFolder, is_image_file
-from robust.loading import load_model
+from robust.data.modules import FolderImageError, ImageFolder, is_image_file
+from robust.models.card import ModelCard
+from robust.models.resolve import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "imagefolder.yaml"

@@ -1,7 +1,7 @@
 """Hugging Face image classifiers in the project's convention: [0, 1] images in, logits out.
 
 ``load_hf_model("deepmind/vision-perceiver-learned")`` (a hub id, or a local ``save_pretrained`` directory)
-returns a :class:`robust.models.CardedModel` with the layers ``(geometry, normalize, backbone)``:
+returns a :class:`robust.models.build.CardedModel` with the layers ``(geometry, normalize, backbone)``:
 
 - ``geometry`` (:class:`ProcessorGeometry`): the image processor's crop and resize as differentiable torch
   ops, so gradients reach the input pixels. Perceiver processors crop the centre ``size/crop_size`` of the
@@ -13,7 +13,7 @@ returns a :class:`robust.models.CardedModel` with the layers ``(geometry, normal
   (clamped to [0, 1] after each resize), so pixels differ by rounding (mean 0.3 grey levels) and, near the
   borders of upsampled images, by up to ~9 grey levels (torch's float and uint8 antialiasing kernels
   differ); BOX and HAMMING resampling become bilinear, LANCZOS bicubic.
-- ``normalize`` (:class:`robust.models.Normalize`): the processor's rescale and ``image_mean``/``image_std``,
+- ``normalize`` (:class:`robust.models.build.Normalize`): the processor's rescale and ``image_mean``/``image_std``,
   folded into mean/std in [0, 1] pixel units.
 - ``backbone`` (:class:`HFLogits`): the ``transformers`` model, returning ``N×num_classes`` logits.
 
@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from robust.card import ModelCard, TrainingRecord
 from robust.errors import RobustError
-from robust.models import CardedModel, Normalize
+from robust.models.build import CardedModel, Normalize
+from robust.models.card import ModelCard, TrainingRecord
 
 HF_PREFIX = "hf:"  # model specs and archs "hf:<hub id or save_pretrained dir>" name Hugging Face classifiers
 
@@ -198,7 +198,7 @@ def load_hf_model(name_or_dir: str, num_classes: int | None = None) -> CardedMod
     Input ``N×3×H×W`` float images in [0, 1]; output ``N×num_classes`` logits. Images of any size go through the
     processor's crop and resize; images of the card's ``image_size`` are taken as already cropped (what the
     project's loaders make from ``resize``/``image_size``) and only normalized. The model's
-    :class:`~robust.card.ModelCard` has arch ``"hf:<name_or_dir>"``, class_names (``id2label`` by id),
+    :class:`~robust.models.card.ModelCard` has arch ``"hf:<name_or_dir>"``, class_names (``id2label`` by id),
     image_size, resize, and mean, std (the processor's, in [0, 1] pixel units).
 
     Args:

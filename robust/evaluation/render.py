@@ -1,5 +1,5 @@
 """Rendering a report: ``report.md`` (heading, what to claim, every attack, setup, warnings), the robustness curve and
-the honesty flags, all from a report dict (:func:`robust.report.build_report`); no model needed.
+the honesty flags, all from a report dict (:func:`robust.evaluation.report.build_report`); no model needed.
 
 :func:`honesty_flags` marks figures that cannot be trusted as they stand, and only beyond sampling noise
 (:data:`FLAG_RULE`). :func:`write_report` writes ``report.json``, ``report.md`` and ``robustness_curve.png``
@@ -18,8 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from robust.files import atomic_write_files
-from robust.hf import HF_PREFIX
 from robust.learned import REMEDY
+from robust.models.hf import HF_PREFIX
 from robust.threats import THREATS, WORST_CASES
 
 FILES = ("report.json", "report.md", "robustness_curve.png")

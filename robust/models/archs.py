@@ -1,7 +1,8 @@
 """The architecture registry: every backbone a model can have, by name, in one place.
 
 A backbone maps normalized ``N×C×H×W`` images to ``N×num_classes`` logits (the model's first layer, a
-:class:`robust.models.Normalize`, sits in front of it). :data:`ARCHS` maps a name to an :class:`Arch`: how to build
+:class:`robust.models.build.Normalize`, sits in front of it). :data:`ARCHS` maps a name to an :class:`Arch`: how to
+build
 it for ``num_classes`` outputs and ``channels`` input channels, the names of its first convolution and its head
 (the layers fine-tuning may replace), and its natural input size. Training (``--model.arch``), the model card,
 :func:`robust.load_model` and the report all look names up here; adding an architecture is one entry.

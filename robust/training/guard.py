@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from robust.attacks import SINGLE_STEP_ATTACKS, seeded_rng
-from robust.averaging import weight_averages
 from robust.errors import RobustError
 from robust.threats import ThreatSpec, accuracy
+from robust.training.averaging import weight_averages
 
 
 class CatastrophicOverfittingGuard(L.Callback):
@@ -62,7 +62,7 @@ class CatastrophicOverfittingGuard(L.Callback):
     The most robust weights, not the last healthy ones: a collapse is measured against the best, and the slide
     towards it can take several checks that are each still "healthy" but already far less robust.
 
-    With weight averaging (:class:`robust.averaging.WeightEMA`) the checks measure the trained weights (they
+    With weight averaging (:class:`robust.training.averaging.WeightEMA`) the checks measure the trained weights (they
     collapse first; the average follows them), and a restore puts back the average kept with those weights too,
     so neither ``stop`` nor ``rollback`` leaves collapsed weights in it.
 

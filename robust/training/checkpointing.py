@@ -13,7 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from robust.files import atomic_write_bytes, load_checkpoint
 from robust.learned import not_learned
-from robust.module import val_tag
+from robust.threats import val_tag
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,7 +41,7 @@ class BestCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint whose choice never crowns a model that has not learned over one that has
     (:func:`robust.learned.not_learned`: clean accuracy within 10 points of chance, or one class for nearly every
     image): a constant classifier is never fooled "differently", so its robust accuracy can beat a real model's.
-    When no validation has learned, the best of those is kept and :func:`robust.runfiles.run_summary` says so.
+    When no validation has learned, the best of those is kept and :func:`robust.training.runfiles.run_summary` says so.
 
     Args:
         learned_first: rank models that have not learned below every one that has (false: by the monitor alone).

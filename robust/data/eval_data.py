@@ -13,9 +13,9 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from robust.card import ModelCard
 from robust.checks import check_at_least_one
-from robust.data import (
+from robust.data.images import folder_transform
+from robust.data.modules import (
     CIFAR10,
     CIFAR10_NAMES,
     DIGIT_NAMES,
@@ -24,11 +24,11 @@ from robust.data import (
     class_folders,
     class_names_in,
     evenly_spaced,
-    folder_transform,
     image_folder,
 )
+from robust.data.roots import data_root
 from robust.errors import RobustError
-from robust.runfiles import data_root
+from robust.models.card import ModelCard
 
 
 def _align_labels(ds, data_names: Sequence[str], card: ModelCard) -> str:
@@ -97,7 +97,7 @@ def eval_data(
     identity.
 
     Images come at the model card's ``image_size`` and ``channels`` (folders and CIFAR-10 via
-    :func:`robust.data.folder_transform` with the card's ``resize``; MNIST is 28×28 grayscale and must be fed as
+    :func:`robust.data.images.folder_transform` with the card's ``resize``; MNIST is 28×28 grayscale and must be fed as
     such); labels are the model's class ids. ``limit`` keeps that many evenly spaced images. ``mnist_root``: the
     folder holding ``MNIST/raw`` (default ``$ROBUST_DATA``, else ``data``).
     """

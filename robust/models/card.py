@@ -1,6 +1,6 @@
 """The model card: what a trained model is and how to feed it, in one schema.
 
-:class:`ModelCard` is stored in checkpoints (:func:`robust.run_record.save`), written as an export's
+:class:`ModelCard` is stored in checkpoints (:func:`robust.training.run_record.save`), written as an export's
 ``model.json``, built for ImageNet and Hugging Face models, and carried by every model :func:`robust.load_model`
 returns. Its fields, their types and their meanings are the dataclasses below, all the way down (how the model was
 trained: :class:`TrainingRecord`; what validation measured: :class:`RobustnessRecord`); :meth:`ModelCard.from_dict`
@@ -21,6 +21,18 @@ from robust.errors import RobustError
 
 FORMAT = "robust-export"
 FORMAT_VERSION = 1
+CARD_KEY = "robust_card"  # where a checkpoint keeps its card (a dict, ModelCard.to_dict())
+
+# The normalization inside a model when none is given ([0, 1] pixel units per channel): part of what a card states.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+def default_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` when none is given: ImageNet's for RGB, none (0, 1) for grayscale."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.0,) * channels, (1.0,) * channels)
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -50,7 +62,7 @@ class _Record:
 @dataclass(kw_only=True)
 class TrainingRecord(_Record):
     """How the model was trained (``ModelCard.training``): the settings in force when it was saved, one field each
-    (a new setting is one line here; :func:`robust.loading.training_card` fills every field from the module's
+    (a new setting is one line here; :func:`robust.models.resolve.training_card` fills every field from the module's
     hyper-parameters). Null: unknown (a card written before the field existed, a network trained elsewhere) or not
     applicable. eps and alpha are in [0, 1] pixel units."""
 
@@ -75,12 +87,12 @@ class TrainingRecord(_Record):
     )
     init: dict | None = _unset(
         "where the initial weights came from: {weights, kind, sha256, classes, fresh} "
-        "(robust.loading.initialize_classifier)"
+        "(robust.models.resolve.initialize_classifier)"
     )
     seed: int | None = _unset("the run's global seed (seed_everything); null: unseeded")
     guard: dict | None = _unset(
         "the overfitting guard: {action, probe, thresholds, best_pgd, collapses: [{epoch, step, signature, pgd, fgsm, "
-        "action}], rollbacks} (robust.guard); null: not watching"
+        "action}], rollbacks} (robust.training.guard); null: not watching"
     )
     optimizer: dict | None = _unset("the optimizer in force: {class, <its defaults>}")
     lr_scheduler: dict | None = _unset(
@@ -124,7 +136,7 @@ class ModelCard(_Record):
     format: str = _doc(f"always {FORMAT!r}", default=FORMAT)
     format_version: int = _doc(f"{FORMAT_VERSION}; readers refuse other versions", default=FORMAT_VERSION)
     arch: str = _doc(
-        "backbone: a name of robust.archs.ARCHS (resnet18, mnist_net, preact_resnet18, ...), "
+        "backbone: a name of robust.models.archs.ARCHS (resnet18, mnist_net, preact_resnet18, ...), "
         "hf:<model id or dir>, or the factory <package.module:function> that builds it"
     )
     num_classes: int = _doc("number of output logits")
@@ -235,3 +247,53 @@ def _has_default(f: Field) -> bool:
 
 def _type_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
+
+
+def training_card(
+    hparams: Mapping,
+    data: Mapping | None,
+    metrics: Mapping,
+    *,
+    alpha: float | None,
+    best: dict | None,
+    epoch: int | None,
+    global_step: int | None,
+    adapted: dict | None = None,
+) -> ModelCard:
+    """The card of an :class:`~robust.training.module.AdversarialClassifier` with ``hparams``, trained on a data
+    module that ``describe()``s itself as ``data``; ``metrics`` are its latest ``val/*`` figures, ``alpha`` the
+    training step in force (a guard rollback changes it), ``best`` the checkpoint callback's ``{"monitor", "score"}``
+    (or None), ``adapted`` how validation's threats adapt to the class count (:func:`robust.threats.adaptations`).
+    The one builder of a training run's card: the run record (:mod:`robust.training.run_record`) and checkpoints
+    written before cards were stored (:func:`robust.models.resolve.card_from_checkpoint`) call it."""
+    hp, data = dict(hparams), dict(data or {})
+    num_classes = int(hp.get("num_classes", 10))
+    size = int(data.get("image_size", 32))
+    channels = int(hp.get("channels") or data.get("channels") or 3)
+    default_mean, default_std = default_normalization(channels)
+    names = hp.get("class_names") or data.get("class_names") or [str(i) for i in range(num_classes)]
+    robustness = RobustnessRecord(
+        metrics={k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")},
+        norm=hp.get("norm", "linf"),
+        eps=hp.get("eps") if hp.get("val_eps") is None else hp["val_eps"],
+        steps=hp.get("val_steps"),
+        jpeg_quality=hp.get("jpeg_quality"),
+        adapted=adapted,
+        best=best,
+        epoch=epoch,
+        global_step=global_step,
+    )
+    return ModelCard(
+        arch=hp.get("arch", "resnet18"),
+        num_classes=num_classes,
+        class_names=[str(n) for n in names],
+        image_size=size,
+        resize=int(data.get("resize") or size),
+        channels=channels,
+        mean=[float(m) for m in hp.get("mean") or default_mean],
+        std=[float(s) for s in hp.get("std") or default_std],
+        cifar_stem=bool(hp.get("cifar_stem", False)),
+        data=data.get("name"),
+        training=TrainingRecord.from_values(hp, alpha=alpha),
+        robustness=robustness,
+    )

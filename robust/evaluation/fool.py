@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from robust.attacks import check_budget, default_step, fgsm, pgd, resolve_class, seeded_rng
+from robust.data.images import check_images, png_bytes
 from robust.defenses import check_quality, jpeg
 from robust.errors import RobustError
+from robust.evaluation.render import format_eps
 from robust.fast_path import fast_model
 from robust.files import atomic_write_files
-from robust.images import check_images, png_bytes
-from robust.models import card_of
-from robust.render import format_eps
+from robust.models.build import card_of
 
 FILES = ("adversarial.png", "perturbation.png", "figure.png")
 

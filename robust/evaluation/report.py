@@ -3,9 +3,10 @@
 :func:`evaluate` measures accuracies in [0, 1] under the keys of :data:`robust.threats.THREATS`
 (``targeted_success`` is the fraction of images pushed to a random other class, so lower is better there;
 ``pgd_worst`` and ``jpeg_worst`` are the per-example worst cases, the figures to claim), shardable over processes
-and resumable (:mod:`robust.sharding`). :func:`model_identity` says which model was measured and
-:func:`build_report` joins the figures with the model's and the data's identity (:func:`robust.eval_data.eval_data`).
-Rendering and writing the files is :mod:`robust.render`.
+and resumable (:mod:`robust.evaluation.sharding`). :func:`model_identity` says which model was measured and
+:func:`build_report` joins the figures with the model's and the data's identity
+(:func:`robust.data.eval_data.eval_data`).
+Rendering and writing the files is :mod:`robust.evaluation.render`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from robust.data.images import check_images
 from robust.errors import RobustError
+from robust.evaluation.render import honesty_flags
+from robust.evaluation.sharding import Journal, World, sharded_counts
 from robust.fast_path import fast_model
 from robust.files import sha256_path
-from robust.hf import HF_PREFIX
-from robust.images import check_images
 from robust.learned import not_learned
-from robust.models import card_of
-from robust.render import honesty_flags
-from robust.sharding import Journal, World, sharded_counts
+from robust.models.build import card_of
+from robust.models.hf import HF_PREFIX
 from robust.threats import (
     AUTOATTACK_THREATS,
     DEFAULT_THREATS,
@@ -83,9 +84,10 @@ def evaluate(
             untouched).
         fast_path: attack :func:`robust.fast_path.fast_model`'s frozen, folded copy of ``model`` (the same figures
             within float rounding, faster; built once per call); False attacks ``model`` itself, for debugging.
-        world: the processes sharing the batches (:func:`robust.sharding.launch`; default this process alone, on
+        world: the processes sharing the batches (:func:`robust.evaluation.sharding.launch`; default this process
+        alone, on
             the model's device); every process gets the same result. journal: where finished batches' counts are
-            kept and, when resuming, read back (:class:`robust.sharding.Journal`).
+            kept and, when resuming, read back (:class:`robust.evaluation.sharding.Journal`).
     Returns: ``{"rows": [{"eps", "alpha", <threat>: accuracy in [0, 1], ...}, ...], "flags": [...], "n",
     "eps", "steps", "restarts", "alpha", "quality", "seed", "autoattack", "num_classes", "adapted", ...}``; rows sorted
     by eps; ``adapted``: how the threats departed from AutoAttack's components at the model's class count

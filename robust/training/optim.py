@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules for :class:`robust.module.AdversarialClassifier`, as LightningCLI callables.
+"""Optimizers and learning-rate schedules for :class:`robust.training.module.AdversarialClassifier`, as LightningCLI
+callables.
 
 The module takes ``optimizer`` (``params -> Optimizer``, any ``torch.optim`` class path with its ``init_args``) and
 ``lr_scheduler`` (``(optimizer, total_steps) -> LRScheduler``, stepped once per optimizer step). ``total_steps`` is
@@ -33,7 +34,7 @@ DEFAULT_OPTIMIZER = {
     "class_path": "torch.optim.SGD",
     "init_args": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
 }
-DEFAULT_SCHEDULER = {"class_path": "robust.optim.OneCycle", "init_args": {"peak_at": 0.4}}
+DEFAULT_SCHEDULER = {"class_path": "robust.training.optim.OneCycle", "init_args": {"peak_at": 0.4}}
 
 
 class OneCycle(OneCycleLR):
@@ -55,7 +56,8 @@ class OneCycle(OneCycleLR):
 class RunFraction(LambdaLR):
     """A schedule written as a multiple of each group's ``lr`` per optimizer step, :meth:`factor`, from the step and
     the run's length ``total_steps`` alone, so a resume of another length rebuilds it for the new length
-    (:func:`robust.resume.rebuild_schedule`). Subclasses set their own attributes, then call this ``__init__``."""
+    (:func:`robust.training.resume.rebuild_schedule`). Subclasses set their own attributes, then call this
+    ``__init__``."""
 
     name = "run-fraction"
 

@@ -1,4 +1,5 @@
-"""Models that take plain [0, 1] images: ``nn.Sequential(Normalize, backbone)``; backbones from :mod:`robust.archs`.
+"""Models that take plain [0, 1] images: ``nn.Sequential(Normalize, backbone)``; backbones from
+:mod:`robust.models.archs`.
 
 Normalization is the model's first layer, so attacks, JPEG and exported models all work in pixel space.
 """
@@ -13,19 +14,16 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from robust.archs import build_arch, get_arch
-from robust.card import ModelCard
 from robust.errors import RobustError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-
-
-def default_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` when none is given: ImageNet's for RGB, none (0, 1) for grayscale."""
-    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.0,) * channels, (1.0,) * channels)
+from robust.models.archs import build_arch, get_arch
+from robust.models.card import (  # noqa: F401  (the normalization defaults, re-exported as before)
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelCard,
+    default_normalization,
+)
 
 
 class Normalize(nn.Module):
@@ -44,7 +42,7 @@ class Normalize(nn.Module):
 
 class CardedModel(nn.Sequential):
     """A loaded classifier: the layers of a model (``N×C×H×W`` images in [0, 1] -> logits) and its
-    :class:`~robust.card.ModelCard` in ``card``. The layers are shared with the model it wraps, so state dict
+    :class:`~robust.models.card.ModelCard` in ``card``. The layers are shared with the model it wraps, so state dict
     keys, weights and outputs are that model's."""
 
     def __init__(self, model: nn.Sequential, card: ModelCard) -> None:
@@ -153,7 +151,7 @@ def build_backbone(
     cifar_stem: bool = False,
     channels: int | None = None,
 ) -> tuple[nn.Module, list[str]]:
-    """The backbone ``arch`` (:data:`robust.archs.ARCHS`) with ``num_classes`` outputs and ``channels`` input
+    """The backbone ``arch`` (:data:`robust.models.archs.ARCHS`) with ``num_classes`` outputs and ``channels`` input
     channels (default the arch's), and the names of the layers that the weights did not initialise (``[]`` for
     ``weights=None``: all of it is random).
 
@@ -194,7 +192,7 @@ def build_model(
     See :func:`build_backbone` for ``weights`` and ``cifar_stem``. The backbone's state dict keys are the arch's
     own (torchvision's, the papers'), under the ``backbone.`` prefix. Like any new module, it is in train mode.
     Hugging Face classifiers (``hf:<id>``) and our checkpoints and exports as ``weights`` come from
-    :func:`robust.loading.build_classifier`.
+    :func:`robust.models.resolve.build_classifier`.
     """
     backbone = build_backbone(arch, num_classes, weights, cifar_stem, channels)[0]
     return normalized(backbone, mean, std)

@@ -5,7 +5,7 @@
   (the rich bar draws nothing there until the run ends).
 - :class:`RunNotices`: the device line at the start, a line when the data is too small for the settings; on
   Ctrl-C or SIGTERM, one line naming what was saved and the command that resumes it (``--ckpt_path last``,
-  :mod:`robust.resume`).
+  :mod:`robust.training.resume`).
 - :func:`quiet_known_noise`: Lightning's and torch's known-harmless messages, each filtered by its exact text.
 """
 
@@ -164,7 +164,7 @@ class LineProgress(ProgressBar):
 
 def validations_left(trainer, in_epoch: bool) -> int:
     """The validations a run still has at epoch ends (each ``check_val_every_n_epoch`` and the last epoch's,
-    :class:`robust.callbacks.ValidateAtEnd`), the current epoch's included while it runs (``in_epoch``)."""
+    :class:`robust.training.callbacks.ValidateAtEnd`), the current epoch's included while it runs (``in_epoch``)."""
     every, last = trainer.check_val_every_n_epoch, trainer.max_epochs
     if not every or not last or last < 1 or trainer.limit_val_batches == 0:
         return 0

@@ -12,6 +12,8 @@ torchmetrics so they are synced across DDP processes.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
@@ -21,22 +23,26 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from robust import run_record
 from robust.attacks import ATTACKS, check_budget, default_step, least_likely_class, random_other_class
 from robust.errors import RobustError
-from robust.loading import describe_init, initialize_classifier
-from robust.models import default_normalization, head_of
+from robust.models.build import head_of
+from robust.models.card import CARD_KEY, default_normalization
+from robust.models.resolve import create_model, describe_init
 from robust.objectives import check_objective, objective_loss, training_attack
-from robust.optim import OptimizerFactory, SchedulerFactory, default_optimizer, default_scheduler
-from robust.threats import DEFAULT_THREATS, ThreatSpec, bn_mode, labels_for, predictions
+from robust.threats import DEFAULT_THREATS, ThreatSpec, bn_mode, labels_for, predictions, val_tag
+from robust.training.optim import OptimizerFactory, SchedulerFactory, default_optimizer, default_scheduler
+from robust.training.run_record import RunRecord
 
 VAL_KEYS = DEFAULT_THREATS  # validation runs every threat but AutoAttack's
 
 
-def val_tag(key: str, norm: str) -> str:
-    """The logged name of threat ``key``'s validation accuracy: ``val/<key>`` in L∞, ``val/l2/<key>`` in L2, so no
-    figure can be read in the wrong norm."""
-    return f"val/{key}" if norm == "linf" else f"val/{norm}/{key}"
+@dataclass(frozen=True)
+class AttackInForce:
+    """The training attack in force and its step (pixel units); replaced only by
+    :meth:`AdversarialClassifier.set_attack` and :meth:`AdversarialClassifier.set_attack_step`."""
+
+    attack: str
+    alpha: float
 
 
 TrainAttack = Literal[("none", *ATTACKS)]  # robust.objectives.TRAIN_ATTACKS: the attack registry's, or none
@@ -82,7 +88,7 @@ class AdversarialClassifier(L.LightningModule):
     validation. Their keys stay flat (``--model.eps``, ``model: eps:`` in a config), as in checkpoints.
 
     Args:
-        arch: the network: a name of :data:`robust.archs.ARCHS` (``resnet18``, ``mnist_net``,
+        arch: the network: a name of :data:`robust.models.archs.ARCHS` (``resnet18``, ``mnist_net``,
             ``preact_resnet18``, ...) or ``hf:<model id>``.
         num_classes: outputs of the classifier; linked from the data.
         class_names: names for the ``num_classes`` outputs (image grids, exports); linked from the data.
@@ -115,11 +121,11 @@ class AdversarialClassifier(L.LightningModule):
         adv_ratio: fraction of each batch replaced by adversarial examples, in [0, 1]; 0 = clean training.
         attack_bn_mode: BatchNorm mode while making training attacks (``eval`` uses running stats).
         optimizer: ``params -> Optimizer``: a ``torch.optim`` class path with its ``init_args`` (default
-            :func:`robust.optim.default_optimizer`: SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4).
+            :func:`robust.training.optim.default_optimizer`: SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4).
         lr_scheduler: ``(optimizer, total_steps) -> LRScheduler``, stepped every optimizer step: a schedule of
-            :mod:`robust.optim` (default ``OneCycle`` peaking at the optimizer's lr; ``Cyclic``, Wong et al.'s;
+            :mod:`robust.training.optim` (default ``OneCycle`` peaking at the optimizer's lr; ``Cyclic``, Wong et al.'s;
             ``Cosine``) or null for a constant lr.
-        backbone_lr_scale: the learning rate of every parameter but the head's (:func:`robust.models.head_of`)
+        backbone_lr_scale: the learning rate of every parameter but the head's (:func:`robust.models.build.head_of`)
             is the optimizer's ``lr × backbone_lr_scale`` (for fine-tuning; 1 = one group).
         val_eps: budget of the validation threats, in the card's ``robustness.eps`` (default: ``eps``).
         val_steps: validation PGD steps (default 10).
@@ -177,12 +183,11 @@ class AdversarialClassifier(L.LightningModule):
             raise RobustError(f"nfgsm_noise must be 0 or more (times eps), got {nfgsm_noise}")
         if not backbone_lr_scale >= 0:
             raise RobustError(f"backbone_lr_scale must be 0 or more (times lr), got {backbone_lr_scale}")
-        self.attack_steps = attack_steps if attack_steps is not None else obj.steps or 7
-        self.attack = attack  # the training attack in force
-        # the step in force
-        self.alpha = alpha if alpha is not None else self.default_alpha(attack, objective, eps, norm, self.attack_steps)
-        self.beta = beta if beta is not None else obj.beta
-        check_budget(eps, self.alpha if attack != "none" else None, self.attack_steps, norm=norm)
+        # (new names: save_hyperparameters below reads the arguments' names in this frame, as given)
+        steps = attack_steps if attack_steps is not None else obj.steps or 7
+        step = alpha if alpha is not None else self.default_alpha(attack, objective, eps, norm, steps)
+        check_budget(eps, step if attack != "none" else None, steps, norm=norm)
+        self._in_force = AttackInForce(attack, float(step))
         self.val_spec = ThreatSpec(
             eps if val_eps is None else val_eps,
             val_alpha,
@@ -198,8 +203,14 @@ class AdversarialClassifier(L.LightningModule):
         default_mean, default_std = default_normalization(channels)
         self.hparams.mean, self.hparams.std = tuple(mean or default_mean), tuple(std or default_std)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.model, self.weights_init = initialize_classifier(
-            arch, num_classes, weights, self.hparams.mean, self.hparams.std, cifar_stem, channels
+        self.model = create_model(
+            arch,
+            num_classes=num_classes,
+            weights=weights,
+            mean=self.hparams.mean,
+            std=self.hparams.std,
+            cifar_stem=cifar_stem,
+            channels=channels,
         )
         if weights is not None:
             rank_zero_info(describe_init(self.weights_init, num_classes))
@@ -225,19 +236,74 @@ class AdversarialClassifier(L.LightningModule):
             return official or eps
         return default_step(attack, eps, norm=norm, steps=steps, training=True)
 
+    @property
+    def attack(self) -> str:
+        """The training attack in force: the configured one unless the overfitting guard switched it
+        (:meth:`set_attack`)."""
+        return self._in_force.attack
+
+    @property
+    def alpha(self) -> float:
+        """The training attack's step in force, pixel units (:meth:`set_attack_step`)."""
+        return self._in_force.alpha
+
+    @property
+    def attack_steps(self) -> int:
+        """PGD training steps: ``attack_steps``, else the objective's official count, else 7."""
+        hp = self.hparams
+        return hp.attack_steps if hp.attack_steps is not None else check_objective(hp.objective, hp.attack).steps or 7
+
+    @property
+    def beta(self) -> float | None:
+        """The TRADES / MART trade-off weight: ``beta``, else the official script's."""
+        hp = self.hparams
+        return hp.beta if hp.beta is not None else check_objective(hp.objective, hp.attack).beta
+
+    @property
+    def weights_init(self) -> dict:
+        """Where the initial weights came from (:func:`robust.models.resolve.init_record`), as the card keeps it."""
+        return self.model.card.training.init
+
     def set_attack_step(self, alpha: float) -> None:
         """Change the training attack's step (pixel units) to ``alpha``: the one place it changes, kept in
         checkpoints."""
         check_budget(self.hparams.eps, alpha, norm=self.hparams.norm)
-        self.alpha = float(alpha)
+        self._in_force = dataclasses.replace(self._in_force, alpha=float(alpha))
 
     def set_attack(self, attack: str) -> None:
         """Train with ``attack`` from now on, at its default step (:meth:`default_alpha`): the one place the
         attack in force changes (the overfitting guard's ``switch_to_nfgsm``); kept in checkpoints, as the step."""
         hp = self.hparams
         check_objective(hp.objective, attack, hp.target != "none")
-        self.attack = attack
-        self.set_attack_step(self.default_alpha(attack, hp.objective, hp.eps, hp.norm, self.attack_steps))
+        alpha = self.default_alpha(attack, hp.objective, hp.eps, hp.norm, self.attack_steps)
+        check_budget(hp.eps, alpha, norm=hp.norm)
+        self._in_force = AttackInForce(attack, float(alpha))
+
+    def in_force(self) -> dict:
+        """What the card records besides the hyper-parameters: the training attack and step in force (``alpha``
+        None when nothing is attacked), the attack it was switched from (or None), the steps, beta and the initial
+        weights' record."""
+        configured = self.hparams.attack
+        return {
+            "attack": self.attack,
+            "switched_from": None if self.attack == configured else configured,
+            "alpha": None if self.attack == "none" else self.alpha,
+            "attack_steps": self.attack_steps,
+            "beta": self.beta,
+            "init": self.weights_init,
+        }
+
+    def resume_in_force(self, training: dict) -> None:
+        """Take back from a checkpoint card's ``training`` record what the run had changed: the guard's attack
+        switch (``switch_to_nfgsm``) when resuming the same configured attack (another configured attack wins), the
+        step in force after any rollback, and the record of where the initial weights came from (not what the
+        weights path holds now)."""
+        if training.get("switched_from") == self.hparams.attack:
+            self.set_attack(training["attack"])
+        if training.get("alpha") is not None and training.get("attack") == self.attack:
+            self.set_attack_step(training["alpha"])
+        if training.get("init") is not None:
+            self.model.card.training.init = training["init"]
 
     def make_training_attack(self, x: Tensor, y: Tensor) -> Tensor:
         """Adversarial versions of ``x`` (true labels ``y``) by the configured training attack."""
@@ -356,8 +422,10 @@ class AdversarialClassifier(L.LightningModule):
         sched = self.lr_scheduler(opt, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_train_start(self) -> None:
-        run_record.split_rng_by_rank(self.trainer.global_rank, self.trainer.world_size)
+    def configure_callbacks(self) -> list:
+        """The run record (:class:`robust.training.run_record.RunRecord`: the card and RNG states in every
+        checkpoint, each process's RNG stream): the module brings it to any Trainer."""
+        return [RunRecord()]
 
     def on_fit_start(self) -> None:
         """Say once, in the log and in TensorBoard's text tab (``val/threats``), how validation's threats adapt to
@@ -371,12 +439,7 @@ class AdversarialClassifier(L.LightningModule):
         if self.trainer.is_global_zero and hasattr(experiment, "add_text"):
             experiment.add_text("val/threats", text)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the run record: the model card (settings in force, data, latest ``val/*`` figures) and the RNG
-        states (:func:`robust.run_record.save`)."""
-        run_record.save(self, checkpoint)
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Take back the guard's attack and step, the initial weights' record and the RNG states
-        (:func:`robust.run_record.restore`)."""
-        run_record.restore(self, checkpoint)
+        """Take back the training attack and step in force and the initial weights' record (:meth:`resume_in_force`)
+        from the checkpoint's card, also for ``AdversarialClassifier.load_from_checkpoint``."""
+        self.resume_in_force((checkpoint.get(CARD_KEY) or {}).get("training", {}))

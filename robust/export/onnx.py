@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from robust.card import ModelCard
 from robust.errors import RobustError
-from robust.models import CardedModel
+from robust.models.build import CardedModel
+from robust.models.card import ModelCard
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
@@ -84,7 +84,7 @@ def onnx_logits(session: InferenceSession, x: Tensor) -> Tensor:
 def check_batch(card: ModelCard, data: str | None = None) -> tuple[Tensor, dict]:
     """``CHECK_IMAGES`` images (``N×C×S×S`` in [0, 1], the card's size and channels) to compare the runtimes on, and
     what they are. ``data``: ``digits``, ``mnist``, ``cifar10`` or an image folder, read as
-    :func:`robust.eval_data.eval_data` reads it; by default the embedded digits for a model trained on them, else
+    :func:`robust.data.eval_data.eval_data` reads it; by default the embedded digits for a model trained on them, else
     uniform noise images drawn with seed 0."""
     if data is None and card.data == "Digits":
         data = "digits"
@@ -92,7 +92,7 @@ def check_batch(card: ModelCard, data: str | None = None) -> tuple[Tensor, dict]
         size = card.image_size
         x = torch.rand(CHECK_IMAGES, card.channels, size, size, generator=torch.Generator().manual_seed(0))
         return x, {"name": "random", "distribution": "uniform [0, 1]", "seed": 0, "n": CHECK_IMAGES}
-    from robust.eval_data import eval_data
+    from robust.data.eval_data import eval_data
 
     loader, identity = eval_data(data, card, limit=CHECK_IMAGES, batch_size=CHECK_IMAGES)
     return next(iter(loader))[0], identity

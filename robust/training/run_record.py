@@ -1,90 +1,96 @@
-"""The run record a checkpoint of :class:`robust.module.AdversarialClassifier` keeps besides weights and optimizer
-state, and what a resume takes back from it.
+"""The run record a checkpoint of :class:`robust.training.module.AdversarialClassifier` keeps besides weights and
+optimizer state, written by :class:`RunRecord` (a callback the module brings to any Trainer through its
+``configure_callbacks``).
 
 A checkpoint holds, under these keys:
 
-- :data:`robust.loading.CARD_KEY`: the :class:`robust.card.ModelCard` (``ModelCard.to_dict()``) built by
-  :func:`robust.loading.training_card` from the module's hyper-parameters with what is in force when saving: the
-  attack and step (the overfitting guard may have changed them), the steps, beta, the EMA decay, the initial
-  weights' record, the global seed, the optimizer and schedule (:func:`optimization_record`), the data's
-  description, the latest ``val/*`` figures and the monitored best score;
+- :data:`robust.models.card.CARD_KEY`: the :class:`robust.models.card.ModelCard` (``ModelCard.to_dict()``) built by
+  :func:`robust.models.card.training_card` from the module's hyper-parameters with what is in force when saving
+  (``AdversarialClassifier.in_force``: the attack and step the overfitting guard may have changed, the steps, beta,
+  the initial weights' record), the EMA decay, the global seed, the optimizer and schedule
+  (:func:`optimization_record`), the data's description, the latest ``val/*`` figures and the monitored best score;
 - ``rng_torch`` (and ``rng_cuda`` where CUDA is available): the RNG states, so a resumed run draws the same
   shuffles and random starts (bit-identical after a SIGKILL).
 
-:func:`save` writes them (the module's ``on_save_checkpoint``), :func:`restore` takes them back (its
-``on_load_checkpoint``): the guard's attack switch and step, when resuming the same recipe, the record of the
-initial weights, and the RNG states. :func:`split_rng_by_rank` gives each DDP process its own stream when training
-starts.
+On resume the module takes back what it had in force from the card itself (``AdversarialClassifier.resume_in_force``);
+:class:`RunRecord` takes back the RNG states, and gives each DDP process its own stream when training starts
+(:func:`split_rng_by_rank`).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 
-from robust.averaging import EMA_DECAY_KEY
-from robust.card import ModelCard
-from robust.guard import CatastrophicOverfittingGuard
 from robust.learned import not_learned
-from robust.loading import CARD_KEY, training_card
-
-if TYPE_CHECKING:
-    from robust.module import AdversarialClassifier
+from robust.models.card import CARD_KEY, ModelCard, training_card
+from robust.threats import adaptations, val_tag
+from robust.training.averaging import EMA_DECAY_KEY
+from robust.training.guard import CatastrophicOverfittingGuard
 
 RNG_TORCH, RNG_CUDA = "rng_torch", "rng_cuda"  # the checkpoint keys of the RNG states
 
 
-def save(module: AdversarialClassifier, checkpoint: dict) -> None:
-    """Put the card of ``module``'s run so far and the RNG states in ``checkpoint``."""
-    checkpoint[CARD_KEY] = run_card(module, checkpoint).to_dict()
-    checkpoint[RNG_TORCH] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        checkpoint[RNG_CUDA] = torch.cuda.get_rng_state_all()
+class RunRecord(Callback):
+    """Puts the card of the run so far and the RNG states in every checkpoint, takes the RNG states back on resume,
+    and splits the RNG stream by DDP rank when training starts. Runs after :class:`~robust.training.averaging.WeightEMA`
+    (a model callback comes after the Trainer's), whose decay it records."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        split_rng_by_rank(trainer.global_rank, trainer.world_size)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CARD_KEY] = run_card(trainer, pl_module, checkpoint).to_dict()
+        checkpoint[RNG_TORCH] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint[RNG_CUDA] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if RNG_TORCH in checkpoint:
+            torch.set_rng_state(checkpoint[RNG_TORCH])
+        if RNG_CUDA in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint[RNG_CUDA])
 
 
-def watching(callback, module: AdversarialClassifier) -> bool:
+def watching(callback, module: L.LightningModule) -> bool:
     """Whether ``callback`` is an overfitting guard that watches ``module``'s training."""
     return isinstance(callback, CatastrophicOverfittingGuard) and callback.active(module)
 
 
-def run_card(module: AdversarialClassifier, checkpoint: dict) -> ModelCard:
-    """The card of ``module`` as its trainer stands: the settings in force (defaults resolved, guard changes kept;
-    the EMA decay is the one :class:`robust.averaging.WeightEMA` put in ``checkpoint``, its hook running first), the
-    data module's description, the latest ``val/*`` figures and the monitored checkpoint callback's best score."""
-    trainer = module.trainer
+def run_card(trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> ModelCard:
+    """The card of ``module`` (an :class:`~robust.training.module.AdversarialClassifier`) as ``trainer`` stands:
+    its hyper-parameters with what is in force (defaults resolved, guard changes kept; the EMA decay is the one
+    :class:`robust.training.averaging.WeightEMA` put in ``checkpoint``), the data module's description, the latest
+    ``val/*`` figures and the monitored checkpoint callback's best score."""
     datamodule = getattr(trainer, "datamodule", None)
     monitored = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
     score = None if monitored is None else monitored.best_model_score
-    if hasattr(monitored, "real_score"):  # robust.checkpointing.BestCheckpoint: the measured value
+    if hasattr(monitored, "real_score"):  # robust.training.checkpointing.BestCheckpoint: the measured value
         score = monitored.real_score()
     hp = module.hparams
-    in_force = {
+    in_force = module.in_force()
+    values = {
         **hp,
-        "attack": module.attack,
-        "switched_from": None if module.attack == hp.attack else hp.attack,
-        "attack_steps": module.attack_steps,
-        "beta": module.beta,
+        **in_force,
         "ema_decay": checkpoint.get(EMA_DECAY_KEY),
-        "init": module.weights_init,
         "seed": None if os.environ.get("PL_GLOBAL_SEED") is None else int(os.environ["PL_GLOBAL_SEED"]),
         "guard": next((cb.card_record() for cb in trainer.callbacks if watching(cb, module)), None),
         **optimization_record(trainer),
     }
     card = training_card(
-        in_force,
+        values,
         datamodule.describe() if hasattr(datamodule, "describe") else None,
         trainer.callback_metrics,
-        alpha=None if module.attack == "none" else module.alpha,
+        alpha=in_force["alpha"],
         epoch=trainer.current_epoch,
         global_step=trainer.global_step,
         best=None if score is None else {"monitor": monitored.monitor, "score": float(score)},
+        adapted=adaptations(hp.num_classes),
     )
-    from robust.module import val_tag  # robust.module imports this module
-
     metrics = card.robustness.metrics
     card.robustness.not_learned = not_learned(
         metrics.get(val_tag("clean", hp.get("norm", "linf")).removeprefix("val/")),
@@ -92,23 +98,6 @@ def run_card(module: AdversarialClassifier, checkpoint: dict) -> ModelCard:
         metrics.get("top_class"),
     )
     return card
-
-
-def restore(module: AdversarialClassifier, checkpoint: dict) -> None:
-    """Take back from ``checkpoint`` what the run had changed: the guard's attack switch (``switch_to_nfgsm``) when
-    resuming the same configured attack (another configured attack wins), the step in force after any rollback, the
-    record of where the initial weights came from (not what the weights path holds now), and the RNG states."""
-    training = (checkpoint.get(CARD_KEY) or {}).get("training", {})
-    if training.get("switched_from") == module.hparams.attack:
-        module.set_attack(training["attack"])
-    if training.get("alpha") is not None and training.get("attack") == module.attack:
-        module.set_attack_step(training["alpha"])
-    if training.get("init") is not None:
-        module.weights_init = training["init"]
-    if RNG_TORCH in checkpoint:
-        torch.set_rng_state(checkpoint[RNG_TORCH])
-    if RNG_CUDA in checkpoint and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint[RNG_CUDA])
 
 
 def _json_native(value: object) -> bool:

@@ -4,9 +4,9 @@
 
 - ``model.safetensors``: the state dict of the model (keys ``normalize.mean``, ``normalize.std``,
   ``backbone.<torchvision key>``), float32; no pickle, so loading it can never run code;
-- ``model.json``: the model card, :class:`robust.card.ModelCard` (fields and meanings: ``ModelCard.schema()``);
+- ``model.json``: the model card, :class:`robust.models.card.ModelCard` (fields and meanings: ``ModelCard.schema()``);
 - ``model.pt2`` (``torch_export=True``): a ``torch.export`` program, input ``N×C×image_size×image_size`` in [0, 1];
-- ``model.onnx`` (``onnx=True``, the ``onnx`` extra): the same model in ONNX (:mod:`robust.onnx_export`), checked in
+- ``model.onnx`` (``onnx=True``, the ``onnx`` extra): the same model in ONNX (:mod:`robust.export.onnx`), checked in
   onnxruntime against torch before anything is written; the card's ``onnx`` field records the check.
 """
 
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from robust.errors import RobustError
+from robust.export.onnx import PACKAGES as ONNX_PACKAGES
+from robust.export.onnx import export_onnx, require_onnx
 from robust.files import atomic_write_bytes, current_umask, load_checkpoint, sha256_hex
-from robust.loading import CARD_FILE, ONNX_FILE, PROGRAM_FILE, WEIGHTS_FILE, model_from_ckpt
-from robust.onnx_export import PACKAGES as ONNX_PACKAGES
-from robust.onnx_export import export_onnx, require_onnx
+from robust.models.resolve import CARD_FILE, ONNX_FILE, PROGRAM_FILE, WEIGHTS_FILE, model_from_ckpt
 
 
 def _versions(onnx: bool) -> dict[str, str]:
@@ -94,9 +94,9 @@ def export_model(
 ) -> Path:
     """Export a Lightning checkpoint of :class:`AdversarialClassifier` to the folder ``out`` and return it.
 
-    Writes ``model.safetensors``, ``model.json`` (the checkpoint's :class:`~robust.card.ModelCard`, completed
+    Writes ``model.safetensors``, ``model.json`` (the checkpoint's :class:`~robust.models.card.ModelCard`, completed
     with versions, time and sha256 sums), with ``torch_export`` ``model.pt2`` and with ``onnx`` ``model.onnx``
-    (checked in onnxruntime on ``onnx_data``, see :func:`robust.onnx_export.check_batch`; RobustError when it
+    (checked in onnxruntime on ``onnx_data``, see :func:`robust.export.onnx.check_batch`; RobustError when it
     disagrees with torch), into a temp folder beside ``out`` that is renamed to ``out`` when complete. A previous
     export in ``out`` is replaced; a non-empty folder that is not an export is refused (RobustError).
     """

@@ -1,8 +1,9 @@
-"""Load models: ``load_model(spec)`` for evaluation, ``initialize_classifier`` for training; :func:`spec_kind` is
-the one place that tells the kinds of model spec apart (both use it).
+"""The one resolver from any model spec to a carded model: :func:`create_model` (training's initialisation, the
+report, ``fool``, export) and :func:`load_model` (the same, in eval mode); :func:`spec_kind` is the one place that
+tells the kinds of spec apart.
 
-Every loaded model is a :class:`robust.models.CardedModel` (input ``N×C×H×W`` in [0, 1], logits out) in eval
-mode, on CPU, whose ``card`` is its :class:`robust.card.ModelCard`. No Lightning import: checkpoints are read as
+Every model is a :class:`robust.models.build.CardedModel` (input ``N×C×H×W`` in [0, 1], logits out) in eval
+mode, on CPU, whose ``card`` is its :class:`robust.models.card.ModelCard`. No Lightning import: checkpoints are read as
 plain dicts with ``weights_only=True``; plain state dicts (a paper's released weights) with ``weights_only=True``.
 
 An export folder holds ``model.safetensors`` (the model's state dict, float32, keys ``normalize.mean``,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,19 +23,14 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from robust.archs import build_arch, get_arch
-from robust.card import ModelCard, RobustnessRecord, TrainingRecord
 from robust.errors import RobustError
 from robust.files import load_checkpoint, sha256_hex
-from robust.hf import HF_PREFIX, load_hf_model
-from robust.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from robust.models.archs import ARCHS, build_arch, get_arch
+from robust.models.build import (
     CardedModel,
     Normalize,
     build_backbone,
     build_model,
-    default_normalization,
     head_of,
     imagenet_class_names,
     imagenet_state,
@@ -43,66 +40,158 @@ from robust.models import (
     normalized,
     read_state_dict,
 )
+from robust.models.card import (
+    CARD_KEY,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelCard,
+    TrainingRecord,
+    default_normalization,
+    training_card,
+)
+from robust.models.hf import HF_PREFIX, load_hf_model
 from robust.threats import adaptations
 
 WEIGHTS_FILE, CARD_FILE, PROGRAM_FILE, ONNX_FILE = "model.safetensors", "model.json", "model.pt2", "model.onnx"
-CARD_KEY = "robust_card"  # where a checkpoint keeps its card (a dict, ModelCard.to_dict())
 # A user's own network: ``package.module:function`` (LightningCLI's class_path convention), called with no arguments.
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def initialize_classifier(
-    arch: str,
+def create_model(
+    spec: str | Path,
+    *,
     num_classes: int | None = None,
     weights: str | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     cifar_stem: bool = False,
     channels: int | None = None,
-) -> tuple[nn.Sequential, dict]:
-    """A new classifier in train mode and its init record (where its weights came from).
+    arch: str | None = None,
+    class_names: Sequence[str] | None = None,
+    image_size: int | None = None,
+) -> CardedModel:
+    """The one way to get a model: any spec :func:`spec_kind` tells apart, as a :class:`CardedModel` (input
+    ``N×C×H×W`` in [0, 1], logits out, on CPU) whose ``card`` describes it.
 
-    An ``arch`` of :data:`robust.archs.ARCHS` is :func:`robust.models.build_model` (``channels`` input channels,
-    default the arch's) with ``weights`` (any spec :func:`spec_kind` tells apart but hf): ``None`` (random init),
-    ``"imagenet"`` (torchvision's, downloaded to its hub cache), a state dict file of that arch (a torchvision
-    ``.pth``, a paper's released weights), one of our Lightning checkpoints (``.ckpt``) or an export folder (or its
-    ``model.json`` / ``model.safetensors``); all read safely (``weights_only=True``, safetensors). Checkpoints and
-    exports must hold the same ``arch``, channels and normalization (``mean``, ``std``); the head is new when their
-    class count differs from ``num_classes``, ``conv1`` when ``cifar_stem`` is asked of weights made for
-    torchvision's stem. ``"hf:<model id or dir>"`` is a Hugging Face classifier with its own weights and
-    preprocessing (:func:`robust.hf.load_hf_model`; head replaced when ``num_classes`` differs; ``weights``,
-    ``mean``, ``std``, ``cifar_stem`` unused).
-
-    The init record (kept in the card's ``training.init``): ``weights`` (as given, or the hf arch), ``kind``
-    (``scratch``, ``imagenet``, ``state_dict``, ``checkpoint``, ``export`` or ``hf``), ``sha256`` (of the weights
-    file: the state dict file, the ``.ckpt``, the export's ``model.safetensors``, torchvision's cached ImageNet
-    file; null otherwise), ``classes`` (the weights' class count; null for scratch and hf) and ``fresh`` (the layers
-    the weights did not initialise, e.g. ``["fc"]``; null for hf, whose loader reports new weights itself).
+    - an arch name of :data:`robust.models.archs.ARCHS`: a new network in train mode (training's initialisation,
+      :func:`new_model`) with ``num_classes`` outputs, ``channels`` input channels (default the arch's), the
+      normalization ``mean`` / ``std`` (default :func:`~robust.models.card.default_normalization`), ``cifar_stem``
+      and initial ``weights``.
+    - ``"hf:<model id or dir>"``: a Hugging Face classifier in train mode, its head replaced when ``num_classes``
+      differs (:func:`robust.models.hf.load_hf_model`).
+    - a ``.ckpt``, an export folder (or one of its files), ``"imagenet"``: a trained model in eval mode with the
+      card it carries (no other argument: it describes itself).
+    - a state dict file with ``arch``, or a factory ``package.module:function`` (``weights`` optional): a network
+      trained elsewhere, in eval mode (:func:`external_model`; ``mean``, ``std``, ``class_names``, ``image_size``
+      describe it).
     """
-    if arch.startswith(HF_PREFIX):
+    kind = spec_kind(spec, arch=arch)
+    if kind == "arch":
+        return new_model(str(spec), num_classes, weights, mean, std, cifar_stem, channels)
+    if kind == "hf":
         if weights is not None:
-            raise RobustError(f"weights are for the archs of robust.archs; {arch} loads its own pretrained weights")
-        model = load_hf_model(arch.removeprefix(HF_PREFIX), num_classes).train()
-        return model, {"weights": arch, "kind": "hf", "sha256": None, "classes": None, "fresh": None}
+            raise RobustError(f"weights are for the archs of robust.models.archs; {spec} loads its own weights")
+        model = load_hf_model(str(spec).removeprefix(HF_PREFIX), num_classes).train()
+        model.card.training.init = init_record(str(spec), "hf", None, None, None)
+        return model
+    described = {"arch": arch, "weights": weights, "mean": mean, "std": std, "class_names": class_names}
+    if kind in ("state_dict", "factory"):
+        return external_model(str(spec), kind, **described, image_size=image_size)
+    given = {**described, "num_classes": num_classes, "image_size": image_size, "channels": channels}
+    given = sorted(k for k, v in {**given, "cifar_stem": cifar_stem or None}.items() if v is not None)
+    if given:
+        raise RobustError(
+            f"{', '.join(given)} describe a new network, a plain state dict or a factory's network; {spec} is a "
+            f"{kind} and carries its own description"
+        )
+    if kind == "imagenet":
+        return imagenet_model()
+    if kind == "export":
+        return model_from_export(export_folder(spec))
+    return model_from_checkpoint(spec)
+
+
+def load_model(spec: str | Path, **description) -> CardedModel:
+    """Load a model for evaluation: :func:`create_model` in eval mode (``description``: its keyword arguments, which
+    a state dict's or a factory's network needs: ``arch``, ``weights``, ``mean``, ``std``, ``class_names``,
+    ``image_size``)."""
+    return create_model(spec, **description).eval()
+
+
+def new_model(
+    arch: str,
+    num_classes: int | None,
+    weights: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    cifar_stem: bool = False,
+    channels: int | None = None,
+) -> CardedModel:
+    """A new network of ``arch`` in train mode, its card's ``training.init`` the record of its initial ``weights``
+    (:func:`init_record`): ``None`` (random), ``"imagenet"`` (torchvision's, downloaded to its hub cache), a state
+    dict file of that arch (a torchvision ``.pth``, a paper's released weights), one of our ``.ckpt`` files or an
+    export folder (or one of its files), all read safely (``weights_only=True``, safetensors). Checkpoints and
+    exports must hold the same arch, channels and normalization; the head is new when their class count differs,
+    ``conv1`` when ``cifar_stem`` is asked of weights made for torchvision's stem."""
     if num_classes is None:
         raise RobustError(f"arch {arch!r} needs num_classes")
-    if weights is None:
-        model = build_model(arch, num_classes, None, mean, std, cifar_stem, channels)
-        return model, _init_record(None, "scratch", None, None, [])
-    kind, state, digest = _pretrained_state(str(weights), arch, mean, std)
+    info = get_arch(arch)
+    channels = channels or info.channels
+    default_mean, default_std = default_normalization(channels)
+    mean, std = tuple(mean or default_mean), tuple(std or default_std)
     backbone = build_arch(arch, num_classes, channels, cifar_stem)
-    fresh = load_pretrained(backbone, arch, state, str(weights))
-    classes = int(state[f"{get_arch(arch).head}.weight"].shape[0])
-    return normalized(backbone, mean, std), _init_record(str(weights), kind, digest, classes, fresh)
+    if weights is None:
+        record = init_record(None, "scratch", None, None, [])
+    else:
+        kind, state, digest = _pretrained_state(str(weights), arch, mean, std)
+        fresh = load_pretrained(backbone, arch, state, str(weights))
+        record = init_record(str(weights), kind, digest, int(state[f"{info.head}.weight"].shape[0]), fresh)
+    card = ModelCard(
+        arch=arch,
+        num_classes=num_classes,
+        class_names=[str(i) for i in range(num_classes)],
+        image_size=info.image_size,
+        resize=info.image_size,
+        channels=channels,
+        mean=[float(m) for m in mean],
+        std=[float(s) for s in std],
+        cifar_stem=bool(cifar_stem),
+        data=None,
+        training=TrainingRecord(init=record),
+    )
+    return CardedModel(normalized(backbone, mean, std), card)
 
 
-def build_classifier(*args, **kwargs) -> nn.Sequential:
-    """:func:`initialize_classifier`'s model (same arguments), without its init record."""
-    return initialize_classifier(*args, **kwargs)[0]
+def initialize_classifier(arch: str, num_classes: int | None = None, weights: str | None = None, *args, **kwargs):
+    """Deprecated: :func:`create_model`, whose card's ``training.init`` is the init record returned here."""
+    warnings.warn("initialize_classifier is now robust.models.resolve.create_model", FutureWarning, stacklevel=2)
+    names = ("mean", "std", "cifar_stem", "channels")
+    model = create_model(
+        arch, num_classes=num_classes, weights=weights, **dict(zip(names, args, strict=False)), **kwargs
+    )
+    return model, model.card.training.init
 
 
-def _init_record(weights: str | None, kind: str, digest: str | None, classes: int | None, fresh: list) -> dict:
-    return {"weights": weights, "kind": kind, "sha256": digest, "classes": classes, "fresh": list(fresh)}
+def build_classifier(*args, **kwargs) -> CardedModel:
+    """Deprecated: :func:`create_model`."""
+    warnings.warn("build_classifier is now robust.models.resolve.create_model", FutureWarning, stacklevel=2)
+    names = ("num_classes", "weights", "mean", "std", "cifar_stem", "channels")
+    return create_model(args[0], **dict(zip(names, args[1:], strict=False)), **kwargs)
+
+
+def init_record(weights: str | None, kind: str, digest: str | None, classes: int | None, fresh: list | None) -> dict:
+    """Where a new network's weights came from (the card's ``training.init``): ``weights`` (as given, or the hf
+    arch), ``kind`` (``scratch``, ``imagenet``, ``state_dict``, ``checkpoint``, ``export``, ``hf``), ``sha256`` of
+    the weights file (null for scratch and hf), ``classes`` (the weights' class count; null for scratch and hf) and
+    ``fresh`` (the layers the weights did not initialise, e.g. ``["fc"]``; null for hf, whose loader reports new
+    weights itself)."""
+    return {
+        "weights": weights,
+        "kind": kind,
+        "sha256": digest,
+        "classes": classes,
+        "fresh": None if fresh is None else list(fresh),
+    }
 
 
 def describe_init(init: Mapping, num_classes: int) -> str:
@@ -156,52 +245,6 @@ def _pretrained_state(
     return kind, {k.removeprefix(prefix): v for k, v in model.state_dict().items() if k.startswith(prefix)}, digest
 
 
-def training_card(
-    hparams: Mapping,
-    data: Mapping | None,
-    metrics: Mapping,
-    *,
-    alpha: float | None,
-    best: dict | None,
-    epoch: int | None,
-    global_step: int | None,
-) -> ModelCard:
-    """The card of an :class:`~robust.module.AdversarialClassifier` with ``hparams``, trained on a data module that
-    ``describe()``s itself as ``data``; ``metrics`` are its latest ``val/*`` figures, ``alpha`` the training step in
-    force (a guard rollback changes it), ``best`` the checkpoint callback's ``{"monitor", "score"}`` (or None)."""
-    hp, data = dict(hparams), dict(data or {})
-    num_classes = int(hp.get("num_classes", 10))
-    size = int(data.get("image_size", 32))
-    channels = int(hp.get("channels") or data.get("channels") or 3)
-    default_mean, default_std = default_normalization(channels)
-    names = hp.get("class_names") or data.get("class_names") or [str(i) for i in range(num_classes)]
-    robustness = RobustnessRecord(
-        metrics={k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")},
-        norm=hp.get("norm", "linf"),
-        eps=hp.get("eps") if hp.get("val_eps") is None else hp["val_eps"],
-        steps=hp.get("val_steps"),
-        jpeg_quality=hp.get("jpeg_quality"),
-        adapted=adaptations(num_classes),  # validation's threats at this class count
-        best=best,
-        epoch=epoch,
-        global_step=global_step,
-    )
-    return ModelCard(
-        arch=hp.get("arch", "resnet18"),
-        num_classes=num_classes,
-        class_names=[str(n) for n in names],
-        image_size=size,
-        resize=int(data.get("resize") or size),
-        channels=channels,
-        mean=[float(m) for m in hp.get("mean") or default_mean],
-        std=[float(s) for s in hp.get("std") or default_std],
-        cifar_stem=bool(hp.get("cifar_stem", False)),
-        data=data.get("name"),
-        training=TrainingRecord.from_values(hp, alpha=alpha),
-        robustness=robustness,
-    )
-
-
 def card_from_checkpoint(ckpt: dict, source: str) -> ModelCard:
     """The card a checkpoint stores; for checkpoints written before cards were stored, the one its
     hyper-parameters describe (training alpha as configured, no best score)."""
@@ -216,12 +259,17 @@ def card_from_checkpoint(ckpt: dict, source: str) -> ModelCard:
         best=None,
         epoch=ckpt.get("epoch"),
         global_step=ckpt.get("global_step"),
+        adapted=adaptations(int(hp.get("num_classes", 10))),
     )
 
 
 def _model_from_card(card: ModelCard, state: dict[str, Tensor], source: str) -> CardedModel:
     """The network ``card`` describes, holding ``state``, eval mode."""
-    model = build_classifier(card.arch, card.num_classes, None, card.mean, card.std, card.cifar_stem, card.channels)
+    if card.arch.startswith(HF_PREFIX):
+        model = load_hf_model(card.arch.removeprefix(HF_PREFIX), card.num_classes)
+    else:
+        backbone = build_arch(card.arch, card.num_classes, card.channels, card.cifar_stem)
+        model = normalized(backbone, card.mean, card.std)
     load_state(model, state, source, "its model description")
     return CardedModel(model, card).eval()
 
@@ -230,7 +278,9 @@ def model_from_ckpt(ckpt: dict, source: str) -> CardedModel:
     """The trained network of a loaded checkpoint dict (see :func:`robust.files.load_checkpoint`)."""
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if not state:
-        raise RobustError(f"{source} is not a checkpoint of robust.module.AdversarialClassifier (no 'model.' weights)")
+        raise RobustError(
+            f"{source} is not a checkpoint of robust.training.module.AdversarialClassifier (no 'model.' weights)"
+        )
     return _model_from_card(card_from_checkpoint(ckpt, source), state, source)
 
 
@@ -293,12 +343,15 @@ def model_from_export(folder: str | Path) -> CardedModel:
 def spec_kind(spec: str | Path, arch: str | None = None) -> str:
     """What kind of model ``spec`` names; the one place model specs are told apart.
 
-    ``"imagenet"``: torchvision's ImageNet weights; ``"hf"``: ``hf:<model id or dir>``; ``"export"``: an export
+    ``"arch"``: a name of :data:`robust.models.archs.ARCHS` (a new network); ``"imagenet"``: torchvision's
+    ImageNet weights; ``"hf"``: ``hf:<model id or dir>``; ``"export"``: an export
     folder or one of its files (``model.json``, ``.safetensors``, ``.pt2``, ``.onnx``); ``"checkpoint"``: a
     ``.ckpt`` (or, with no ``arch`` given, any other file: read as a Lightning checkpoint); ``"state_dict"``: a
     file holding a plain state dict of ``arch``; ``"factory"``: ``package.module:function`` building a network.
     Anything else is a one-line RobustError naming the accepted kinds."""
     text = str(spec)
+    if text in ARCHS:
+        return "arch"
     if text == "imagenet":
         return "imagenet"
     if text.startswith(HF_PREFIX):
@@ -394,34 +447,6 @@ def external_model(
         std=std,
         cifar_stem=bool(cifar_stem),
         data=None,
-        training=TrainingRecord(init=_init_record(weights or spec, kind, digest, num_classes, [])),
+        training=TrainingRecord(init=init_record(weights or spec, kind, digest, num_classes, [])),
     )
     return CardedModel(normalized(backbone, mean, std), card).eval()
-
-
-def load_model(spec: str | Path, **external) -> CardedModel:
-    """Load a model for evaluation: eval mode, CPU, its :class:`~robust.card.ModelCard` in ``model.card``.
-
-    ``spec`` is any kind :func:`spec_kind` tells apart: an export folder (or one of its files), a Lightning
-    checkpoint (``.ckpt``, loaded with ``weights_only=True``), ``"imagenet"`` (torchvision's ImageNet ResNet18),
-    ``"hf:<model id or local dir>"`` (a Hugging Face classifier), a state dict file with ``arch=...``, or a factory
-    ``package.module:function`` (``weights=...`` optional). ``external`` (``arch``, ``weights``, ``mean``, ``std``,
-    ``class_names``, ``image_size``) describes a state dict's or a factory's network (:func:`external_model`);
-    the other kinds carry their own description and take none of it.
-    """
-    kind = spec_kind(spec, arch=external.get("arch"))
-    if kind in ("state_dict", "factory"):
-        return external_model(str(spec), kind, **external)
-    given = sorted(k for k, v in external.items() if v is not None)
-    if given:
-        raise RobustError(
-            f"{', '.join(given)} describe a plain state dict or a factory's network; {spec} is a "
-            f"{kind} and carries its own description"
-        )
-    if kind == "imagenet":
-        return imagenet_model()
-    if kind == "hf":
-        return build_classifier(str(spec)).eval()
-    if kind == "export":
-        return model_from_export(export_folder(spec))
-    return model_from_checkpoint(spec)

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LRScheduler, OneCycleLR
 
 from robust.errors import RobustError
-from robust.optim import SchedulerFactory
+from robust.training.optim import SchedulerFactory
 
 # How long a run is: may differ between a run and its resume.
 RUN_LENGTH = ("trainer.max_epochs", "trainer.max_steps", "trainer.min_epochs", "trainer.min_steps", "trainer.max_time")

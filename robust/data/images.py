@@ -21,7 +21,6 @@ from torch import Tensor
 from torchvision.io import encode_png
 from torchvision.transforms import v2
 
-from robust.data import folder_transform
 from robust.defenses import to_uint8
 from robust.errors import RobustError
 
@@ -69,6 +68,19 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
         raise RobustError(
             f"image {path} has colour mode {img.mode}, which cannot be converted to RGB ({exc})"
         ) from None
+
+
+def folder_transform(
+    image_size: int, resize: int | None = None, augment: bool = False, channels: int = 3
+) -> v2.Compose:
+    """PIL image -> ``C×S×S`` float [0, 1]: resize the short side to ``resize`` (default ``image_size``),
+    center-crop ``image_size``; ``augment`` adds padded random crop and horizontal flip; ``channels`` 1 converts
+    to grayscale (ITU-R 601-2 luma)."""
+    steps = [v2.Grayscale(1)] if channels == 1 else []
+    steps += [v2.Resize(resize or image_size, antialias=True), v2.CenterCrop(image_size)]
+    if augment:
+        steps += [v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True)])
 
 
 def open_image(path: str | Path) -> Image.Image:

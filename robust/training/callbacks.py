@@ -1,5 +1,5 @@
 """Callbacks: what the model sees, as an image grid in TensorBoard, and a validation at the end of every run (the
-overfitting guard is in robust.guard)."""
+overfitting guard is in robust.training.guard)."""
 
 from __future__ import annotations
 

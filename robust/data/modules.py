@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from robust.data.images import folder_transform, open_image
+from robust.data.roots import data_root
 from robust.errors import RobustError
-from robust.runfiles import data_root
 
 DIGIT_NAMES = tuple(str(i) for i in range(10))
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -290,19 +291,6 @@ class CIFAR10(_Base):
         self.val_set = self._limited(datasets.CIFAR10(self.root, False, plain))
 
 
-def folder_transform(
-    image_size: int, resize: int | None = None, augment: bool = False, channels: int = 3
-) -> v2.Compose:
-    """PIL image -> ``C×S×S`` float [0, 1]: resize the short side to ``resize`` (default ``image_size``),
-    center-crop ``image_size``; ``augment`` adds padded random crop and horizontal flip; ``channels`` 1 converts
-    to grayscale (ITU-R 601-2 luma)."""
-    steps = [v2.Grayscale(1)] if channels == 1 else []
-    steps += [v2.Resize(resize or image_size, antialias=True), v2.CenterCrop(image_size)]
-    if augment:
-        steps += [v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip()]
-    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True)])
-
-
 def is_image_file(path: str) -> bool:
     """Whether a folder data set takes the file at ``path``: an image extension (:data:`IMAGE_EXTENSIONS`), and not
     hidden (``.DS_Store``; ``._photo.png``, the resource forks macOS leaves on shared drives). Other files
@@ -321,10 +309,9 @@ class FolderImageError(RobustError):
 
 
 def load_folder_image(path: str) -> Image.Image:
-    """A folder data set's loader: :func:`robust.images.open_image` (RGB; transparency on white, 16-bit scaled, EXIF
+    """A folder data set's loader: :func:`robust.data.images.open_image` (RGB; transparency on white, 16-bit scaled,
+    EXIF
     rotation applied, as ``evaluate.py fool`` reads an image), a bad file one line naming it."""
-    from robust.images import open_image  # robust.images imports this module
-
     try:
         return open_image(path)
     except RobustError as exc:
