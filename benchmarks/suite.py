@@ -37,6 +37,7 @@ DIGITS_CONFIG = ROOT / "configs" / "digits.yaml"  # what `make train` trains
 SUITE_CACHE = ROOT / ".cache" / "benchmarks"  # the digits models the suite benchmark trains, once
 MNIST_MODEL = ROOT / ".cache" / "fast_adversarial" / "fgsm.pth"  # experiments/mnist.py downloads it there
 MNIST_EPS = 0.3  # Wong et al. 2020's MNIST budget
+QUICK_SIZE = 8  # the --quick stand-ins train and run on 8x8 digits
 # The threat suite's settings side by side: every example every step, early exit, early exit + cascade.
 SUITE_MODES = {"all_steps": {"early_exit": False}, "early_exit": {}, "cascade": {"cascade": True}}
 SUITE_LABELS = {"all_steps": "all steps", "early_exit": "early exit", "cascade": "early exit+cascade"}
@@ -94,7 +95,7 @@ def quick_digits_model(attack: str, eps: float, steps: int = 6) -> nn.Module:
     """A stand-in for ``--quick``: the recipe's network (ResNet18, CIFAR stem) on 8×8 digits, ``steps`` Adam steps of
     the product's ``training_step`` with ``attack``: a smoke run, not the default model."""
     torch.manual_seed(0)
-    data = Digits(batch_size=32, image_size=8)
+    data = Digits(batch_size=32, image_size=QUICK_SIZE)
     data.setup()
     module = AdversarialClassifier(
         arch="resnet18",
@@ -148,11 +149,11 @@ def suite_cases(
         if keys is not None and key not in keys:
             continue
         if given is None and sizes.quick:
-            model = quick_digits_model(attack, eps)
+            model, size = quick_digits_model(attack, eps), QUICK_SIZE
         else:
             extra = () if attack == "fgsm_rs" else ("--model.attack", attack)
             model = load_model(given or recipe_checkpoint(key, extra, threads))
-        size = model.card.image_size if hasattr(model, "card") else 8
+            size = model.card.image_size
         data = Digits(image_size=size)
         data.setup()
         x, y = (t[: sizes.suite_n] for t in data.val_set.tensors)

@@ -23,7 +23,7 @@ from robust.data.images import open_image, to_model_input
 from robust.defenses import jpeg
 from robust.errors import RobustError
 from robust.models.card import ModelCard, TrainingRecord
-from robust.models.resolve import build_classifier, load_model
+from robust.models.resolve import create_model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = "photos/cats-coco-000000039769.png"
@@ -235,7 +235,7 @@ def test_fool_cli_writes_its_outputs(hf_dirs: dict[str, Path], shared_data: Path
 
 def test_num_classes_replaces_the_head(hf_dirs: dict[str, Path], photo: Image.Image) -> None:
     spec = f"hf:{hf_dirs['resnet']}"
-    same, new = build_classifier(spec, num_classes=3), build_classifier(spec, num_classes=5)
+    same, new = create_model(spec, num_classes=3), create_model(spec, num_classes=5)
     assert same.training and new.training  # fresh, ready for fine-tuning
     x = pixels(photo)
     with torch.no_grad():

@@ -4,9 +4,11 @@ checkpoint followed through ``export_model`` never climbs back into a file it ca
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import robust
+from robust.export import export_model
 
 ROOT = Path(robust.__file__).parent
 
@@ -50,12 +52,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
     def visit(node: str, stack: list[str]) -> None:
         state[node] = "open"
-        for nxt in sorted(graph.get(nxt_ := node, ())):
+        for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
                 found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, [*stack, nxt])
-        state[nxt_] = "done"
+        state[node] = "done"
 
     for node in sorted(graph):
         if node not in state:
@@ -65,3 +67,51 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circle():
     assert cycles(import_graph()) == []
+
+
+def robust_file(frame) -> str | None:
+    """The library file (relative to ``robust/``) a frame runs in; None outside the library and for module bodies."""
+    path = Path(frame.f_code.co_filename)
+    if frame.f_code.co_name == "<module>" or not path.is_relative_to(ROOT):
+        return None
+    return str(path.relative_to(ROOT))
+
+
+def file_climbs(fn) -> tuple[list[str], list[tuple[str, str]]]:
+    """Run ``fn()`` under a profiler: the library files in the order they are first entered, and every call from one
+    library file into another that is already further up the stack (a climb back up: ``(from, into)``)."""
+    stack: list[str] = []  # the library file of each open library frame, outermost first
+    frames: list[int] = []
+    entered, climbs = [], []
+
+    def profile(frame, event, _arg) -> None:
+        if event not in ("call", "return"):
+            return
+        name = robust_file(frame)
+        if name is None:
+            return
+        if event == "call":
+            if stack and name != stack[-1] and name in stack:
+                climbs.append((stack[-1], name))
+            if name not in entered:
+                entered.append(name)
+            stack.append(name)
+            frames.append(id(frame))
+        elif frames and frames[-1] == id(frame):
+            stack.pop()
+            frames.pop()
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return entered, climbs
+
+
+def test_a_checkpoint_followed_through_export_never_climbs_back(digits_ckpt, tmp_path):
+    """``export_model`` on a real checkpoint: reading it, building the carded model, writing the folder. No call goes
+    from one library file back into a file further up the call stack (the layers only call downwards)."""
+    entered, climbs = file_climbs(lambda: export_model(digits_ckpt, tmp_path / "export"))
+    assert entered[0] == "export/folder.py" and "models/resolve.py" in entered
+    assert climbs == []

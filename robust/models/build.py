@@ -192,7 +192,7 @@ def build_model(
     See :func:`build_backbone` for ``weights`` and ``cifar_stem``. The backbone's state dict keys are the arch's
     own (torchvision's, the papers'), under the ``backbone.`` prefix. Like any new module, it is in train mode.
     Hugging Face classifiers (``hf:<id>``) and our checkpoints and exports as ``weights`` come from
-    :func:`robust.models.resolve.build_classifier`.
+    :func:`robust.models.resolve.create_model`.
     """
     backbone = build_backbone(arch, num_classes, weights, cifar_stem, channels)[0]
     return normalized(backbone, mean, std)

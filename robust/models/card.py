@@ -87,7 +87,7 @@ class TrainingRecord(_Record):
     )
     init: dict | None = _unset(
         "where the initial weights came from: {weights, kind, sha256, classes, fresh} "
-        "(robust.models.resolve.initialize_classifier)"
+        "(robust.models.resolve.init_record)"
     )
     seed: int | None = _unset("the run's global seed (seed_everything); null: unseeded")
     guard: dict | None = _unset(
