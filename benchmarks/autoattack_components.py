@@ -1,7 +1,7 @@
 """Which AutoAttack component breaks what the cheap suite misses, and what the threat suite costs with and without
 early exit: ``python benchmarks/autoattack_components.py [--eps 0.02 0.03] [--n 200] [--steps 20]``.
 
-Model: the test suite's kind of digits model (``tests/conftest.py``'s ``train_digits_model``: ResNet18, clean
+Model: the test suite's digits model (:func:`benchmarks.digits_model.train_digits_model`: ResNet18, clean
 training, 3 epochs, seed 0), evaluated on the first ``--n`` held-out digits (3×32×32 in [0, 1]), L-inf; or, with
 ``--model mnist``, the authors' MNIST ``fgsm.pth`` (Wong et al. 2020) on ``--n`` evenly spaced test images.
 
@@ -30,10 +30,9 @@ import torch
 import torchattacks
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-from conftest import train_digits_model  # noqa: E402  (the test suite's model, one home)
-
+from benchmarks.digits_model import train_digits_model  # noqa: E402
 from benchmarks.suite import MNIST_MODEL, mnist_test  # noqa: E402
 from robust.attacks import apgd, seeded_rng  # noqa: E402
 from robust.data.modules import Digits  # noqa: E402

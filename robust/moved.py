@@ -38,6 +38,23 @@ MOVED = {
     "onnx_export": "export.onnx",
 }
 
+# the old flat modules that became packages of the same name: what they held now lives in this file of the package
+BECAME_PACKAGES = {"data": "data.modules", "models": "models.build", "export": "export.folder"}
+
+
+def current_path(dotted: str) -> str:
+    """A dotted import path as the code names it now: ``robust.optim.OneCycle`` -> ``robust.training.optim.OneCycle``,
+    ``robust.data.Digits`` -> ``robust.data.modules.Digits``; any other string is returned as it is. (A run saved
+    before the move keeps resuming: its ``config.yaml`` names the old paths.)"""
+    parts = dotted.split(".")
+    if len(parts) < 3 or parts[0] != "robust":
+        return dotted
+    if parts[1] in MOVED:
+        return ".".join(["robust", MOVED[parts[1]], *parts[2:]])
+    if parts[1] in BECAME_PACKAGES and len(parts) == 3 and parts[2][:1].isupper():
+        return f"robust.{BECAME_PACKAGES[parts[1]]}.{parts[2]}"
+    return dotted
+
 
 class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds ``robust.<old>`` for every old name in :data:`MOVED` and loads it as its new module."""

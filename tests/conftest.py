@@ -10,11 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from benchmarks.digits_model import train_digits_model
 from robust.data.modules import Digits
 from robust.data.roots import shared_data_dir
-from robust.models.build import build_model
+
+# Under pytest-xdist (`make test`: -n auto) the workers share the cores: each gets its part of them, as torch's thread
+# count and as OMP_NUM_THREADS for the processes a test starts (more threads than cores slows torch down ~10x).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 @pytest.fixture(autouse=True)
@@ -36,24 +43,6 @@ def shared_data() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
-
-
-def train_digits_model(epochs: int = 3, seed: int = 0) -> torch.nn.Module:
-    """A clean-trained ResNet18 (torchvision stem) on the digits train split: ~95% val accuracy; 45 s on a 2-core
-    AVX2 CPU (the largest setup cost of `make test`, paid once per session)."""
-    torch.manual_seed(seed)
-    dm = Digits(batch_size=64)
-    dm.setup()
-    model = build_model("resnet18", num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(epochs):
-        for x, y in dm.train_dataloader():
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval()
 
 
 @pytest.fixture(scope="session")
@@ -168,3 +157,17 @@ def evaluate_in_process(*args: str) -> subprocess.CompletedProcess:
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return subprocess.CompletedProcess(["evaluate.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def clean_accuracy(model: torch.nn.Module, data: str, limit: int) -> float:
+    """The model's accuracy (eval mode, no gradient) on the images ``evaluate.py report --data DATA --limit LIMIT``
+    reads for it: what a report's ``clean`` figure must equal."""
+    from robust.data.eval_data import eval_data
+
+    loader, _ = eval_data(data, model.card, limit=limit)
+    correct = n = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model.eval()(x).argmax(1) == y).sum())
+            n += len(y)
+    return correct / n

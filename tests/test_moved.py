@@ -38,3 +38,23 @@ def test_the_old_builders_warn_and_build_what_create_model_builds():
         old = build_classifier("mnist_net", 10)
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(old(x), new(x)) and old.card.arch == new.card.arch == "mnist_net"
+
+
+def test_a_run_saved_under_the_old_paths_resumes_without_a_changed_setting():
+    """A ``config.yaml`` written before the move names ``robust.optim.OneCycle`` and ``robust.data.Digits``; the
+    same settings now name their new homes, and the resume check sees no difference (a real change still shows)."""
+    from robust.training.resume import config_differences
+
+    saved = {
+        "model": {"lr_scheduler": {"class_path": "robust.optim.OneCycle"}, "eps": 0.1},
+        "data": {"class_path": "robust.data.Digits"},
+    }
+    given = {
+        "model": {"lr_scheduler": {"class_path": "robust.training.optim.OneCycle"}, "eps": 0.1},
+        "data": {"class_path": "robust.data.modules.Digits"},
+    }
+    assert config_differences(saved, given) == {}
+    given["data"]["class_path"] = "robust.data.modules.MNIST"
+    assert config_differences(saved, given) == {
+        "data.class_path": ("robust.data.modules.Digits", "robust.data.modules.MNIST")
+    }

@@ -3,13 +3,14 @@ the papers' optimizers and schedules through LightningCLI, and configs that hold
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import evaluate_in_process
+from conftest import clean_accuracy, evaluate_in_process
 from torch import nn
 
 import train
@@ -126,7 +127,13 @@ def test_the_report_measures_a_state_dict_and_a_factory_network(state_dict_file,
             str(tmp_path / str(i)),
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert (tmp_path / str(i) / "report.json").is_file()
+        report = json.loads((tmp_path / str(i) / "report.json").read_text())
+        (row,) = report["rows"]
+        assert report["model"]["arch"] == ("mnist_net", "factory_models:small_cnn")[i]
+        assert row["pgd"] <= row["clean"]
+    # the state dict's weights are fixed: its clean figure is that network's accuracy on those 16 digits
+    report = json.loads((tmp_path / "0" / "report.json").read_text())
+    assert report["rows"][0]["clean"] == clean_accuracy(load_model(path, arch="mnist_net"), "digits", 16)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ from robust.attacks import apgd_run, seeded_rng
 from robust.errors import RobustError
 from robust.threats import (
     DEFAULT_THREATS,
-    THREATS,
     WORST_CASES,
     ThreatSpec,
     accuracy,
@@ -155,11 +154,6 @@ def test_step_defaults():
 def test_bad_specs_are_clear_errors(bad):
     with pytest.raises(RobustError):
         ThreatSpec(**bad)
-
-
-def test_every_key_has_one_place():
-    assert len(set(THREATS)) == len(THREATS) and "autoattack" not in DEFAULT_THREATS
-    assert all(set(parts) <= set(THREATS) for parts in WORST_CASES.values())
 
 
 # ---- the class count: 2 and 3 classes ---------------------------------------------------------------------------

@@ -54,10 +54,7 @@ class World:
         """Every process's ``counts`` (same shape everywhere), stacked: ``size×...`` on the CPU."""
         if self.fabric is None:
             return counts[None]
-        counts = counts.to(self.device)
-        parts = [torch.empty_like(counts) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, counts)
-        return torch.stack(parts).cpu()
+        return self.fabric.all_gather(counts.to(self.device)).cpu()
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every process."""

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LRScheduler, OneCycleLR
 
 from robust.errors import RobustError
+from robust.moved import current_path
 from robust.training.optim import SchedulerFactory
 
 # How long a run is: may differ between a run and its resume.
@@ -75,7 +76,8 @@ def config_differences(saved: dict, given: dict) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two configs (``{key: (saved, given)}``), except the run length and
     what is not a setting of the run (:data:`RUN_LENGTH`, :data:`NOT_SETTINGS`); a key missing on one side counts
     as ``None`` there."""
-    old, new = flatten(saved), flatten(given)
+    old = {k: current_path(v) if isinstance(v, str) else v for k, v in flatten(saved).items()}
+    new = flatten(given)
     skip = RUN_LENGTH + NOT_SETTINGS
     keys = [k for k in dict.fromkeys([*old, *new]) if not any(k == s or k.startswith(s + ".") for s in skip)]
     return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}

@@ -1,0 +1,27 @@
+"""The reference digits model that the test suite and the AutoAttack components benchmark measure."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from robust.data.modules import Digits
+from robust.models.build import build_model
+
+
+def train_digits_model(epochs: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A clean-trained ResNet18 (torchvision stem, normalization mean = std = 0.5) on the digits train split (3×32×32
+    in [0, 1]), Adam 1e-3, batch 64: ~95% val accuracy, in eval mode; about 10 s on a 2-core Zen 4."""
+    torch.manual_seed(seed)
+    dm = Digits(batch_size=64)
+    dm.setup()
+    model = build_model("resnet18", num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(epochs):
+        for x, y in dm.train_dataloader():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()
