@@ -17,10 +17,10 @@ train: setup
 	$(RUN) python train.py fit --config configs/digits.yaml
 
 test: setup
-	$(RUN) pytest -m "not slow" -q --durations=15
+	$(RUN) pytest -m "not slow" -n auto -q --durations=15
 
 test-all: setup
-	$(RUN) pytest -q --durations=15
+	$(RUN) pytest -n auto -q --durations=15
 
 lint: setup
 	$(RUN) ruff check .

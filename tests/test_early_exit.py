@@ -249,6 +249,7 @@ def test_cascade_worst_case_is_below_each_part_on_a_real_model(digits_model, dig
         assert chain == sorted(chain, reverse=True), chain
 
 
+@pytest.mark.slow  # torchattacks' AutoAttack components, one by one
 def test_the_component_benchmark_runs(digits_model, digits_val):
     """``benchmarks/autoattack_components.py`` on 6 images, 2 iterations: its rows add up (no timing verdict)."""
     import importlib.util
