@@ -80,26 +80,22 @@ def robust_file(frame) -> str | None:
 def file_climbs(fn) -> tuple[list[str], list[tuple[str, str]]]:
     """Run ``fn()`` under a profiler: the library files in the order they are first entered, and every call from one
     library file into another that is already further up the stack (a climb back up: ``(from, into)``)."""
-    stack: list[str] = []  # the library file of each open library frame, outermost first
-    frames: list[int] = []
+    stack: list[tuple[int, str]] = []  # (frame id, library file) of each open library frame, outermost first
     entered, climbs = [], []
 
     def profile(frame, event, _arg) -> None:
-        if event not in ("call", "return"):
-            return
-        name = robust_file(frame)
+        name = robust_file(frame) if event in ("call", "return") else None
         if name is None:
             return
         if event == "call":
-            if stack and name != stack[-1] and name in stack:
-                climbs.append((stack[-1], name))
+            files = [f for _, f in stack]
+            if files and name != files[-1] and name in files:
+                climbs.append((files[-1], name))
             if name not in entered:
                 entered.append(name)
-            stack.append(name)
-            frames.append(id(frame))
-        elif frames and frames[-1] == id(frame):
+            stack.append((id(frame), name))
+        elif stack and stack[-1][0] == id(frame):
             stack.pop()
-            frames.pop()
 
     sys.setprofile(profile)
     try:
