@@ -128,6 +128,7 @@ def test_bad_options_are_clear_errors(argv, match):
         load_script("run").main(argv)
 
 
+@pytest.mark.slow  # the benchmark script end to end, AutoAttack included; test_early_exit.py checks the property
 def test_quick_suite_row_never_reports_higher_accuracy_with_early_exit(tmp_path):
     """``--only suite autoattack --quick``: the threat suite with early exit and with the cascade, side by side with
     every example every step, on stand-in digits models (and the authors' MNIST model, when

@@ -158,10 +158,10 @@ def test_default_scale_keeps_one_group():
 def test_train_cli_fine_tunes_a_checkpoint_with_a_smaller_backbone_lr(digits_ckpt, digits_model, tmp_path):
     args = tiny_fit_args(
         tmp_path,
+        "--model.arch",
+        "resnet18",
         "--model.weights",
         str(digits_ckpt),
-        "--model.cifar_stem",
-        "false",
         "--model.backbone_lr_scale",
         "0.1",
         "--model.optimizer.lr",

@@ -211,6 +211,7 @@ def test_usage_errors_are_one_line_exit_2(case):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and message in proc.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch; in-process: test_fool_input_errors_are_one_line_exit_2
 def test_robust_error_in_a_real_process_is_one_line_exit_2(tmp_path):
     proc = run_cli(
         "report", "--checkpoint", str(tmp_path / "missing.ckpt"), "--data", "digits", "--out", str(tmp_path / "out")

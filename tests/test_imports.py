@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs evaluate.py as __main__ in a process where importing torch or lightning raises ImportError.
@@ -26,6 +28,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a fresh interpreter's imports (seconds); test_layout.py checks the same statically in make test
 def test_library_imports_no_lightning():
     code = (
         "import sys, robust, robust.attacks, robust.defenses, robust.models.resolve, robust.export; "

@@ -1,5 +1,6 @@
-"""The plan of the library holds: no import circle among its modules (module-level or inside functions), and a
-checkpoint followed through ``export_model`` never climbs back into a file it came from."""
+"""The plan of the library holds: no import circle among its modules (module-level or inside functions), the pure
+parts load without Lightning, and a checkpoint followed through ``export_model`` never climbs back into a file it
+came from."""
 
 from __future__ import annotations
 
@@ -67,6 +68,39 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circle():
     assert cycles(import_graph()) == []
+
+
+def import_time_names(path: Path) -> set[str]:
+    """Every module name ``path`` imports when it is imported: its statements outside functions (type-checking-only
+    imports left out), with each package above an imported module."""
+    names, todo = set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo += node.orelse
+            continue
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        todo += [n for n in ast.iter_child_nodes(node) if isinstance(n, ast.stmt)]
+    return {".".join(n.split(".")[: i + 1]) for n in names for i in range(n.count(".") + 1)}
+
+
+def test_the_pure_parts_import_no_lightning():
+    """What ``import robust, robust.attacks, ...; from robust import load_model`` loads, followed through every robust
+    module it imports: no Lightning (test_imports.py checks the same in a fresh interpreter, in ``make test-all``)."""
+    files = {module_name(p): p for p in ROOT.rglob("*.py")}
+    seen, todo = set(), ["robust", "robust.attacks", "robust.defenses", "robust.models.resolve", "robust.export"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += import_time_names(files[name]) if name in files else []
+    outside = {n.partition(".")[0] for n in seen if n not in files}
+    assert "torch" in outside and not outside & {"lightning", "pytorch_lightning"}, sorted(outside)
 
 
 def robust_file(frame) -> str | None:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_ARCH
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -33,8 +34,9 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-def small_module(attack: str = "fgsm_rs", **kw) -> AdversarialClassifier:
+def small_module(attack: str = "fgsm_rs", arch: str = TINY_ARCH, **kw) -> AdversarialClassifier:
     return AdversarialClassifier(
+        arch=arch,
         attack=attack,
         eps=EPS,
         mean=(0.5,) * 3,
@@ -179,7 +181,7 @@ def test_bad_options_raise_robust_error(bad):
 
 
 def test_measure_is_seeded_and_leaves_mode_and_rng(digits_model, digits_val):
-    module = small_module()
+    module = small_module(arch="resnet18")
     module.model.load_state_dict(digits_model.state_dict())
     module.train()
     x, y = digits_val[0][:40], digits_val[1][:40]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_ARCH
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_cli
@@ -25,6 +26,10 @@ from robust.training.run_record import split_rng_by_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
+    "--model.arch",
+    TINY_ARCH,
+    "--model.cifar_stem",
+    "false",
     "--trainer.limit_train_batches",
     "4",
     "--trainer.limit_val_batches",

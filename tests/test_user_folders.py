@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_ARCH
 from PIL import Image
 
 import evaluate
@@ -26,7 +27,7 @@ from robust.models.resolve import load_model
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "imagefolder.yaml"
 FINETUNE = ROOT / "configs" / "imagefolder_finetune.yaml"
-SIZE = 8  # the images' side after the config's resize and crop: enough for every layer of resnet18's CIFAR stem
+SIZE = 8  # the images' side after the config's resize and crop
 
 
 # ---- folders ---------------------------------------------------------------------------------------------------
@@ -94,8 +95,8 @@ BATTERY = {
 
 
 def fit_args(config: Path, root: Path, logs: Path, *extra: str) -> list[str]:
-    """``train.py fit`` with ``config``'s defaults on ``root``, shortened to seconds: one epoch of at most two batches,
-    one validation batch with one attack step, a 4-image guard probe; logs under ``logs``."""
+    """``train.py fit`` with ``config``'s defaults on ``root``, shortened to seconds: the tiny CNN, one epoch of at
+    most two batches, one validation batch with one attack step, a 4-image guard probe; logs under ``logs``."""
     return [
         "fit",
         "--config",
@@ -128,6 +129,10 @@ def fit_args(config: Path, root: Path, logs: Path, *extra: str) -> list[str]:
         "false",
         "--trainer.logger.init_args.save_dir",
         str(logs),
+        "--model.arch",
+        TINY_ARCH,
+        "--model.cifar_stem",
+        "false",
         *extra,
     ]
 
