@@ -55,7 +55,7 @@ def report_dir(digits_ckpt, tmp_path_factory):
                 "--limit",
                 "64",
                 "--steps",
-                "10",
+                "5",
                 "--out",
                 str(out),
                 "--device",
@@ -100,7 +100,7 @@ def test_worst_cases_are_no_better_than_any_of_their_parts(report):
 
 
 def test_report_records_setup_and_identity(report, digits_ckpt):
-    assert (report["n"], report["steps"], report["restarts"], report["quality"], report["seed"]) == (64, 10, 1, 75, 0)
+    assert (report["n"], report["steps"], report["restarts"], report["quality"], report["seed"]) == (64, 5, 1, 75, 0)
     assert report["eps"] == list(EPS) and report["alpha"] is None and report["autoattack"] is False
     model = report["model"]
     assert model["sha256"] == hashlib.sha256(digits_ckpt.read_bytes()).hexdigest()
