@@ -13,7 +13,7 @@ import torch
 from robust.data.modules import DIGIT_NAMES, Digits
 from robust.errors import RobustError
 from robust.files import load_checkpoint
-from robust.models.card import ModelCard, RobustnessRecord, TrainingRecord
+from robust.models.card import ModelCard, RobustnessRecord, TrainingRecord, new_card
 from robust.models.resolve import CARD_KEY, load_model
 from robust.training.module import AdversarialClassifier
 from robust.training.optim import Cosine, Cyclic, OneCycle, Piecewise
@@ -155,3 +155,31 @@ def test_the_card_records_every_schedule_by_its_own_arguments():
         {"class": "torch.optim.lr_scheduler.StepLR", "step_size": 7, "gamma": 0.5},
     ]
     assert json.loads(json.dumps(records)) == records
+
+
+def test_every_card_of_the_library_is_built_by_new_card():
+    """One builder: the library constructs ModelCard in new_card only (from_dict reads stored ones through the
+    dataclass machinery, never by a call)."""
+    import ast
+
+    import robust
+
+    calls = {
+        f"{path.name}:{fn.name}"
+        for path in Path(robust.__file__).parent.rglob("*.py")
+        for fn in ast.walk(ast.parse(path.read_text()))
+        if isinstance(fn, ast.FunctionDef)
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ModelCard"
+    }
+    assert calls == {"card.py:new_card"}
+
+
+def test_new_card_fills_the_defaults_and_refuses_a_wrong_name_count():
+    card = new_card("mnist_net", 3, image_size=28, channels=1)
+    assert (card.class_names, card.mean, card.std, card.resize) == (["0", "1", "2"], [0.0], [1.0], 28)
+    assert card.training == TrainingRecord() and card.robustness == RobustnessRecord()
+    rgb = new_card("resnet18", 2, image_size=32, class_names=["cat", "dog"])
+    assert rgb.mean == [0.485, 0.456, 0.406] and rgb.class_names == ["cat", "dog"]
+    with pytest.raises(RobustError, match="3 class names given for a model with 2 outputs"):
+        new_card("resnet18", 2, image_size=32, class_names=["a", "b", "c"])

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
@@ -62,7 +62,7 @@ class _Record:
 @dataclass(kw_only=True)
 class TrainingRecord(_Record):
     """How the model was trained (``ModelCard.training``): the settings in force when it was saved, one field each
-    (a new setting is one line here; :func:`robust.models.resolve.training_card` fills every field from the module's
+    (a new setting is one line here; :func:`training_card` fills every field from the module's
     hyper-parameters). Null: unknown (a card written before the field existed, a network trained elsewhere) or not
     applicable. eps and alpha are in [0, 1] pixel units."""
 
@@ -249,6 +249,45 @@ def _type_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
 
 
+def new_card(
+    arch: str,
+    num_classes: int,
+    *,
+    image_size: int,
+    channels: int = 3,
+    class_names: Sequence[object] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    resize: int | None = None,
+    cifar_stem: bool = False,
+    data: str | None = None,
+    training: TrainingRecord | None = None,
+    robustness: RobustnessRecord | None = None,
+) -> ModelCard:
+    """The one builder of a model's card, for every way a model comes to be (a new network, a training run, ImageNet
+    weights, a network trained elsewhere, a Hugging Face classifier). Defaults: class names ``"0"``..``"n-1"``,
+    :func:`default_normalization` for ``channels``, ``resize`` = ``image_size``, an empty training record; a
+    class-name count other than ``num_classes`` is a one-line RobustError."""
+    names = [str(n) for n in class_names] if class_names else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise RobustError(f"{len(names)} class names given for a model with {num_classes} outputs")
+    default_mean, default_std = default_normalization(channels)
+    return ModelCard(
+        arch=arch,
+        num_classes=int(num_classes),
+        class_names=names,
+        image_size=int(image_size),
+        resize=int(resize or image_size),
+        channels=int(channels),
+        mean=[float(m) for m in (mean or default_mean)],
+        std=[float(s) for s in (std or default_std)],
+        cifar_stem=bool(cifar_stem),
+        data=data,
+        training=training or TrainingRecord(),
+        robustness=robustness or RobustnessRecord(),
+    )
+
+
 def training_card(
     hparams: Mapping,
     data: Mapping | None,
@@ -267,11 +306,7 @@ def training_card(
     The one builder of a training run's card: the run record (:mod:`robust.training.run_record`) and checkpoints
     written before cards were stored (:func:`robust.models.resolve.card_from_checkpoint`) call it."""
     hp, data = dict(hparams), dict(data or {})
-    num_classes = int(hp.get("num_classes", 10))
     size = int(data.get("image_size", 32))
-    channels = int(hp.get("channels") or data.get("channels") or 3)
-    default_mean, default_std = default_normalization(channels)
-    names = hp.get("class_names") or data.get("class_names") or [str(i) for i in range(num_classes)]
     robustness = RobustnessRecord(
         metrics={k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")},
         norm=hp.get("norm", "linf"),
@@ -283,15 +318,15 @@ def training_card(
         epoch=epoch,
         global_step=global_step,
     )
-    return ModelCard(
-        arch=hp.get("arch", "resnet18"),
-        num_classes=num_classes,
-        class_names=[str(n) for n in names],
+    return new_card(
+        hp.get("arch", "resnet18"),
+        int(hp.get("num_classes", 10)),
         image_size=size,
-        resize=int(data.get("resize") or size),
-        channels=channels,
-        mean=[float(m) for m in hp.get("mean") or default_mean],
-        std=[float(s) for s in hp.get("std") or default_std],
+        channels=int(hp.get("channels") or data.get("channels") or 3),
+        class_names=hp.get("class_names") or data.get("class_names"),
+        mean=hp.get("mean"),
+        std=hp.get("std"),
+        resize=data.get("resize") or size,
         cifar_stem=bool(hp.get("cifar_stem", False)),
         data=data.get("name"),
         training=TrainingRecord.from_values(hp, alpha=alpha),

@@ -33,7 +33,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from robust.errors import RobustError
 from robust.models.build import CardedModel, Normalize
-from robust.models.card import ModelCard, TrainingRecord
+from robust.models.card import TrainingRecord, new_card
 
 HF_PREFIX = "hf:"  # model specs and archs "hf:<hub id or save_pretrained dir>" name Hugging Face classifiers
 
@@ -239,14 +239,13 @@ def load_hf_model(name_or_dir: str, num_classes: int | None = None) -> CardedMod
     fallback = fallback if isinstance(fallback, int) else 224
     size, resize = geometry.loader_sizes() or (fallback, fallback)
     labels = net.config.id2label
-    card = ModelCard(
-        arch=f"{HF_PREFIX}{name_or_dir}",
-        num_classes=int(net.config.num_labels),
-        class_names=[str(labels[i]) for i in sorted(labels)],
-        cifar_stem=False,
+    card = new_card(
+        f"{HF_PREFIX}{name_or_dir}",
+        int(net.config.num_labels),
+        image_size=size,
+        class_names=[labels[i] for i in sorted(labels)],
         mean=mean,
         std=std,
-        image_size=size,
         resize=resize,
         data="huggingface",
         training=TrainingRecord(attack="none"),

@@ -47,6 +47,7 @@ from robust.models.card import (
     ModelCard,
     TrainingRecord,
     default_normalization,
+    new_card,
     training_card,
 )
 from robust.models.hf import HF_PREFIX, load_hf_model
@@ -146,17 +147,14 @@ def new_model(
         kind, state, digest = _pretrained_state(str(weights), arch, mean, std)
         fresh = load_pretrained(backbone, arch, state, str(weights))
         record = init_record(str(weights), kind, digest, int(state[f"{info.head}.weight"].shape[0]), fresh)
-    card = ModelCard(
-        arch=arch,
-        num_classes=num_classes,
-        class_names=[str(i) for i in range(num_classes)],
+    card = new_card(
+        arch,
+        num_classes,
         image_size=info.image_size,
-        resize=info.image_size,
         channels=channels,
-        mean=[float(m) for m in mean],
-        std=[float(s) for s in std],
-        cifar_stem=bool(cifar_stem),
-        data=None,
+        mean=mean,
+        std=std,
+        cifar_stem=cifar_stem,
         training=TrainingRecord(init=record),
     )
     return CardedModel(normalized(backbone, mean, std), card)
@@ -292,14 +290,13 @@ def model_from_checkpoint(path: str | Path) -> CardedModel:
 def imagenet_model() -> CardedModel:
     """torchvision's ImageNet ResNet18 (downloaded by torchvision for online users) with its card."""
     model = build_model("resnet18", 1000, "imagenet", IMAGENET_MEAN, IMAGENET_STD)
-    card = ModelCard(
-        arch="resnet18",
-        num_classes=1000,
-        class_names=imagenet_class_names(),
-        cifar_stem=False,
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
+    card = new_card(
+        "resnet18",
+        1000,
         image_size=224,
+        class_names=imagenet_class_names(),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         resize=256,
         data="ImageNet",
         training=TrainingRecord(attack="none"),
@@ -431,22 +428,18 @@ def external_model(
         channels = first_conv.in_channels if first_conv is not None else 3
         num_classes = head_of(backbone).out_features
         digest, size = None if weights is None else sha256_hex(Path(weights).read_bytes()), image_size or 32
+    # A network trained elsewhere normalizes nothing unless told: its own first layer sees the [0, 1] pixels.
     mean = [0.0] * channels if mean is None else [float(m) for m in mean]
     std = [1.0] * channels if std is None else [float(s) for s in std]
-    names = [str(n) for n in class_names] if class_names else [str(i) for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise RobustError(f"{len(names)} class names given for a model with {num_classes} outputs")
-    card = ModelCard(
-        arch=arch,
-        num_classes=num_classes,
-        class_names=names,
-        image_size=int(size),
-        resize=int(size),
+    card = new_card(
+        arch,
+        num_classes,
+        image_size=size,
         channels=channels,
+        class_names=class_names,
         mean=mean,
         std=std,
-        cifar_stem=bool(cifar_stem),
-        data=None,
+        cifar_stem=cifar_stem,
         training=TrainingRecord(init=init_record(weights or spec, kind, digest, num_classes, [])),
     )
     return CardedModel(normalized(backbone, mean, std), card).eval()
