@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_ARCH
 
 import train
 from experiments import recipes
@@ -24,7 +25,10 @@ from robust.training.averaging import weight_averages
 from robust.training.guard import CatastrophicOverfittingGuard
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TRAIN_ARGS = ("--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1", "--data.init_args.num_workers", "0")
+TINY_TRAIN_ARGS = (
+    *("--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1", "--data.init_args.num_workers", "0"),
+    *("--model.arch", TINY_ARCH),
+)
 E8, E16 = 8 / 255, 16 / 255
 # Per recipe, written out from the papers (recipes.py's docstring): attack, objective, eps, training step, PGD steps,
 # beta, N-FGSM noise (times eps).

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_ARCH
 from torch.optim.lr_scheduler import OneCycleLR
 
 import train
@@ -24,9 +25,13 @@ from robust.training.optim import Cosine, Cyclic, OneCycle, Piecewise
 from robust.training.resume import check_resume_config, config_differences, rebuild_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
-# digits.yaml as it is (validation every 10 epochs, one-cycle schedule), made tiny: one batch of 64 images of 8×8
-# per epoch, one validation batch with PGD-2.
+# digits.yaml as it is (validation every 10 epochs, one-cycle schedule), made tiny: the tiny CNN, one batch of 64
+# images of 8×8 per epoch, one validation batch with PGD-2.
 TINY = [
+    "--model.arch",
+    TINY_ARCH,
+    "--model.cifar_stem",
+    "false",
     "--data.init_args.limit",
     "64",
     "--data.init_args.image_size",
