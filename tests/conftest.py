@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks.digits_model import digits_network, train_digits_model
-from robust.data.modules import Digits
+from robust.data.digits import digits_split
 from robust.data.roots import shared_data_dir
 from robust.models.archs import ARCHS, Arch
 
@@ -116,11 +116,8 @@ def digits_model(_digits_model_session) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def digits_val() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 360 digits validation images (``360×3×32×32`` in [0, 1]) and labels."""
-    dm = Digits()
-    dm.setup()
-    x, y = dm.val_set.tensors
-    return x, y
+    """The 360 digits validation images (``360×3×32×32`` in [0, 1]) and labels: ``Digits()``'s validation set."""
+    return digits_split()[1]
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +126,7 @@ def digits_ckpt(_digits_model_session, tmp_path_factory) -> Path:
     Trainer (so the checkpoint holds the data description), its weights then set to ``digits_model``'s, saved."""
     import lightning as L
 
-    from robust.data.modules import DIGIT_NAMES
+    from robust.data.modules import DIGIT_NAMES, Digits
     from robust.training.module import AdversarialClassifier
 
     module = AdversarialClassifier(

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust.attacks import fgsm, nfgsm, pgd
-from robust.data.modules import digits_tensors
+from robust.data.digits import digits_tensors
 from robust.errors import RobustError
 from robust.objectives import (
     OBJECTIVES,

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from robust.data.digits import digits_split
 from robust.data.images import folder_transform, open_image
 from robust.data.roots import data_root
 from robust.errors import RobustError
@@ -46,16 +46,6 @@ def check_channels(channels: int) -> int:
     if channels not in (1, 3):
         raise RobustError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     return int(channels)
-
-
-def digits_tensors(size: int = 32, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 scikit-learn digits as ``N×channels×size×size`` float [0, 1] images and ``N`` int64 labels."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
-    return x.expand(-1, channels, -1, -1).contiguous(), torch.tensor(bunch.target, dtype=torch.int64)
 
 
 def holdout_split(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,12 +153,9 @@ class Digits(_Base):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        x, y = digits_tensors(self.image_size, self.channels)
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
-        n_train = int(0.8 * len(y))
-        tr, va = order[:n_train], order[n_train:]
-        self.train_set = self._limited(TensorDataset(x[tr], y[tr]))
-        self.val_set = self._limited(TensorDataset(x[va], y[va]))
+        train, val = digits_split(self.image_size, self.channels, self.split_seed)
+        self.train_set = self._limited(TensorDataset(*train))
+        self.val_set = self._limited(TensorDataset(*val))
 
 
 def mnist_tensors(root: str | Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
