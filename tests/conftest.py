@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -68,34 +67,49 @@ def shared_data() -> Path:
     return path
 
 
-DIGITS_WEIGHTS = "robust_digits_weights"  # the workers' key to the weights the controller trained
-_DIGITS_FOLDER = pytest.StashKey[Path]()
+DIGITS_WEIGHTS = "robust_digits_weights"  # the workers' key to the weights the controller made
+_DIGITS_PATH = pytest.StashKey[str]()
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tests"
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_setupnodes(config, specs) -> None:
-    """Under pytest-xdist the controller trains the digits model once, on every core, before any worker starts (each
-    worker would otherwise train its own on its share of the cores: 17 s instead of 10 on a 2-core Zen 4)."""
-    folder = Path(tempfile.mkdtemp(prefix="robust-digits-"))
-    torch.save(train_digits_model().state_dict(), folder / "digits.pt")
-    config.stash[_DIGITS_FOLDER] = folder
+def digits_weights() -> Path:
+    """The trained digits model's state dict on disk, trained on the first call for the code and machine at hand and
+    kept in ``.cache/tests/`` under a digest of all that decides it (its training code and the modules it builds on,
+    the torch, torchvision and scikit-learn versions, the CPU kernels and the thread count): a later run on the same
+    code loads it instead of training it again (10 s on a 2-core Zen 4)."""
+    import sklearn
+    import torchvision
+
+    from benchmarks import digits_model
+    from robust.data import digits
+    from robust.models import archs, build
+
+    sources = b"".join(Path(m.__file__).read_bytes() for m in (digits_model, digits, archs, build))
+    machine = f"{torch.__version__} {torchvision.__version__} {sklearn.__version__}"
+    machine += f" {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()}"
+    path = CACHE / f"digits-{hashlib.sha256(sources + machine.encode()).hexdigest()[:16]}.pt"
+    if not path.is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        for old in CACHE.glob("digits-*.pt"):
+            old.unlink(missing_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        torch.save(train_digits_model().state_dict(), partial)
+        partial.replace(path)
+    return path
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
-    node.workerinput[DIGITS_WEIGHTS] = str(node.config.stash[_DIGITS_FOLDER] / "digits.pt")
-
-
-def pytest_unconfigure(config) -> None:
-    if _DIGITS_FOLDER in config.stash:
-        shutil.rmtree(config.stash[_DIGITS_FOLDER], ignore_errors=True)
+    """Under pytest-xdist the controller makes the digits model before the workers start, on every core (each worker
+    would otherwise train its own on its share of them: 17 s instead of 10 on a 2-core Zen 4)."""
+    if _DIGITS_PATH not in node.config.stash:
+        node.config.stash[_DIGITS_PATH] = str(digits_weights())
+    node.workerinput[DIGITS_WEIGHTS] = node.config.stash[_DIGITS_PATH]
 
 
 @pytest.fixture(scope="session")
 def _digits_model_session(request) -> torch.nn.Module:
-    weights = getattr(request.config, "workerinput", {}).get(DIGITS_WEIGHTS)
-    if weights is None:
-        return train_digits_model()
+    weights = getattr(request.config, "workerinput", {}).get(DIGITS_WEIGHTS) or digits_weights()
     model = digits_network()
     model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()

@@ -232,6 +232,7 @@ def test_nan_images_are_a_clear_error(digits_model):
         evaluate(digits_model, [(x, torch.zeros(4, dtype=torch.int64))], [0.1], progress=False)
 
 
+@pytest.mark.slow  # torchattacks' AutoAttack (FAB-T, Square): in make test-all
 def test_autoattack_is_no_weaker_than_pgd(digits_model, digits_val):
     x, y = digits_val
     results = evaluate(digits_model, [(x[:8], y[:8])], [0.1], steps=10, autoattack=True, progress=False)
