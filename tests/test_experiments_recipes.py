@@ -25,10 +25,8 @@ from robust.training.averaging import weight_averages
 from robust.training.guard import CatastrophicOverfittingGuard
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TRAIN_ARGS = (
-    *("--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1", "--data.init_args.num_workers", "0"),
-    *("--model.arch", TINY_ARCH),
-)
+TINY_TRAIN_ARGS = ("--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1", "--data.init_args.num_workers", "0")
+IN_PROCESS_ARGS = (*TINY_TRAIN_ARGS, "--model.arch", TINY_ARCH)  # the suite's tiny CNN is known in this process only
 E8, E16 = 8 / 255, 16 / 255
 # Per recipe, written out from the papers (recipes.py's docstring): attack, objective, eps, training step, PGD steps,
 # beta, N-FGSM noise (times eps).
@@ -168,7 +166,7 @@ def test_an_ema_run_trains_the_very_weights_of_the_run_without_it(subset, tmp_pa
         cifar_stem=False,
         batch_size=8,
         limit_train_batches=2,
-        train_args=TINY_TRAIN_ARGS,
+        train_args=IN_PROCESS_ARGS,
     )
     ema_recipe = recipes.BY_NAME["nfgsm"]  # N-FGSM draws noise every step: any extra RNG draw would show
     runs = {}
