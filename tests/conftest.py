@@ -36,6 +36,7 @@ def tiny_cnn(num_classes: int = 10, channels: int = 3) -> torch.nn.Sequential:
 
 # Registered as a user would add an architecture (one entry): in-process runs of this suite can name it.
 ARCHS[TINY_ARCH] = Arch(tiny_cnn, "0", "5", 8, 3, "tests/conftest.py")
+TINY_ARCH_ARGS = ("--model.arch", TINY_ARCH, "--model.cifar_stem", "false")  # train.py fit on it (in-process only)
 
 # Under pytest-xdist (`make test`: -n auto) the workers share the cores: each gets its part of them, as torch's thread
 # count and as OMP_NUM_THREADS for the processes a test starts (more threads than cores slows torch down ~10x).
@@ -68,7 +69,6 @@ def shared_data() -> Path:
 
 
 DIGITS_WEIGHTS = "robust_digits_weights"  # the workers' key to the weights the controller made
-_DIGITS_PATH = pytest.StashKey[str]()
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tests"
 
 
@@ -102,9 +102,7 @@ def digits_weights() -> Path:
 def pytest_configure_node(node) -> None:
     """Under pytest-xdist the controller makes the digits model before the workers start, on every core (each worker
     would otherwise train its own on its share of them: 17 s instead of 10 on a 2-core Zen 4)."""
-    if _DIGITS_PATH not in node.config.stash:
-        node.config.stash[_DIGITS_PATH] = str(digits_weights())
-    node.workerinput[DIGITS_WEIGHTS] = node.config.stash[_DIGITS_PATH]
+    node.workerinput[DIGITS_WEIGHTS] = str(digits_weights())  # trained for the first node; found for the others
 
 
 @pytest.fixture(scope="session")
@@ -178,10 +176,7 @@ def tiny_fit_args(save_dir, *extra: str) -> list[str]:
         "fit",
         "--config",
         str(config),
-        "--model.arch",
-        TINY_ARCH,
-        "--model.cifar_stem",
-        "false",
+        *TINY_ARCH_ARGS,
         "--trainer.max_epochs",
         "1",
         "--trainer.limit_train_batches",

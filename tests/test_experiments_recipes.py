@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_ARCH
+from conftest import TINY_ARCH_ARGS
 
 import train
 from experiments import recipes
@@ -26,7 +26,7 @@ from robust.training.guard import CatastrophicOverfittingGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN_ARGS = ("--overfit_guard.n", "4", "--overfit_guard.pgd_steps", "1", "--data.init_args.num_workers", "0")
-IN_PROCESS_ARGS = (*TINY_TRAIN_ARGS, "--model.arch", TINY_ARCH)  # the suite's tiny CNN is known in this process only
+IN_PROCESS_ARGS = (*TINY_TRAIN_ARGS, *TINY_ARCH_ARGS)  # the suite's tiny CNN is known in this process only
 E8, E16 = 8 / 255, 16 / 255
 # Per recipe, written out from the papers (recipes.py's docstring): attack, objective, eps, training step, PGD steps,
 # beta, N-FGSM noise (times eps).

@@ -176,7 +176,6 @@ for line in recipe.splitlines():
         bin_dir / "tensorboard",
         """import sys
 from pathlib import Path
-from unittest import mock
 logdir = Path(sys.argv[sys.argv.index("--logdir") + 1])
 assert any(logdir.rglob("events.out.tfevents.*")), f"no TensorBoard events under {logdir}"
 print(f"(readme test: tensorboard would serve {logdir})")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_ARCH
+from conftest import TINY_ARCH_ARGS
 from torch.optim.lr_scheduler import OneCycleLR
 
 import train
@@ -28,10 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # digits.yaml as it is (validation every 10 epochs, one-cycle schedule), made tiny: the tiny CNN, one batch of 64
 # images of 8×8 per epoch, one validation batch with PGD-2.
 TINY = [
-    "--model.arch",
-    TINY_ARCH,
-    "--model.cifar_stem",
-    "false",
+    *TINY_ARCH_ARGS,
     "--data.init_args.limit",
     "64",
     "--data.init_args.image_size",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARCH
+from conftest import TINY_ARCH_ARGS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_cli
@@ -26,10 +26,7 @@ from robust.training.run_record import split_rng_by_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--model.arch",
-    TINY_ARCH,
-    "--model.cifar_stem",
-    "false",
+    *TINY_ARCH_ARGS,
     "--trainer.limit_train_batches",
     "4",
     "--trainer.limit_val_batches",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ARCH
+from conftest import TINY_ARCH_ARGS
 from PIL import Image
 
 import evaluate
@@ -129,10 +129,7 @@ def fit_args(config: Path, root: Path, logs: Path, *extra: str) -> list[str]:
         "false",
         "--trainer.logger.init_args.save_dir",
         str(logs),
-        "--model.arch",
-        TINY_ARCH,
-        "--model.cifar_stem",
-        "false",
+        *TINY_ARCH_ARGS,
         *extra,
     ]
 

@@ -24,5 +24,6 @@ def digits_split(
     drawn from ``seed`` (1,437 and 360 images; the same on any machine)."""
     x, y = digits_tensors(size, channels)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    train, val = order[: int(0.8 * len(y))], order[int(0.8 * len(y)) :]
+    n_train = int(0.8 * len(y))
+    train, val = order[:n_train], order[n_train:]
     return (x[train], y[train]), (x[val], y[val])

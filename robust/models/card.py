@@ -326,7 +326,7 @@ def training_card(
         class_names=hp.get("class_names") or data.get("class_names"),
         mean=hp.get("mean"),
         std=hp.get("std"),
-        resize=data.get("resize") or size,
+        resize=data.get("resize"),
         cifar_stem=bool(hp.get("cifar_stem", False)),
         data=data.get("name"),
         training=TrainingRecord.from_values(hp, alpha=alpha),
