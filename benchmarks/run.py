@@ -8,7 +8,9 @@
 - JPEG: our batched ``robust.defenses.jpeg`` over a per-image PIL save/load loop, quality 75;
 - suite (long, only with ``--only suite``): the report's threat suite with and without early exit and cascade
   (``benchmarks/suite.py``);
-- autoattack (long, only with ``--only autoattack``): the cheap worst case against AutoAttack (the same file).
+- autoattack (long, only with ``--only autoattack``): the cheap worst case against AutoAttack (the same file);
+- report (long, only with ``--only report``): ``evaluate.py report --autoattack``'s computation against
+  torchattacks' AutoAttack alone on the same MNIST images (``benchmarks/report_autoattack.py``).
 
 Every benchmark runs ours and its reference in alternating rounds (after warm-up rounds), so background load
 hits both alike, and reports the median time per batch. ``--fast-paths`` (default on CUDA) adds the bf16
@@ -41,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of scripts: its shared parts import as benchmarks.*
 
 from benchmarks.floor import bench_floor  # noqa: E402
-from benchmarks.suite import MNIST_MODEL, bench_suite, print_suite_accuracy  # noqa: E402
+from benchmarks.report_autoattack import bench_report_autoattack  # noqa: E402
+from benchmarks.suite import MNIST_MODEL, bench_suite, mnist_model, print_suite_accuracy  # noqa: E402
 from benchmarks.timing import FULL, QUICK, Row, Sizes, time_interleaved  # noqa: E402
 from robust.attacks import default_step, pgd  # noqa: E402
 from robust.cli import exit_code  # noqa: E402
@@ -49,15 +52,15 @@ from robust.defenses import jpeg, to_uint8  # noqa: E402
 from robust.errors import RobustError  # noqa: E402
 from robust.files import atomic_write_bytes  # noqa: E402
 from robust.machine import machine  # noqa: E402
-from robust.models.build import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from robust.models.build import CIFAR10_MEAN, CIFAR10_STD, build_model  # noqa: E402
 from robust.training.module import AdversarialClassifier  # noqa: E402
 from robust.training.runfiles import shared_data_dir  # noqa: E402
 
 EPS, QUALITY = 8 / 255, 75
 PGD_ALPHA = default_step("pgd", EPS)  # the registry's evaluation step: eps/4 = 2/255
 KEY_JPEG = "jpeg_batched_over_pil"
-BENCHMARKS = ("train", "pgd", "jpeg", "floor", "suite", "autoattack")
-DEFAULT_BENCHMARKS = ("train", "pgd", "jpeg")  # the floor, the suite and AutoAttack take minutes: only when named
+BENCHMARKS = ("train", "pgd", "jpeg", "floor", "suite", "autoattack", "report")
+DEFAULT_BENCHMARKS = ("train", "pgd", "jpeg")  # the others take minutes: only when named
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,16 @@ def run_benchmarks(
         new_rows, keys = bench_suite(device, sizes, suite_run, suite, which)
         rows += new_rows
         record.update(keys, suite_repeats=suite_run["repeats"])
+    if "report" in only:
+        model, name = mnist_model(suite or parse_args([]), sizes, device), "fgsm.pth"
+        if model is None and (shared_data_dir() / "MNIST" / "raw").is_dir():
+            print("note: a random mnist_net stands in for fgsm.pth in the report rows", flush=True)
+            model, name = build_model("mnist_net", mean=(0.0,), std=(1.0,)).to(device).eval(), "random mnist_net"
+        if model is not None:
+            # one round: each side takes most of a minute, and AutoAttack's minutes dwarf the machine's noise
+            new_rows, keys = bench_report_autoattack(model, name, sizes, {**run, "repeats": 1, "warmup": 0})
+            rows += new_rows
+            record.update(keys)
     print_table(rows)
     print_suite_accuracy(record)
     record.update(
@@ -314,7 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=BENCHMARKS,
         default=list(DEFAULT_BENCHMARKS),
-        help="run only these (default: all but floor, suite and autoattack, which take minutes)",
+        help="run only these (default: all but floor, suite, autoattack and report, which take minutes)",
     )
     p.add_argument(
         "--suite-repeats",

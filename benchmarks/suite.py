@@ -134,7 +134,7 @@ def suite_cases(
     images). ``--quick``: stand-ins for the digits models (:func:`quick_digits_model`); the MNIST model must be
     there (``--mnist-model``), else its rows are left out with one line saying so. ``keys``: only these cases
     (default all)."""
-    mnist, raw = Path(args.mnist_model), shared_data_dir() / "MNIST" / "raw"
+    mnist = Path(args.mnist_model)
     if not mnist.is_file() and not sizes.quick:  # before minutes of training the digits models
         raise RobustError(
             f"{mnist} is missing: give the authors' fgsm.pth with --mnist-model (experiments/mnist.py "
@@ -158,13 +158,27 @@ def suite_cases(
         data.setup()
         x, y = (t[: sizes.suite_n] for t in data.val_set.tensors)
         cases.append(SuiteCase(key, label, model.to(device).eval(), x.to(device), y.to(device), eps))
-    if mnist.is_file() and (raw.is_dir() or not sizes.quick):
-        model = external_model(str(mnist), "state_dict", arch="mnist_net").to(device).eval()
+    model = mnist_model(args, sizes, device)
+    if model is not None:
         x, y = mnist_test(sizes.suite_n)
         cases.append(SuiteCase("mnist", f"MNIST {mnist.name}", model, x.to(device), y.to(device), MNIST_EPS))
-    else:
-        print(f"note: {mnist if not mnist.is_file() else raw} is missing: the MNIST rows are left out", flush=True)
     return cases
+
+
+def mnist_model(args: argparse.Namespace, sizes: Sizes, device: torch.device) -> nn.Module | None:
+    """The authors' MNIST model (``--mnist-model``), eval mode on ``device``, when it and MNIST are there; else
+    ``--quick`` says so in one line and gets None, a full run stops with the same line (its rows are the point)."""
+    mnist, raw = Path(args.mnist_model), shared_data_dir() / "MNIST" / "raw"
+    if mnist.is_file() and raw.is_dir():
+        return external_model(str(mnist), "state_dict", arch="mnist_net").to(device).eval()
+    missing = mnist if not mnist.is_file() else raw
+    if not sizes.quick:
+        raise RobustError(
+            f"{missing} is missing: give the authors' fgsm.pth with --mnist-model (experiments/mnist.py "
+            "downloads it to .cache/fast_adversarial/) and MNIST under $ROBUST_DATA"
+        )
+    print(f"note: {missing} is missing: the MNIST rows are left out", flush=True)
+    return None
 
 
 def never_higher(acc: dict[str, float], reference: dict[str, float]) -> bool:
@@ -215,12 +229,17 @@ def autoattack_reference(model: nn.Module, eps: float, quick: bool):
     """torchattacks' AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square 5,000 queries), seed 0; with
     ``quick`` its iterations cut to 2 and Square's queries to 10 (a smoke run, not AutoAttack)."""
     attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
-    if quick:
-        for part in attack._autoattack.attacks:
-            for name, value in (("steps", 2), ("n_queries", 10)):
-                if hasattr(part, name):
-                    setattr(part, name, value)
+    cut_down(attack._autoattack.attacks, quick)
     return attack
+
+
+def cut_down(parts: list, quick: bool) -> list:
+    """AutoAttack's components ``parts``, with ``quick`` cut in place to 2 iterations and 10 Square queries."""
+    for part in parts if quick else ():
+        for name, value in (("steps", 2), ("n_queries", 10)):
+            if hasattr(part, name):
+                setattr(part, name, value)
+    return parts
 
 
 # The cheap worst case ``pgd_worst`` beside AutoAttack: as the report runs it; with AutoAttack's 100 APGD iterations;

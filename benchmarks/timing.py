@@ -22,6 +22,7 @@ class Sizes:
     suite_steps: int = 10  # the report's default PGD/APGD steps
     aa_n: int = 100  # digits the cheap-worst-case-vs-AutoAttack rows evaluate (ResNet18: AutoAttack takes minutes)
     aa_mnist_n: int = 1000  # MNIST test images of those rows (mnist_net: cheap enough for 10× less sampling noise)
+    report_n: int = 500  # MNIST test images of the report-with-AutoAttack rows (issue #41's protocol)
     quick: bool = False
 
 
@@ -36,6 +37,7 @@ QUICK = Sizes(
     suite_steps=2,
     aa_n=4,
     aa_mnist_n=4,
+    report_n=4,
     quick=True,
 )
 

@@ -503,6 +503,7 @@ def apgd_run(
     norm: str = "linf",
     loss: str | None = None,
     targets: int = 0,
+    skip_targets: int = 0,
     rho: float = 0.75,
 ) -> PgdRun:
     """APGD (Croce & Hein 2020: APGD-CE, APGD-DLR, APGD-T) with torchattacks' arithmetic and :func:`pgd_run`'s two
@@ -517,7 +518,9 @@ def apgd_run(
     fewer); success is still a misclassification. A restart, or the next target, runs only on the examples still
     standing; random starts are drawn for the whole batch every run (:func:`_apgd_start`) and losses are per example,
     so an example's result does not depend on which others run (it is torchattacks' own when every example is
-    attacked).
+    attacked). ``skip_targets``: the first that many targets are taken as tried already (a caller that ran them,
+    and passes only the examples they left standing): their random starts are drawn, not used, so the later
+    targets' runs are the ones a full run makes.
 
     Args: as :func:`pgd_run`; ``eps`` in ``norm``'s pixel units, ``steps >= 1``, ``rho`` the step-halving threshold.
     Returns a :class:`PgdRun`: ``first`` and ``pred``, the first misclassified iterate and the prediction there
@@ -528,6 +531,8 @@ def apgd_run(
     check_budget(eps, None, steps, norm=norm, dims=x[0].numel())
     if restarts < 1:
         raise RobustError(f"restarts must be at least 1, got {restarts}")
+    if not 0 <= skip_targets < max(targets, 1):
+        raise RobustError(f"skip_targets must be 0 to targets - 1 ({targets} targets), got {skip_targets}")
     if loss is None:
         loss = "dlr" if targets else "ce"
     if loss not in ("ce", "dlr"):
@@ -556,7 +561,7 @@ def apgd_run(
         for _ in range(restarts):
             start = _apgd_start(x, eps, norm)
             idx = standing.nonzero().squeeze(1)
-            if not len(idx):
+            if not len(idx) or (rank is not None and rank <= skip_targets):
                 continue
             target = None if rank is None else ranked[idx, rank]
             out = _apgd_single(

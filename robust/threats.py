@@ -10,8 +10,11 @@ A threat is a key of :data:`THREATS`; its predictions are ``N`` class ids, score
   ``square_queries`` queries: opt-in, it finds what a model's masked gradients hide from the others);
 - ``jpeg`` (clean images through JPEG); ``jpeg_fgsm``, ``jpeg_pgd`` (those adversarial examples, transferred
   through JPEG); ``bpda_pgd`` (PGD through the straight-through JPEG, then JPEG: the adaptive attack);
-- ``autoattack`` (torchattacks' standard AutoAttack, slow, opt-in) and ``aa_worst`` (the per-example worst case of
-  ``pgd_worst``'s attacks and AutoAttack); ``targeted_success`` (targeted PGD);
+- ``autoattack`` (torchattacks' standard AutoAttack, slow, opt-in: its APGD-CE and APGD-T are ours with its
+  settings, and reuse the verdicts of the suite's ``apgd`` and ``apgd_t`` where those ran with them; its FAB-T and
+  Square are torchattacks', and a report runs them on the survivors of several batches at once:
+  :func:`finish_autoattack`) and ``aa_worst`` (the per-example worst case of ``pgd_worst``'s attacks and
+  AutoAttack); ``targeted_success`` (targeted PGD);
 - worst cases, per example (:data:`WORST_CASES`): ``pgd_worst`` is correct only where ``fgsm``, ``pgd``,
   ``apgd``, ``apgd_dlr``, ``apgd_t`` and, when it runs, ``square`` all are, ``jpeg_worst`` only where every attack
   through JPEG (``jpeg_fgsm``, ``jpeg_pgd``, ``bpda_pgd``) is: the figures to claim. Their predictions equal the label
@@ -256,6 +259,11 @@ class ThreatSpec:
             default_step("pgd", self.eps, norm=self.norm, steps=self.steps) if self.alpha is None else float(self.alpha)
         )
 
+    @property
+    def apgd_settings(self) -> tuple[int, int]:
+        """APGD's steps and restarts in force: ``apgd_steps`` and ``apgd_restarts``, else PGD's."""
+        return self.apgd_steps or self.steps, self.apgd_restarts or self.restarts
+
     def parts(self, worst: str) -> tuple[str, ...]:
         """The parts of the worst case ``worst`` (a key of :data:`WORST_CASES`) in force, in cascade order:
         ``square`` only when this spec gives it queries."""
@@ -323,6 +331,118 @@ def _torchattacks(name: str, model: nn.Module, x: Tensor, y: Tensor, spec: Threa
     return attack(x, y).detach()
 
 
+def autoattack_components(model: nn.Module, spec: ThreatSpec, num_classes: int) -> list:
+    """torchattacks' standard AutoAttack for ``model`` at ``spec``'s budget and seed, as its components in the order
+    it runs them (each on the examples the ones before leave standing): ``[APGD (CE), APGDT, FAB (targeted),
+    Square]``, with the steps, restarts, targets and queries torchattacks gives them."""
+    import torchattacks
+
+    reference = torchattacks.AutoAttack(
+        model,
+        norm=_torchattacks_norm(spec.norm),
+        eps=spec.eps,
+        version="standard",
+        n_classes=num_classes,
+        seed=spec.seed,
+    )
+    return list(reference._autoattack.attacks)
+
+
+POOLED = "autoattack_pending"  # predictions(pool_autoattack=True): the examples left to finish_autoattack
+
+
+def _autoattack(suite: _Suite, mask: Tensor, fallback: Tensor, num_classes: int, pool: bool) -> tuple[Tensor, Tensor]:
+    """torchattacks' standard AutoAttack (:func:`autoattack_components`) on the ``mask`` examples the model gets
+    right: ``N`` predictions, ``fallback`` outside ``mask`` (the clean one where it is wrong), and the examples still
+    standing (none unless ``pool``: then FAB-T and Square are left to :func:`finish_autoattack`).
+
+    Its APGD-CE and APGD-T are :func:`robust.attacks.apgd_run` with torchattacks' settings, and where the suite ran
+    ``apgd`` or ``apgd_t`` with those settings, their verdicts stand for them, as the same runs would give them again
+    (an example's run does not depend on the others, and in a cascade the examples here survived both): only the
+    targets ``apgd_t`` did not try, then FAB-T and Square (torchattacks' own) run. Our APGD draws its random starts
+    for the whole batch, torchattacks' for the examples it attacks, so an example can fall here where torchattacks'
+    own run keeps it, or the other way (``docs/benchmarks.md`` measures the difference)."""
+    model, x, y, spec, preds = suite.model, suite.x, suite.y, suite.spec, suite.preds
+    ce, targeted, *_ = autoattack_components(model, spec, num_classes)
+    out = fallback.clone()
+    standing = mask & (preds["clean"] == y)
+    out[mask & ~standing] = preds["clean"][mask & ~standing]
+
+    def fall(pred: Tensor) -> None:
+        won = standing & (pred != y)
+        out[won] = pred[won]
+        standing[won] = False
+
+    def run(steps: int, restarts: int, **kwargs) -> Tensor:
+        with suite.seeded():
+            return apgd_run(
+                model,
+                x,
+                y,
+                spec.eps,
+                steps,
+                seek=standing,
+                full=suite.nobody,
+                restarts=restarts,
+                norm=spec.norm,
+                **kwargs,
+            ).pred
+
+    same_ce = spec.apgd_settings == (ce.steps, ce.n_restarts) and ce.loss == "ce"
+    fall(preds["apgd"] if same_ce and "apgd" in preds else run(ce.steps, ce.n_restarts))
+    tried = 0
+    part = apgd_part("apgd_t", num_classes, spec.apgd_targets).kwargs
+    if "apgd_t" in preds and spec.apgd_settings == (targeted.steps, targeted.n_restarts) and set(part) == {"targets"}:
+        fall(preds["apgd_t"])
+        tried = part["targets"]
+    if tried < targeted.n_target_classes:
+        fall(run(targeted.steps, targeted.n_restarts, targets=targeted.n_target_classes, skip_targets=tried))
+    if pool:
+        return out, standing
+    return _autoattack_tail(model, spec, num_classes, x, y, standing, out), suite.nobody
+
+
+def _autoattack_tail(
+    model: nn.Module, spec: ThreatSpec, num_classes: int, x: Tensor, y: Tensor, standing: Tensor, out: Tensor
+) -> Tensor:
+    """AutoAttack's FAB-T and Square (torchattacks', one after the other, seeded with ``spec.seed``) on the
+    ``standing`` examples of ``x`` (``N×C×H×W`` in [0, 1]): ``out`` (``N`` predictions) with theirs."""
+    if not standing.any():
+        return out
+    import torchattacks
+
+    check_budget(spec.eps, norm=spec.norm, dims=x[0].numel())
+    *_, fab, square = autoattack_components(model, spec, num_classes)
+    with seeded_rng(spec.seed, x.device):
+        made = torchattacks.MultiAttack([fab, square])(x[standing], y[standing]).detach()
+    return _predict(model, made, standing, out)
+
+
+def finish_autoattack(
+    model: nn.Module, spec: ThreatSpec, num_classes: int, batches: list[tuple[Tensor, Tensor, dict]]
+) -> None:
+    """AutoAttack's FAB-T and Square, at once, on every example that :func:`predictions` with ``pool_autoattack``
+    left standing in ``batches`` (``(x, y, its predictions)``), seeded with ``spec.seed``: completes each batch's
+    ``autoattack`` and ``aa_worst`` in place. Both attacks cost per iteration whatever the batch, so one pool of
+    several batches' survivors runs faster than each batch's alone, with the same arithmetic per example."""
+    standing = [preds.pop(POOLED, None) for _, _, preds in batches]
+    if all(s is None for s in standing):
+        return
+    x = torch.cat([xb[s] for (xb, _, _), s in zip(batches, standing, strict=True)])
+    y = torch.cat([yb[s] for (_, yb, _), s in zip(batches, standing, strict=True)])
+    everyone = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    made = _autoattack_tail(model, spec, num_classes, x, y, everyone, y.clone())
+    for (_, yb, preds), s, part in zip(batches, standing, made.split([int(s.sum()) for s in standing]), strict=True):
+        new = yb.clone()
+        new[s] = part
+        fooled = new != yb
+        if "autoattack" in preds:
+            preds["autoattack"][fooled] = new[fooled]
+        if "aa_worst" in preds:  # AutoAttack is its last part: it changes where every part before stood
+            worst = fooled & (preds["aa_worst"] == yb)
+            preds["aa_worst"][worst] = new[worst]
+
+
 def worst_case(y: Tensor, parts: list[Tensor]) -> Tensor:
     """Per-example worst case of several threats' predictions (each ``N``): ``y`` where every part is correct,
     else the first wrong part's prediction."""
@@ -381,7 +501,7 @@ class _Suite:
         if engine is pgd_run:
             kwargs["alpha"] = s.step
         else:
-            steps, restarts = s.apgd_steps or steps, s.apgd_restarts or restarts
+            steps, restarts = s.apgd_settings
         with self.seeded():
             return engine(
                 model, self.x, y, eps=s.eps, steps=steps, seek=seek, full=full, restarts=restarts, norm=s.norm, **kwargs
@@ -407,7 +527,14 @@ class _Suite:
         return _predict(self.model, run.last[mask], mask, fallback, quality)
 
 
-def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target: Tensor | None = None) -> dict:
+def predictions(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    spec: ThreatSpec,
+    target: Tensor | None = None,
+    pool_autoattack: bool = False,
+) -> dict:
     """Predictions (``N`` class ids) of ``model`` under each threat of ``spec``, plus ``"target"`` (the targets,
     when ``targeted_success`` is asked for: ``target``, else a random other class per example).
 
@@ -416,6 +543,9 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
     of the RNG seeded with ``spec.seed``: a key's figure does not depend on which other keys were asked for, and the
     caller's RNG and model mode are left as they were. With ``spec.early_exit`` only the examples still standing
     are attacked (the module docstring); with ``spec.cascade`` the worst cases' parts are measured on survivors.
+    ``pool_autoattack``: leave AutoAttack's FAB-T and Square to :func:`finish_autoattack`, which runs them on the
+    survivors of several batches at once; ``autoattack`` and ``aa_worst`` are then final only after it, and the
+    result holds the examples still standing under :data:`POOLED`.
     """
     wanted = _wanted(spec)
     suite = _Suite(model, x, y, spec)
@@ -487,12 +617,7 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
             preds["bpda_pgd"] = suite.attacked("bpda_pgd", run, mask, fallback, q)
 
         if "autoattack" in wanted:
-            mask, fallback = suite.gate("autoattack")
-            with suite.seeded():
-                made = _torchattacks(
-                    "AutoAttack", model, x[mask], y[mask], spec, version="standard", n_classes=num_classes
-                )
-            preds["autoattack"] = _predict(model, made, mask, fallback)
+            preds["autoattack"], pending = _autoattack(suite, *suite.gate("autoattack"), num_classes, pool_autoattack)
 
         if "targeted_success" in wanted:
             # An example the model already puts in the target class has succeeded: it is not attacked.
@@ -506,6 +631,8 @@ def predictions(model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, target
     out = {k: preds[k] for k in spec.threats}
     if "targeted_success" in wanted:
         out["target"] = target
+    if pool_autoattack and "autoattack" in wanted:
+        out[POOLED] = pending
     return out
 
 

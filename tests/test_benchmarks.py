@@ -176,3 +176,21 @@ def test_quick_suite_row_never_reports_higher_accuracy_with_early_exit(tmp_path)
         assert acc["cheap_cascade_square"] <= acc["cheap"]  # the same attacks on survivors, then Square
         assert math.isfinite(record[f"{key}_cheap_over_autoattack"]) and record[f"{key}_cheap_vs_autoattack_n"] == 4
     assert record["suite_repeats"] == 1 and record["threads"] == 1
+
+
+@pytest.mark.slow  # AutoAttack (cut down) through the report and through torchattacks, on MNIST
+def test_the_report_benchmark_times_both_sides_on_the_same_images(shared_data, tmp_path):
+    """``--only report --quick``: the report with AutoAttack and torchattacks' AutoAttack, in one batch and in the
+    report's batches, on the same 4 MNIST test images (the authors' fgsm.pth when it is there, else a stand-in):
+    three timings, their ratios, and three AutoAttack figures that are fractions of the 4 images."""
+    record = load_script("run").main(
+        ["--quick", "--only", "report", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "r.json")]
+    )
+    assert set(record["report_autoattack_seconds"]) == {"report", "torchattacks", "torchattacks_batched"}
+    assert all(t > 0 for t in record["report_autoattack_seconds"].values())
+    for key in ("report_autoattack_over_torchattacks", "report_autoattack_over_torchattacks_batched"):
+        assert math.isfinite(record[key]) and record[key] > 0
+    assert record["report_autoattack_n"] == 4 and record["report_autoattack_batch"] == 2
+    accuracy = record["report_autoattack_accuracy"]
+    assert set(accuracy) == set(record["report_autoattack_seconds"])
+    assert all(4 * a == round(4 * a) and 0 <= a <= 1 for a in accuracy.values())

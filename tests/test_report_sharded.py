@@ -60,9 +60,9 @@ def test_two_ranks_split_the_batches_and_sum_to_the_single_process_counts(digits
     specs = [ThreatSpec(eps, steps=1, threats=KEYS, square_queries=5) for eps in (0.05, 0.1)]
     calls = []
 
-    def count(b, xb, yb, todo):
-        calls.append(b)
-        return batch_counts(digits_model, KEYS, CPU, b, xb, yb, todo)
+    def count(g, batch, todo):
+        calls.append(g)
+        return batch_counts(digits_model, KEYS, CPU, None, g, batch, todo)
 
     alone = sharded_counts(batches, specs, count, 1 + len(KEYS), World(CPU), progress=False)
     assert alone[:, 0].tolist() == [12, 12] and calls == [0, 1, 2]
@@ -131,11 +131,11 @@ def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt,
     measured = []  # (batch, eps) of every attacked batch
     real = robust.evaluation.report.predictions
 
-    def predictions(model, x, y, spec):
+    def predictions(model, x, y, spec, **kwargs):
         measured.append((spec.seed, spec.eps))  # a pass seeds batch b with seed + b; seed is 0
         if len(measured) > kill_at >= 0:
             raise Killed
-        return real(model, x, y, spec)
+        return real(model, x, y, spec, **kwargs)
 
     monkeypatch.setattr(robust.evaluation.report, "predictions", predictions)
     kill_at = 2  # while measuring batch 1: batch 0 is done for both eps

@@ -62,6 +62,7 @@ def data_class_names(data: str) -> tuple[str, ...] | None:
 
 
 SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
+DEFAULT_BATCH_SIZE = 128  # images per batch of a report (evaluate.py report --batch-size)
 
 
 def _check_not_a_split_root(root: Path, classes: Sequence[str]) -> None:
@@ -88,7 +89,7 @@ def eval_data(
     data: str,
     card: ModelCard,
     limit: int | None = None,
-    batch_size: int = 128,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     num_workers: int = 0,
     cifar10_root: str = "data/cifar10",
     mnist_root: str | None = None,

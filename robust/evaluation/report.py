@@ -37,8 +37,13 @@ from robust.threats import (
     bn_mode,
     check_classes,
     correct_counts,
+    finish_autoattack,
     predictions,
 )
+
+# AutoAttack's FAB-T and Square cost per iteration whatever the batch: they run on the survivors of a group of
+# batches holding this many images at once (docs/benchmarks.md measures it)
+AUTOATTACK_POOL = 512
 
 
 def evaluate(
@@ -72,7 +77,9 @@ def evaluate(
         eps_list: L-inf budgets in [0, 1] pixel units. steps, restarts: PGD iterations and random restarts
             (for ``pgd``, ``apgd``, ``bpda_pgd`` and the targeted attack). alpha: PGD step (default
             :func:`robust.attacks.default_step`: L∞ eps/4, L2 2.5·eps/steps).
-        quality: JPEG quality of the defense. autoattack: also run torchattacks' standard AutoAttack (slow).
+        quality: JPEG quality of the defense. autoattack: also run torchattacks' standard AutoAttack (slow; its
+            APGD-CE and APGD-T reuse the suite's runs where their settings agree, and its FAB-T and Square run on the
+            survivors of groups of batches holding :data:`AUTOATTACK_POOL` images: the journal's unit is the group).
         threats: the keys of :data:`robust.threats.THREATS` to measure (default every one but ``autoattack``;
             ``autoattack`` and ``aa_worst`` are added by ``autoattack``), in :data:`THREATS` order.
         early_exit: attack only the images still standing (:class:`robust.threats.ThreatSpec`); cascade: measure each
@@ -125,8 +132,10 @@ def evaluate(
     check_classes(keys, num_classes)  # before the pass: autoattack on too few classes is one line, at once
     if fast_path:
         model = fast_model(model)
-    count = partial(batch_counts, model, keys, world.device)
-    totals = sharded_counts(loader, specs, count, 1 + len(keys), world, journal, progress).tolist()
+    pool = bool(set(keys) & set(AUTOATTACK_THREATS))
+    count = partial(batch_counts, model, keys, world.device, num_classes if pool else None)
+    group = max(1, AUTOATTACK_POOL // batch_size(loader)) if pool else 1
+    totals = sharded_counts(loader, specs, count, 1 + len(keys), world, journal, progress, group).tolist()
     n = totals[0][0]
     if n == 0:
         raise RobustError("the evaluation data holds no images")
@@ -171,14 +180,40 @@ def class_count(model: nn.Module, loader: DataLoader | Sequence[tuple[Tensor, Te
         return int(model(batch[0][:1].to(device)).shape[1])
 
 
+def batch_size(loader: DataLoader | Sequence[tuple[Tensor, Tensor]]) -> int:
+    """The images per batch of ``loader``: a DataLoader's ``batch_size`` (1 when it has a batch sampler instead),
+    else the first batch's."""
+    if isinstance(loader, DataLoader):
+        return loader.batch_size or 1
+    return len(loader[0][1]) if len(loader) else 1
+
+
 def batch_counts(
-    model: nn.Module, keys: tuple[str, ...], device: torch.device, b: int, x: Tensor, y: Tensor, specs: list[ThreatSpec]
+    model: nn.Module,
+    keys: tuple[str, ...],
+    device: torch.device,
+    num_classes: int | None,
+    g: int,
+    batches: list[tuple[int, Tensor, Tensor]],
+    specs: list[ThreatSpec],
 ) -> Tensor:
-    """Batch number ``b`` of a pass (``x`` in [0, 1], ``y`` class ids) under each of ``specs`` (seeded for that batch):
-    ``len(specs)×(1 + len(keys))`` int64, the batch size then the correct predictions of each of ``keys``."""
-    x, y = x.to(device), y.to(device)
-    check_images(x)
-    rows = [[len(y), *correct_counts(predictions(model, x, y, spec.for_batch(b)), y, keys)] for spec in specs]
+    """Group ``g`` of a pass, ``[(b, x, y), ...]`` (``x`` in [0, 1], ``y`` class ids; batch ``b`` seeded
+    ``spec.for_batch(b)``), under each of ``specs``: ``len(specs)×(1 + len(keys))`` int64, the images then the correct
+    predictions of each of ``keys``. With ``num_classes`` given, AutoAttack's FAB-T and Square run once per spec on
+    the survivors of the whole group (:func:`robust.threats.finish_autoattack`)."""
+    batches = [(b, x.to(device), y.to(device)) for b, x, y in batches]
+    for _, x, _ in batches:
+        check_images(x)
+    rows = []
+    for spec in specs:
+        done = [
+            (x, y, predictions(model, x, y, spec.for_batch(b), pool_autoattack=bool(num_classes)))
+            for b, x, y in batches
+        ]
+        if num_classes:
+            finish_autoattack(model, spec.for_batch(batches[0][0]), num_classes, done)
+        counts = [correct_counts(preds, y, keys) for _, y, preds in done]
+        rows.append([sum(len(y) for _, y, _ in done), *map(sum, zip(*counts, strict=True))])
     return torch.tensor(rows, dtype=torch.int64)
 
 

@@ -3,10 +3,12 @@
 A pass is the list of batches the single-process loader yields, numbered from 0; batch ``b`` is always attacked
 under ``spec.for_batch(b)``, whichever process handles it, so random starts and targets, and with them the figures,
 do not depend on the number of processes. The batches still to do go round-robin to the processes, one per process
-per round; after each round rank 0 gathers their integer counts (exact sums, never averaged floats), adds them up
-and journals them: one small JSON per batch (a shard) and eps, ``<folder>/eps=<eps>/shard-<b>-of-<n>.json``, written
-atomically and stamped with a fingerprint of the model, the data and the settings, so a changed argument never
-reuses a stale count. Only rank 0 touches files; the output folder need not be shared between nodes.
+per round (or a group of consecutive batches, for an attack that runs faster on more images at once: AutoAttack's
+FAB-T and Square); after each round rank 0 gathers their integer counts (exact sums, never averaged floats), adds
+them up and journals them: one small JSON per batch (a shard; a group) and eps,
+``<folder>/eps=<eps>/shard-<b>-of-<n>.json``, written atomically and stamped with a fingerprint of the model, the
+data and the settings, so a changed argument never reuses a stale count. Only rank 0 touches files; the output
+folder need not be shared between nodes.
 """
 
 from __future__ import annotations
@@ -160,35 +162,42 @@ def pending(specs: Sequence[ThreatSpec], batches: int, journal: Journal | None, 
 def sharded_counts(
     loader: DataLoader | Sequence,
     specs: Sequence[ThreatSpec],
-    count: Callable[[int, Tensor, Tensor, list[ThreatSpec]], Tensor],
+    count: Callable[[int, list[tuple[int, Tensor, Tensor]], list[ThreatSpec]], Tensor],
     width: int,
     world: World,
     journal: Journal | None = None,
     progress: bool = True,
+    group: int = 1,
 ) -> Tensor:
     """Integer counts summed over every batch of ``loader`` (a DataLoader or a list of ``(x, y)`` batches), for
     each of ``specs``: ``len(specs)×width`` int64, the same on every process.
 
-    ``count(b, x, y, specs_to_do)`` gives batch ``b``'s ``len(specs_to_do)×width`` counts. Batches already in the
-    ``journal`` are not recomputed; finished ones are journaled by rank 0 after each round."""
+    The unit of work (and of the journal) is a group of ``group`` consecutive batches: ``count(g, batches,
+    specs_to_do)`` gives group ``g``'s ``len(specs_to_do)×width`` counts from its ``[(b, x, y), ...]``. Groups
+    already in the ``journal`` are not recomputed; finished ones are journaled by rank 0 after each round."""
+    if group < 1:
+        raise RobustError(f"group must be at least 1 batch, got {group}")
     batches = len(loader)
+    groups = -(-batches // group)
+    members = [list(range(g * group, min((g + 1) * group, batches))) for g in range(groups)]
     total = torch.zeros(len(specs), width, dtype=torch.int64)
-    work = world.broadcast(pending(specs, batches, journal, total) if world.rank == 0 else None)
+    work = world.broadcast(pending(specs, groups, journal, total) if world.rank == 0 else None)
     mine = work[world.rank :: world.size]
-    data = numbered_batches(loader, [b for b, _ in mine])
-    with tqdm(total=len(work), desc="robustness", unit="batch", disable=not progress or world.rank != 0) as bar:
+    data = numbered_batches(loader, [b for g, _ in mine for b in members[g]])
+    size = sum(len(members[g]) for g, _ in work)
+    with tqdm(total=size, desc="robustness", unit="batch", disable=not progress or world.rank != 0) as bar:
         for start in range(0, len(work), world.size):
             counts = torch.full((len(specs), width), -1, dtype=torch.int64)
             if start + world.rank < len(work):
-                b, todo = work[start + world.rank]
-                x, y = next(data)
-                counts[todo] = count(b, x, y, [specs[e] for e in todo])
+                g, todo = work[start + world.rank]
+                batch = [(b, *next(data)) for b in members[g]]
+                counts[todo] = count(g, batch, [specs[e] for e in todo])
             gathered = world.gather(counts)
             if world.rank == 0:
-                for rank, (b, todo) in enumerate(work[start : start + world.size]):
+                for rank, (g, todo) in enumerate(work[start : start + world.size]):
                     for e in todo:
                         total[e] += gathered[rank, e]
                         if journal is not None:
-                            journal.save(specs[e], b, batches, gathered[rank, e].tolist())
-            bar.update(len(work[start : start + world.size]))
+                            journal.save(specs[e], g, groups, gathered[rank, e].tolist())
+            bar.update(sum(len(members[g]) for g, _ in work[start : start + world.size]))
     return world.broadcast(total)
