@@ -6,9 +6,9 @@ accumulate in them), every BatchNorm that follows a convolution folded into it (
 CPU, weights in channels-last memory format where the convolutions are wide, and the input gradient of a convolution
 on few channels (the stem on the image) as one matrix product and a col2im (``F.fold``) instead of oneDNN's
 backward-data kernel, 3× slower on those shapes (both measured in ``docs/benchmarks.md``). The user's model object
-is never changed. The copy is for input gradients on fixed weights (the report, ``fool``): never train it, and
-build a new one when the weights change. Validation and the guard's probe attack the module itself: on it, under DDP
-on two CPU processes, the logged ``val/clean`` parted from the checkpoint's by one image in 360, not yet explained.
+is never changed. The copy is for input gradients on fixed weights (the report, ``fool``, validation's threat suite,
+the overfitting guard's probe): never train it, and build a new one when the weights change (validation builds one
+per epoch, the guard one per probe). Training's own attack runs on the weights that train.
 
 These change the float rounding, not the function: folding computes ``w·(x - μ)/σ`` as ``(w/σ)·x - w·μ/σ``, the
 layout and the matmul gradient sum in another order, so logits and gradients move by a few float32 ulps of their size

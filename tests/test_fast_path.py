@@ -134,3 +134,20 @@ def test_the_report_records_the_path_and_gives_the_same_figures(digits_model, di
     assert fast["fast_path"] and not plain["fast_path"]
     for key in kwargs["threats"]:
         assert abs(fast["rows"][0][key] - plain["rows"][0][key]) * fast["n"] <= FLIPS, key
+
+
+def test_validation_attacks_one_frozen_copy_per_epoch_that_is_no_submodule():
+    """Validation's threat suite runs on the epoch's fast-path copy: built once at the first batch, frozen, a
+    different object from the network, not a submodule (so no checkpoint or DDP sees it), and rebuilt next epoch."""
+    from robust.training.module import AdversarialClassifier
+
+    module = AdversarialClassifier(arch="resnet18", cifar_stem=True, eps=0.05)
+    keys = set(module.state_dict())
+    module.on_validation_epoch_start()
+    copy = module._frozen_copy()
+    assert copy is module._frozen_copy() and copy is not module.model
+    assert not any(p.requires_grad for p in copy.parameters()) and not copy.training
+    assert all(copy is not m for m in module.modules()) and set(module.state_dict()) == keys
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in copy.modules())  # folded
+    module.on_validation_epoch_start()
+    assert module._frozen_copy() is not copy

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from robust.attacks import SINGLE_STEP_ATTACKS, seeded_rng
 from robust.errors import RobustError
+from robust.fast_path import fast_model
 from robust.threats import ThreatSpec, accuracy
 from robust.training.averaging import weight_averages
 
@@ -228,7 +229,7 @@ class CatastrophicOverfittingGuard(L.Callback):
             threats=("pgd", "fgsm"),
             norm=getattr(pl_module.hparams, "norm", "linf"),
         )
-        acc = accuracy(pl_module, x, y, spec, self.batch_size)
+        acc = accuracy(fast_model(pl_module.model), x, y, spec, self.batch_size)
         return acc["pgd"], acc["fgsm"]
 
     @staticmethod
