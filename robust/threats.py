@@ -318,8 +318,9 @@ def apgd(
 
 
 def _torchattacks(name: str, model: nn.Module, x: Tensor, y: Tensor, spec: ThreatSpec, **kwargs) -> Tensor:
-    """torchattacks' attack ``name`` (``AutoAttack``, ``Square``) at the spec's budget, seeded with ``spec.seed``, on
-    ``x`` (``N×C×H×W`` in [0, 1]): adversarial images; an image it fails on comes back unchanged."""
+    """torchattacks' attack ``name`` (``Square``; AutoAttack goes through :func:`_autoattack`) at the spec's budget and
+    seed (the caller forks the RNG), on ``x`` (``N×C×H×W`` in [0, 1]): adversarial images; an image it fails on comes
+    back unchanged."""
     import torchattacks
 
     if len(x) == 0:
@@ -363,7 +364,7 @@ def _autoattack(suite: _Suite, mask: Tensor, fallback: Tensor, num_classes: int,
     for the whole batch, torchattacks' for the examples it attacks, so an example can fall here where torchattacks'
     own run keeps it, or the other way (``docs/benchmarks.md`` measures the difference)."""
     model, x, y, spec, preds = suite.model, suite.x, suite.y, suite.spec, suite.preds
-    ce, targeted, *_ = autoattack_components(model, spec, num_classes)
+    ce, targeted, *tail = autoattack_components(model, spec, num_classes)
     out = fallback.clone()
     standing = mask & (preds["clean"] == y)
     out[mask & ~standing] = preds["clean"][mask & ~standing]
@@ -399,22 +400,21 @@ def _autoattack(suite: _Suite, mask: Tensor, fallback: Tensor, num_classes: int,
         fall(run(targeted.steps, targeted.n_restarts, targets=targeted.n_target_classes, skip_targets=tried))
     if pool:
         return out, standing
-    return _autoattack_tail(model, spec, num_classes, x, y, standing, out), suite.nobody
+    return _autoattack_tail(model, spec, tail, x, y, standing, out), suite.nobody
 
 
 def _autoattack_tail(
-    model: nn.Module, spec: ThreatSpec, num_classes: int, x: Tensor, y: Tensor, standing: Tensor, out: Tensor
+    model: nn.Module, spec: ThreatSpec, tail: list, x: Tensor, y: Tensor, standing: Tensor, out: Tensor
 ) -> Tensor:
-    """AutoAttack's FAB-T and Square (torchattacks', one after the other, seeded with ``spec.seed``) on the
-    ``standing`` examples of ``x`` (``N×C×H×W`` in [0, 1]): ``out`` (``N`` predictions) with theirs."""
+    """AutoAttack's ``tail`` (its FAB-T and Square, torchattacks', one after the other, seeded with ``spec.seed``) on
+    the ``standing`` examples of ``x`` (``N×C×H×W`` in [0, 1]): ``out`` (``N`` predictions) with theirs."""
     if not standing.any():
         return out
     import torchattacks
 
     check_budget(spec.eps, norm=spec.norm, dims=x[0].numel())
-    *_, fab, square = autoattack_components(model, spec, num_classes)
     with seeded_rng(spec.seed, x.device):
-        made = torchattacks.MultiAttack([fab, square])(x[standing], y[standing]).detach()
+        made = torchattacks.MultiAttack(tail)(x[standing], y[standing]).detach()
     return _predict(model, made, standing, out)
 
 
@@ -431,7 +431,8 @@ def finish_autoattack(
     x = torch.cat([xb[s] for (xb, _, _), s in zip(batches, standing, strict=True)])
     y = torch.cat([yb[s] for (_, yb, _), s in zip(batches, standing, strict=True)])
     everyone = torch.ones(len(y), dtype=torch.bool, device=y.device)
-    made = _autoattack_tail(model, spec, num_classes, x, y, everyone, y.clone())
+    tail = autoattack_components(model, spec, num_classes)[2:]
+    made = _autoattack_tail(model, spec, tail, x, y, everyone, y.clone())
     for (_, yb, preds), s, part in zip(batches, standing, made.split([int(s.sum()) for s in standing]), strict=True):
         new = yb.clone()
         new[s] = part

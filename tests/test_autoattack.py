@@ -175,3 +175,15 @@ def test_a_report_group_pools_autoattack_and_keeps_every_other_count(tmp_path, c
         for p in [predictions(model, xb, yb, specs[0], pool_autoattack=True)]
     )
     assert pooled[4] <= apgds and pooled[5] <= min(pooled[3], pooled[4])
+
+
+def test_a_loader_with_a_batch_sampler_groups_by_its_batches():
+    """The group size comes from the images per batch, also for a DataLoader given a batch sampler (no batch_size)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from robust.evaluation.report import batch_size
+
+    data = TensorDataset(torch.zeros(10, 1), torch.zeros(10))
+    assert batch_size(DataLoader(data, batch_size=4)) == 4
+    assert batch_size(DataLoader(data, batch_sampler=[[0, 1, 2], [3, 4, 5]])) == 3
+    assert batch_size([(torch.zeros(5, 1), torch.zeros(5))]) == 5

@@ -181,10 +181,10 @@ def class_count(model: nn.Module, loader: DataLoader | Sequence[tuple[Tensor, Te
 
 
 def batch_size(loader: DataLoader | Sequence[tuple[Tensor, Tensor]]) -> int:
-    """The images per batch of ``loader``: a DataLoader's ``batch_size`` (1 when it has a batch sampler instead),
-    else the first batch's."""
+    """The images per batch of ``loader``: a DataLoader's ``batch_size`` (or its batch sampler's first batch), else the
+    first batch's; 1 for no batch."""
     if isinstance(loader, DataLoader):
-        return loader.batch_size or 1
+        return loader.batch_size or len(next(iter(loader.batch_sampler), ())) or 1
     return len(loader[0][1]) if len(loader) else 1
 
 
