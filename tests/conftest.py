@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.digits_model import digits_network, train_digits_model
+from benchmarks.digits_model import digits_cnn, digits_cnn_network, digits_network, train_digits_model
 from robust.data.digits import digits_split
 from robust.data.roots import shared_data_dir
 from robust.models.archs import ARCHS, Arch
@@ -37,6 +37,7 @@ def tiny_cnn(num_classes: int = 10, channels: int = 3) -> torch.nn.Sequential:
 # Registered as a user would add an architecture (one entry): in-process runs of this suite can name it.
 ARCHS[TINY_ARCH] = Arch(tiny_cnn, "0", "5", 8, 3, "tests/conftest.py")
 TINY_ARCH_ARGS = ("--model.arch", TINY_ARCH, "--model.cifar_stem", "false")  # train.py fit on it (in-process only)
+ARCHS["digits_cnn"] = Arch(digits_cnn, "0", "12", 32, 3, "benchmarks/digits_model.py")  # digits_cnn_ckpt's arch
 
 # Under pytest-xdist (`make test`: -n auto) the workers share the cores: each gets its part of them, as torch's thread
 # count and as OMP_NUM_THREADS for the processes a test starts (more threads than cores slows torch down ~10x).
@@ -70,13 +71,15 @@ def shared_data() -> Path:
 
 DIGITS_WEIGHTS = "robust_digits_weights"  # the workers' key to the weights the controller made
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tests"
+# The shared trained models: a ResNet18 where the model is the point, a small CNN where an attack's arithmetic is.
+DIGITS_MODELS = {"resnet18": (digits_network, 3), "cnn": (digits_cnn_network, 5)}  # network, epochs
 
 
-def digits_weights() -> Path:
-    """The trained digits model's state dict on disk, trained on the first call for the code and machine at hand and
-    kept in ``.cache/tests/`` under a digest of all that decides it (its training code and the modules it builds on,
-    the torch, torchvision and scikit-learn versions, the CPU kernels and the thread count): a later run on the same
-    code loads it instead of training it again (10 s on a 2-core Zen 4)."""
+def digits_weights(kind: str) -> Path:
+    """The trained digits model ``kind``'s state dict on disk, trained on the first call for the code and machine at
+    hand and kept in ``.cache/tests/`` under a digest of all that decides it (its training code and the modules it
+    builds on, the torch, torchvision and scikit-learn versions, the CPU kernels and the thread count): a later run on
+    the same code loads it instead of training it again (10 s for the ResNet18 on a 2-core Zen 4)."""
     import sklearn
     import torchvision
 
@@ -85,39 +88,38 @@ def digits_weights() -> Path:
     from robust.models import archs, build
 
     sources = b"".join(Path(m.__file__).read_bytes() for m in (digits_model, digits, archs, build))
-    machine = f"{torch.__version__} {torchvision.__version__} {sklearn.__version__}"
+    machine = f"{kind} {torch.__version__} {torchvision.__version__} {sklearn.__version__}"
     machine += f" {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()}"
-    path = CACHE / f"digits-{hashlib.sha256(sources + machine.encode()).hexdigest()[:16]}.pt"
+    path = CACHE / f"digits-{kind}-{hashlib.sha256(sources + machine.encode()).hexdigest()[:16]}.pt"
     if not path.is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
-        for old in CACHE.glob("digits-*.pt"):
+        for old in CACHE.glob(f"digits-{kind}-*.pt"):
             old.unlink(missing_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.partial")
-        torch.save(train_digits_model().state_dict(), partial)
+        network, epochs = DIGITS_MODELS[kind]
+        torch.save(train_digits_model(epochs, network=network).state_dict(), partial)
         partial.replace(path)
     return path
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
-    """Under pytest-xdist the controller makes the digits model before the workers start, on every core (each worker
+    """Under pytest-xdist the controller makes the digits models before the workers start, on every core (each worker
     would otherwise train its own on its share of them: 17 s instead of 10 on a 2-core Zen 4)."""
-    node.workerinput[DIGITS_WEIGHTS] = str(digits_weights())  # trained for the first node; found for the others
+    for kind in DIGITS_MODELS:  # trained for the first node; found for the others
+        node.workerinput[f"{DIGITS_WEIGHTS}_{kind}"] = str(digits_weights(kind))
 
 
-@pytest.fixture(scope="session")
-def _digits_model_session(request) -> torch.nn.Module:
-    weights = getattr(request.config, "workerinput", {}).get(DIGITS_WEIGHTS) or digits_weights()
-    model = digits_network()
+def _trained(request, kind: str) -> torch.nn.Module:
+    weights = getattr(request.config, "workerinput", {}).get(f"{DIGITS_WEIGHTS}_{kind}") or digits_weights(kind)
+    model = DIGITS_MODELS[kind][0]()
     model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()
 
 
-@pytest.fixture
-def digits_model(_digits_model_session) -> torch.nn.Module:
-    """The session's trained digits model, in eval mode. Shared by every test, so a test that leaves it changed
-    (weights, BatchNorm statistics, dtype, mode, frozen parameters) fails here, not by moving later tests' figures."""
-    model = _digits_model_session
+def _left_unchanged(model: torch.nn.Module):
+    """Yields the shared ``model``; fails the test that leaves it changed (weights, BatchNorm statistics, dtype, mode,
+    frozen parameters) instead of letting it move later tests' figures."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
     yield model
     after = model.state_dict()
@@ -127,21 +129,50 @@ def digits_model(_digits_model_session) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def _digits_model_session(request) -> torch.nn.Module:
+    return _trained(request, "resnet18")
+
+
+@pytest.fixture(scope="session")
+def _digits_cnn_session(request) -> torch.nn.Module:
+    return _trained(request, "cnn")
+
+
+@pytest.fixture
+def digits_model(_digits_model_session):
+    """The session's trained digits ResNet18 (:func:`benchmarks.digits_model.digits_network`, ~98% val accuracy),
+    in eval mode, shared by every test: for tests whose figures are a real model's (an attack's effect, a defense's,
+    a report)."""
+    yield from _left_unchanged(_digits_model_session)
+
+
+@pytest.fixture
+def digits_cnn(_digits_cnn_session):
+    """The session's trained small digits CNN (:func:`benchmarks.digits_model.digits_cnn_network`, ~97% val
+    accuracy, far less robust than the ResNet18: FGSM at eps 0.03 fools nearly all of it), in eval mode, shared: for
+    tests of an attack's arithmetic (agreement with torchattacks, bounds, early exit), where the model is not the
+    point and a ResNet18 makes each about 5x slower."""
+    yield from _left_unchanged(_digits_cnn_session)
+
+
+@pytest.fixture(scope="session")
 def digits_val() -> tuple[torch.Tensor, torch.Tensor]:
     """The 360 digits validation images (``360×3×32×32`` in [0, 1]) and labels: ``Digits()``'s validation set."""
     return digits_split()[1]
 
 
-@pytest.fixture(scope="session")
-def digits_ckpt(_digits_model_session, tmp_path_factory) -> Path:
-    """A real Lightning checkpoint of ``digits_model``: an AdversarialClassifier fitted for one batch on Digits by a
-    Trainer (so the checkpoint holds the data description), its weights then set to ``digits_model``'s, saved."""
+def lightning_checkpoint(model: torch.nn.Module, arch: str, path: Path) -> Path:
+    """A real Lightning checkpoint of the trained digits ``model`` (of ``arch``) at ``path``: an AdversarialClassifier
+    fitted for one batch on Digits by a Trainer (so the checkpoint holds the data description), its weights then set
+    to ``model``'s, saved."""
     import lightning as L
 
     from robust.data.modules import DIGIT_NAMES, Digits
     from robust.training.module import AdversarialClassifier
 
     module = AdversarialClassifier(
+        arch=arch,
+        cifar_stem=False,
         num_classes=10,
         class_names=list(DIGIT_NAMES),
         mean=(0.5,) * 3,
@@ -161,10 +192,21 @@ def digits_ckpt(_digits_model_session, tmp_path_factory) -> Path:
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=Digits(batch_size=64))
-    module.model.load_state_dict(_digits_model_session.state_dict())
-    path = tmp_path_factory.mktemp("digits_ckpt") / "digits.ckpt"
+    module.model.load_state_dict(model.state_dict())
     trainer.save_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(_digits_model_session, tmp_path_factory) -> Path:
+    """A real Lightning checkpoint of ``digits_model`` (:func:`lightning_checkpoint`)."""
+    return lightning_checkpoint(_digits_model_session, "resnet18", tmp_path_factory.mktemp("ckpt") / "digits.ckpt")
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_ckpt(_digits_cnn_session, tmp_path_factory) -> Path:
+    """A real Lightning checkpoint of ``digits_cnn`` (arch ``digits_cnn``): for reports whose model is not the point."""
+    return lightning_checkpoint(_digits_cnn_session, "digits_cnn", tmp_path_factory.mktemp("ckpt") / "digits_cnn.ckpt")
 
 
 def tiny_fit_args(save_dir, *extra: str) -> list[str]:

@@ -35,51 +35,51 @@ def batch(digits_val):
     return x[:64], y[:64]
 
 
-def test_pgd_l2_matches_torchattacks_without_random_start(digits_model, batch):
+def test_pgd_l2_matches_torchattacks_without_random_start(digits_cnn, batch):
     x, y = batch
-    ours = pgd(digits_model, x, y, EPS, alpha=0.2, steps=7, random_start=False, norm="l2")
-    ref = torchattacks.PGDL2(digits_model, eps=EPS, alpha=0.2, steps=7, random_start=False)(x, y)
+    ours = pgd(digits_cnn, x, y, EPS, alpha=0.2, steps=7, random_start=False, norm="l2")
+    ref = torchattacks.PGDL2(digits_cnn, eps=EPS, alpha=0.2, steps=7, random_start=False)(x, y)
     assert (ours - ref).abs().max().item() <= 1e-6
     assert (l2_dist(ours, x) > 0.5 * EPS).float().mean() > 0.5  # it really moved, most of the way out
 
 
-def test_targeted_pgd_l2_matches_torchattacks(digits_model, batch):
+def test_targeted_pgd_l2_matches_torchattacks(digits_cnn, batch):
     x, y = batch
     target = attacks.random_other_class(y, 10, generator=torch.Generator().manual_seed(0))
-    ours = pgd(digits_model, x, target, EPS, alpha=0.2, steps=5, targeted=True, random_start=False, norm="l2")
-    atk = torchattacks.PGDL2(digits_model, eps=EPS, alpha=0.2, steps=5, random_start=False)
+    ours = pgd(digits_cnn, x, target, EPS, alpha=0.2, steps=5, targeted=True, random_start=False, norm="l2")
+    atk = torchattacks.PGDL2(digits_cnn, eps=EPS, alpha=0.2, steps=5, random_start=False)
     atk.set_mode_targeted_by_label(quiet=True)
     assert (ours - atk(x, target)).abs().max().item() <= 1e-6
 
 
-def test_pgd_l2_random_start_is_torchattacks_start(digits_model, batch):
+def test_pgd_l2_random_start_is_torchattacks_start(digits_cnn, batch):
     """Same draws in the same order: under one seed the whole random-start attack is torchattacks' own; over
     independent seeds the accuracies agree within sampling noise."""
     x, y = batch
     with torch.random.fork_rng():
         torch.manual_seed(3)
-        ours = pgd(digits_model, x, y, EPS, alpha=0.2, steps=3, norm="l2")
+        ours = pgd(digits_cnn, x, y, EPS, alpha=0.2, steps=3, norm="l2")
         torch.manual_seed(3)
-        ref = torchattacks.PGDL2(digits_model, eps=EPS, alpha=0.2, steps=3)(x, y)
+        ref = torchattacks.PGDL2(digits_cnn, eps=EPS, alpha=0.2, steps=3)(x, y)
         assert (ours - ref).abs().max().item() <= 1e-6
         acc_ours, acc_ref = [], []
         for seed in range(3):
             torch.manual_seed(seed)
-            acc_ours.append(accuracy(digits_model, pgd(digits_model, x, y, 0.5, 0.125, 3, norm="l2"), y))
+            acc_ours.append(accuracy(digits_cnn, pgd(digits_cnn, x, y, 0.5, 0.125, 3, norm="l2"), y))
             torch.manual_seed(100 + seed)
-            acc_ref.append(accuracy(digits_model, torchattacks.PGDL2(digits_model, 0.5, 0.125, 3)(x, y), y))
+            acc_ref.append(accuracy(digits_cnn, torchattacks.PGDL2(digits_cnn, 0.5, 0.125, 3)(x, y), y))
     assert abs(sum(acc_ours) / 3 - sum(acc_ref) / 3) <= 0.06, (acc_ours, acc_ref)
 
 
-def test_l2_attacks_lower_accuracy(digits_model, batch):
+def test_l2_attacks_lower_accuracy(digits_cnn, batch):
     x, y = batch
-    clean = accuracy(digits_model, x, y)
+    clean = accuracy(digits_cnn, x, y)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        assert accuracy(digits_model, fgsm(digits_model, x, y, 2.0, norm="l2"), y) <= clean - 0.3
+        assert accuracy(digits_cnn, fgsm(digits_cnn, x, y, 0.75, norm="l2"), y) <= clean - 0.3
         steps = 10
-        alpha = default_step("pgd", 2.0, norm="l2", steps=steps)
-        assert accuracy(digits_model, pgd(digits_model, x, y, 2.0, alpha, steps, norm="l2"), y) <= 0.1
+        alpha = default_step("pgd", 0.75, norm="l2", steps=steps)
+        assert accuracy(digits_cnn, pgd(digits_cnn, x, y, 0.75, alpha, steps, norm="l2"), y) <= 0.1
 
 
 def linear_model(shape=(2, 4, 4), classes=3, seed=0) -> nn.Module:
@@ -125,8 +125,8 @@ def test_fgm_is_one_normalized_gradient_step_then_projection(targeted):
     ],
     ids=["fgm", "fgm_rs", "fgm_long_targeted", "pgd", "pgd_restarts", "pgd_no_start", "apgd"],
 )
-def test_l2_bounds_and_no_side_effects(digits_model, batch, attack):
-    model = copy.deepcopy(digits_model)  # train mode moves BatchNorm statistics: not the shared model's
+def test_l2_bounds_and_no_side_effects(digits_cnn, batch, attack):
+    model = copy.deepcopy(digits_cnn)  # train mode moves BatchNorm statistics: not the shared model's
     x, y = batch[0][:8], batch[1][:8]
     x_before = x.clone()
     next(model.parameters()).requires_grad_(False)
@@ -143,12 +143,12 @@ def test_l2_bounds_and_no_side_effects(digits_model, batch, attack):
         assert all(p.grad is None for p in model.parameters())
 
 
-def test_l2_early_exit_stays_in_the_ball(digits_model, batch):
+def test_l2_early_exit_stays_in_the_ball(digits_cnn, batch):
     x, y = batch
     with torch.random.fork_rng():
         for made in (
-            pgd(digits_model, x, y, EPS, 0.5, 3, norm="l2", early_exit=True, restarts=2),
-            attacks.apgd(digits_model, x, y, EPS, 3, norm="l2", early_exit=True),
+            pgd(digits_cnn, x, y, EPS, 0.5, 3, norm="l2", early_exit=True, restarts=2),
+            attacks.apgd(digits_cnn, x, y, EPS, 3, norm="l2", early_exit=True),
         ):
             assert l2_dist(made, x).max().item() <= EPS + 1e-6 and made.min() >= 0 and made.max() <= 1
 
@@ -180,16 +180,16 @@ def test_l2_early_exit_stays_in_the_ball(digits_model, batch):
         "spec_norm",
     ],
 )
-def test_bad_l2_budget_is_one_clear_line(digits_model, batch, call):
+def test_bad_l2_budget_is_one_clear_line(digits_cnn, batch, call):
     with pytest.raises(RobustError) as info:
-        call(digits_model, *batch)
+        call(digits_cnn, *batch)
     assert "\n" not in str(info.value)
 
 
-def test_l2_eps_up_to_the_diameter_is_accepted_and_linf_stays_in_unit_range(digits_model, batch):
+def test_l2_eps_up_to_the_diameter_is_accepted_and_linf_stays_in_unit_range(digits_cnn, batch):
     x, y = batch[0][:2], batch[1][:2]
     diameter = math.sqrt(x[0].numel())
-    assert l2_dist(fgsm(digits_model, x, y, diameter, norm="l2"), x).max() <= diameter + 1e-4
+    assert l2_dist(fgsm(digits_cnn, x, y, diameter, norm="l2"), x).max() <= diameter + 1e-4
     assert ThreatSpec(3.0, norm="l2").eps == 3.0  # ImageNet-sized L2 budgets are above 1
     with pytest.raises(RobustError, match=r"eps must be in \[0, 1\]"):
         ThreatSpec(3.0)

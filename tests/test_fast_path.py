@@ -121,7 +121,7 @@ def test_every_threat_on_the_digits_model(digits_model, digits_val):
 @pytest.mark.parametrize("build", [bn_resnet18, small_mnist_net], ids=["resnet18", "mnist_net"])
 def test_every_default_threat_on_resnet18_and_mnist_net(build):
     model = build()
-    size, channels = (28, 1) if build is small_mnist_net else (16, 3)  # 16×16: a quarter of ResNet18's CIFAR cost
+    size, channels = (28, 1) if build is small_mnist_net else (8, 3)  # 8×8: a sixteenth of ResNet18's CIFAR cost
     x = torch.rand(8, channels, size, size, generator=torch.Generator().manual_seed(2))
     spec = ThreatSpec(2 / 255, steps=2, threats=(*DEFAULT_THREATS, "square"), square_queries=20)
     assert_same_figures(model, x, own_labels(model, x), spec)

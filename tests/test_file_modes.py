@@ -38,11 +38,11 @@ def test_training_checkpoints_follow_the_umask(umask, tmp_path):
 
 
 @pytest.mark.parametrize("umask", [UMASK_022], indirect=True, ids=["umask022"])
-def test_report_fool_and_export_files_follow_the_umask(umask, digits_ckpt, shared_data, tmp_path):
+def test_report_fool_and_export_files_follow_the_umask(umask, digits_cnn_ckpt, shared_data, tmp_path):
     commands = {
-        "report": ["report", "--checkpoint", str(digits_ckpt), "--data", "digits", "--limit", "4", "--steps", "1"],
-        "fool": ["fool", "--checkpoint", str(digits_ckpt), "--image", str(shared_data / PHOTO), "--steps", "1"],
-        "export": ["export", "--checkpoint", str(digits_ckpt)],
+        "report": ["report", "--checkpoint", str(digits_cnn_ckpt), "--data", "digits", "--limit", "4", "--steps", "1"],
+        "fool": ["fool", "--checkpoint", str(digits_cnn_ckpt), "--image", str(shared_data / PHOTO), "--steps", "1"],
+        "export": ["export", "--checkpoint", str(digits_cnn_ckpt)],
     }
     for name, argv in commands.items():
         code, _, err = cli_main([*argv, "--out", str(tmp_path / name)])

@@ -72,11 +72,11 @@ def test_the_report_of_an_l2_model_is_in_l2(l2_run, tmp_path):
     assert "L2 attacks at ε 1" in markdown.splitlines()[0] and "| ε (L2) |" in markdown and "/255" not in markdown
 
 
-def test_an_l2_report_of_an_linf_model_says_so(digits_ckpt, tmp_path):
+def test_an_l2_report_of_an_linf_model_says_so(digits_cnn_ckpt, tmp_path):
     proc = evaluate(
         "report",
         "--model",
-        str(digits_ckpt),
+        str(digits_cnn_ckpt),
         "--data",
         "digits",
         "--norm",
@@ -110,8 +110,8 @@ def test_an_l2_report_of_an_linf_model_says_so(digits_ckpt, tmp_path):
         (["--norm", "l2"], "the model was trained in linf: give --eps for its l2 evaluation"),
     ],
 )
-def test_bad_l2_input_is_one_line(digits_ckpt, tmp_path, args, message):
-    proc = evaluate("report", "--model", str(digits_ckpt), "--data", "digits", *args, "--out", str(tmp_path / "r"))
+def test_bad_l2_input_is_one_line(digits_cnn_ckpt, tmp_path, args, message):
+    proc = evaluate("report", "--model", str(digits_cnn_ckpt), "--data", "digits", *args, "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr and not (tmp_path / "r").exists()
 
@@ -148,6 +148,8 @@ def test_the_cifar10_l2_config_trains_on_the_shared_subset(shared_data, tmp_path
             "0",
             "--data.init_args.limit",
             "8",
+            "--data.init_args.image_size",
+            "16",  # a quarter of the PreAct ResNet-18's cost at 32×32; the config, not the size, is under test
             "--trainer.max_epochs",
             "1",
             "--trainer.limit_train_batches",
@@ -164,6 +166,10 @@ def test_the_cifar10_l2_config_trains_on_the_shared_subset(shared_data, tmp_path
             "2",
             "--trainer.enable_progress_bar",
             "false",
+            "--overfit_guard.n",
+            "4",
+            "--overfit_guard.pgd_steps",
+            "1",
         ]
     )
     card = load_model(cli.trainer.checkpoint_callback.best_model_path).card

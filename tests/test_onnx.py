@@ -38,12 +38,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
-def onnx_cli(digits_ckpt, tmp_path_factory) -> tuple[Path, int, str]:
+def onnx_cli(digits_cnn_ckpt, tmp_path_factory) -> tuple[Path, int, str]:
     """The shared digits checkpoint exported by ``evaluate.py export --onnx``: folder, exit code, stdout."""
     out = tmp_path_factory.mktemp("onnx_export") / "model"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = evaluate.main(["export", "--checkpoint", str(digits_ckpt), "--out", str(out), "--onnx"])
+        rc = evaluate.main(["export", "--checkpoint", str(digits_cnn_ckpt), "--out", str(out), "--onnx"])
     return out, rc, stdout.getvalue()
 
 
@@ -71,7 +71,7 @@ def assert_same_predictions(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.equal(got.argmax(1)[clear], expected.argmax(1)[clear])
 
 
-def test_cli_writes_model_onnx_beside_the_weights(onnx_cli, digits_val, digits_model):
+def test_cli_writes_model_onnx_beside_the_weights(onnx_cli, digits_val, digits_cnn):
     out, rc, stdout = onnx_cli
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.safetensors"]
@@ -81,7 +81,7 @@ def test_cli_writes_model_onnx_beside_the_weights(onnx_cli, digits_val, digits_m
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~umask)}
     assert re.search(r"model\.onnx: opset \d+, max \|logit difference\| to torch \S+ on 32 digits images", stdout)
     x = digits_val[0][:8]
-    assert torch.equal(torch_logits(load_model(out / "model.onnx"), x), torch_logits(digits_model, x))
+    assert torch.equal(torch_logits(load_model(out / "model.onnx"), x), torch_logits(digits_cnn, x))
 
 
 def test_card_records_the_onnx_contract_and_check(onnx_cli, session):
@@ -114,20 +114,20 @@ def test_cards_without_the_onnx_field_still_load(onnx_cli, tmp_path):
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])  # the export traced a batch of 2 and checked one of 32
-def test_same_logits_on_clean_images_at_any_batch_size(session, digits_model, digits_val, n):
+def test_same_logits_on_clean_images_at_any_batch_size(session, digits_cnn, digits_val, n):
     x = digits_val[0][-n:]
-    assert_same_predictions(run_onnx(session, x), torch_logits(digits_model, x))
+    assert_same_predictions(run_onnx(session, x), torch_logits(digits_cnn, x))
 
 
-def test_adversarial_batch_from_torch_gets_the_same_predictions(session, digits_model, digits_val):
+def test_adversarial_batch_from_torch_gets_the_same_predictions(session, digits_cnn, digits_val):
     x, y = digits_val[0][:48], digits_val[1][:48]
-    x_adv = pgd(digits_model, x, y, eps=0.1, alpha=0.025, steps=5)
-    expected = torch_logits(digits_model, x_adv)
-    assert (expected.argmax(1) == y).float().mean() < (torch_logits(digits_model, x).argmax(1) == y).float().mean()
+    x_adv = pgd(digits_cnn, x, y, eps=0.1, alpha=0.025, steps=5)
+    expected = torch_logits(digits_cnn, x_adv)
+    assert (expected.argmax(1) == y).float().mean() < (torch_logits(digits_cnn, x).argmax(1) == y).float().mean()
     assert_same_predictions(run_onnx(session, x_adv), expected)
 
 
-def test_export_is_refused_when_onnxruntime_disagrees(digits_ckpt, onnx_cli, tmp_path, monkeypatch):
+def test_export_is_refused_when_onnxruntime_disagrees(digits_cnn_ckpt, onnx_cli, tmp_path, monkeypatch):
     out = tmp_path / "model"
     shutil.copytree(onnx_cli[0], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -142,15 +142,15 @@ def test_export_is_refused_when_onnxruntime_disagrees(digits_ckpt, onnx_cli, tmp
     monkeypatch.setattr(robust.export.onnx, "to_onnx", lambda *_: converted)  # the fixture's conversion
     monkeypatch.setattr(robust.export.onnx, "onnx_logits", off_by_twice_the_tolerance)
     with pytest.raises(RobustError, match=r"differ from torch's by up to 0\.002 on 32 digits images") as info:
-        export_model(digits_ckpt, out, onnx=True)
+        export_model(digits_cnn_ckpt, out, onnx=True)
     assert "\n" not in str(info.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # and no temp folder is left
 
 
-def test_without_the_extra_onnx_fails_in_one_line(digits_ckpt, tmp_path, monkeypatch, capsys):
+def test_without_the_extra_onnx_fails_in_one_line(digits_cnn_ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
-    rc = evaluate.main(["export", "--checkpoint", str(digits_ckpt), "--out", str(tmp_path / "model"), "--onnx"])
+    rc = evaluate.main(["export", "--checkpoint", str(digits_cnn_ckpt), "--out", str(tmp_path / "model"), "--onnx"])
     assert rc == 2
     err = capsys.readouterr().err
     assert (
@@ -186,8 +186,8 @@ def test_check_batch_is_the_given_data_else_the_digits_else_seeded_noise(digits_
     assert images.shape == (10, 3, 16, 16) and (identity["name"], identity["n"]) == ("folder", 10)
 
 
-def test_onnx_data_needs_onnx(digits_ckpt, tmp_path, capsys):
-    args = ["export", "--checkpoint", str(digits_ckpt), "--out", str(tmp_path / "model"), "--onnx-data", "digits"]
+def test_onnx_data_needs_onnx(digits_cnn_ckpt, tmp_path, capsys):
+    args = ["export", "--checkpoint", str(digits_cnn_ckpt), "--out", str(tmp_path / "model"), "--onnx-data", "digits"]
     assert evaluate.main(args) == 2
     assert capsys.readouterr().err == "error: --onnx-data only applies with --onnx\n"
     assert not (tmp_path / "model").exists()
@@ -208,10 +208,10 @@ def run_snippet(folder: Path, image: Path, cwd: Path) -> str:
     return done.stdout.strip()
 
 
-def test_readme_snippet_classifies_a_digit_png_as_torch_does(onnx_cli, digits_model, digits_val, tmp_path):
+def test_readme_snippet_classifies_a_digit_png_as_torch_does(onnx_cli, digits_cnn, digits_val, tmp_path):
     png = tmp_path / "digit.png"
     png.write_bytes(png_bytes(digits_val[0][0]))
-    expected = torch_logits(digits_model, load_image(png, 32)).argmax(1).item()
+    expected = torch_logits(digits_cnn, load_image(png, 32)).argmax(1).item()
     (tmp_path / "run").mkdir()
     assert run_snippet(onnx_cli[0], png, tmp_path / "run") == DIGIT_NAMES[expected]
 
@@ -227,7 +227,7 @@ def snippet_crop(path: Path, size: int, resize: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy())[None] / 255
 
 
-def test_readme_snippet_resizes_and_crops_a_photo(onnx_cli, digits_model, shared_data, tmp_path):
+def test_readme_snippet_resizes_and_crops_a_photo(onnx_cli, digits_cnn, shared_data, tmp_path):
     photo = shared_data / "photos" / "cats-coco-000000039769.png"  # 640×480: resized and cropped
     card = json.loads((onnx_cli[0] / "model.json").read_text())
     x = snippet_crop(photo, card["image_size"], card["resize"])
@@ -235,4 +235,4 @@ def test_readme_snippet_resizes_and_crops_a_photo(onnx_cli, digits_model, shared
     # at this 15× downscale; a crop off centre or unscaled is 25 or more)
     training = folder_transform(card["image_size"], card["resize"])(Image.open(photo).convert("RGB"))[None]
     assert (x - training).abs().mean() < 0.05
-    assert run_snippet(onnx_cli[0], photo, tmp_path) == DIGIT_NAMES[torch_logits(digits_model, x).argmax(1).item()]
+    assert run_snippet(onnx_cli[0], photo, tmp_path) == DIGIT_NAMES[torch_logits(digits_cnn, x).argmax(1).item()]

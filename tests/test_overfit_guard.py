@@ -180,9 +180,9 @@ def test_bad_options_raise_robust_error(bad):
 # ---- real measurement and probe ------------------------------------------------------------------
 
 
-def test_measure_is_seeded_and_leaves_mode_and_rng(digits_model, digits_val):
-    module = small_module(arch="resnet18")
-    module.model.load_state_dict(digits_model.state_dict())
+def test_measure_is_seeded_and_leaves_mode_and_rng(digits_cnn, digits_val):
+    module = small_module(arch="digits_cnn")
+    module.model.load_state_dict(digits_cnn.state_dict())
     module.train()
     x, y = digits_val[0][:40], digits_val[1][:40]
     guard = CatastrophicOverfittingGuard(batch_size=16, pgd_steps=5)  # uneven chunks

@@ -25,7 +25,7 @@ from robust.evaluation.report import evaluate
 from robust.models.card import ModelCard, TrainingRecord
 from robust.threats import AUTOATTACK_THREATS, DEFAULT_THREATS, WORST_CASES, ThreatSpec
 
-EPS = (0.05, 0.1)
+EPS = (0.015, 0.03)  # the small digits CNN: PGD leaves about a third, then none
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,8 +38,8 @@ def cli_main(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def report_dir(digits_ckpt, tmp_path_factory):
-    """``evaluate.py report`` run in-process on 64 digits val images of the clean-trained checkpoint."""
+def report_dir(digits_cnn_ckpt, tmp_path_factory):
+    """``evaluate.py report`` run in-process on 64 digits val images of the clean-trained CNN checkpoint."""
     out = tmp_path_factory.mktemp("report")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -47,7 +47,7 @@ def report_dir(digits_ckpt, tmp_path_factory):
             [
                 "report",
                 "--checkpoint",
-                str(digits_ckpt),
+                str(digits_cnn_ckpt),
                 "--data",
                 "digits",
                 "--eps",
@@ -71,9 +71,9 @@ def report(report_dir):
     return json.loads((report_dir[0] / "report.json").read_text())
 
 
-def test_every_default_threat_is_measured_at_every_eps(report, digits_ckpt):
+def test_every_default_threat_is_measured_at_every_eps(report, digits_cnn_ckpt):
     assert [row["eps"] for row in report["rows"]] == list(EPS)
-    clean = clean_accuracy(load_model(digits_ckpt), "digits", 64)
+    clean = clean_accuracy(load_model(digits_cnn_ckpt), "digits", 64)
     for row in report["rows"]:
         assert set(DEFAULT_THREATS) <= row.keys() and not set(AUTOATTACK_THREATS) & row.keys()
         assert row["clean"] == clean  # the checkpoint's own accuracy on the 64 reported images
@@ -99,12 +99,12 @@ def test_worst_cases_are_no_better_than_any_of_their_parts(report):
                 assert row[key] <= min(row[p] for p in parts)
 
 
-def test_report_records_setup_and_identity(report, digits_ckpt):
+def test_report_records_setup_and_identity(report, digits_cnn_ckpt):
     assert (report["n"], report["steps"], report["restarts"], report["quality"], report["seed"]) == (64, 5, 1, 75, 0)
     assert report["eps"] == list(EPS) and report["alpha"] is None and report["autoattack"] is False
     model = report["model"]
-    assert model["sha256"] == hashlib.sha256(digits_ckpt.read_bytes()).hexdigest()
-    assert model["path"] == str(digits_ckpt.resolve()) and model["arch"] == "resnet18"
+    assert model["sha256"] == hashlib.sha256(digits_cnn_ckpt.read_bytes()).hexdigest()
+    assert model["path"] == str(digits_cnn_ckpt.resolve()) and model["arch"] == "digits_cnn"
     assert model["card"]["class_names"] == [str(i) for i in range(10)] and model["card"]["image_size"] == 32
     assert report["data"] == {
         "name": "digits",
@@ -183,8 +183,8 @@ def digits_folder(tmp_path_factory):
     return root
 
 
-def test_image_folder_data(digits_folder, digits_ckpt):
-    model = load_model(digits_ckpt)
+def test_image_folder_data(digits_folder, digits_cnn_ckpt):
+    model = load_model(digits_cnn_ckpt)
     loader, identity = eval_data(str(digits_folder), model.card, batch_size=16)
     assert identity["name"] == "folder" and identity["n"] == 30 and identity["labels"] == "by name"
     assert len(identity["fingerprint"]) == 64
@@ -198,8 +198,8 @@ def test_image_folder_data(digits_folder, digits_ckpt):
     assert y.tolist() == [9 - i // 3 for i in range(30)]
 
 
-def test_data_with_other_classes_is_a_clear_error(digits_ckpt, shared_data):
-    card = load_model(digits_ckpt).card
+def test_data_with_other_classes_is_a_clear_error(digits_cnn_ckpt, shared_data):
+    card = load_model(digits_cnn_ckpt).card
     with pytest.raises(RobustError, match="not the model's 10 classes"):
         eval_data(str(shared_data / "cifar10-subset" / "test"), card)
     with pytest.raises(RobustError, match="none of these"):
@@ -242,10 +242,10 @@ def test_autoattack_is_no_weaker_than_pgd(digits_model, digits_val):
     assert any("above AutoAttack" in flag for flag in results["flags"]) is (row["pgd_worst"] > row["autoattack"])
 
 
-def test_exported_model_reports_the_same_figures(digits_ckpt, tmp_path):
-    assert cli_main(["export", "--checkpoint", str(digits_ckpt), "--out", str(tmp_path / "export")]) == 0
+def test_exported_model_reports_the_same_figures(digits_cnn_ckpt, tmp_path):
+    assert cli_main(["export", "--checkpoint", str(digits_cnn_ckpt), "--out", str(tmp_path / "export")]) == 0
     reports = {}
-    for name, spec in (("ckpt", digits_ckpt), ("export", tmp_path / "export")):
+    for name, spec in (("ckpt", digits_cnn_ckpt), ("export", tmp_path / "export")):
         out = tmp_path / name
         with contextlib.redirect_stdout(io.StringIO()):
             assert (

@@ -54,7 +54,7 @@ class Replay(World):
         return self.work if obj is None else obj
 
 
-def test_two_ranks_split_the_batches_and_sum_to_the_single_process_counts(digits_model, digits_val):
+def test_two_ranks_split_the_batches_and_sum_to_the_single_process_counts(digits_cnn, digits_val):
     x, y = digits_val
     batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]  # three batches: rank 0 takes two
     specs = [ThreatSpec(eps, steps=1, threats=KEYS, square_queries=5) for eps in (0.05, 0.1)]
@@ -62,7 +62,7 @@ def test_two_ranks_split_the_batches_and_sum_to_the_single_process_counts(digits
 
     def count(g, batch, todo):
         calls.append(g)
-        return batch_counts(digits_model, KEYS, CPU, None, g, batch, todo)
+        return batch_counts(digits_cnn, KEYS, CPU, None, g, batch, todo)
 
     alone = sharded_counts(batches, specs, count, 1 + len(KEYS), World(CPU), progress=False)
     assert alone[:, 0].tolist() == [12, 12] and calls == [0, 1, 2]
@@ -126,7 +126,7 @@ def run_report(argv: list[str]) -> dict:
 
 
 @pytest.mark.slow  # three in-process reports of real PGD/APGD/BPDA batches
-def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt, tmp_path, monkeypatch):
+def test_killed_report_resumes_without_recomputing_finished_batches(digits_cnn_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "report"
     measured = []  # (batch, eps) of every attacked batch
     real = robust.evaluation.report.predictions
@@ -140,7 +140,7 @@ def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt,
     monkeypatch.setattr(robust.evaluation.report, "predictions", predictions)
     kill_at = 2  # while measuring batch 1: batch 0 is done for both eps
     with pytest.raises(Killed):
-        cli_main(report_args(digits_ckpt, out))
+        cli_main(report_args(digits_cnn_ckpt, out))
     journal = out / ".cache"
     assert sorted(p.relative_to(journal).as_posix() for p in journal.rglob("*.json")) == [
         "eps=0.05/shard-0-of-3.json",
@@ -152,20 +152,20 @@ def test_killed_report_resumes_without_recomputing_finished_batches(digits_ckpt,
     for changed, first in ((["--steps", "3"], 0), (["--seed", "1"], 1), (["--limit", "16"], 0)):
         measured.clear()
         with pytest.raises(Killed):
-            cli_main(report_args(digits_ckpt, out, "--resume", *changed))
+            cli_main(report_args(digits_cnn_ckpt, out, "--resume", *changed))
         assert measured == [(first, 0.05)], changed
     measured.clear()
     with pytest.raises(Killed):
-        cli_main(report_args(digits_ckpt, out))  # without --resume the journal is not read
+        cli_main(report_args(digits_cnn_ckpt, out))  # without --resume the journal is not read
     assert measured == [(0, 0.05)]
 
     measured.clear()
     kill_at = -1
-    resumed = run_report(report_args(digits_ckpt, out, "--resume"))
+    resumed = run_report(report_args(digits_cnn_ckpt, out, "--resume"))
     assert measured == [(1, 0.05), (1, 0.1), (2, 0.05), (2, 0.1)]
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "robustness_curve.png"]
     monkeypatch.setattr(robust.evaluation.report, "predictions", real)
-    assert resumed == run_report(report_args(digits_ckpt, tmp_path / "fresh"))
+    assert resumed == run_report(report_args(digits_cnn_ckpt, tmp_path / "fresh"))
 
 
 @pytest.mark.slow  # an integration run (processes or a resumed fit), like the DDP and SIGKILL tests
