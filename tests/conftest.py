@@ -1,4 +1,4 @@
-"""Shared fixtures: the shared real data, and a small ResNet18 really trained on the embedded digits."""
+"""Shared fixtures: the shared real data, a small CNN really trained on the embedded digits, an untrained ResNet18."""
 
 from __future__ import annotations
 
@@ -71,15 +71,14 @@ def shared_data() -> Path:
 
 DIGITS_WEIGHTS = "robust_digits_weights"  # the workers' key to the weights the controller made
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tests"
-# The shared trained models: a ResNet18 where the model is the point, a small CNN where an attack's arithmetic is.
-DIGITS_MODELS = {"resnet18": (digits_network, 3), "cnn": (digits_cnn_network, 5)}  # network, epochs
+DIGITS_EPOCHS = 5
 
 
-def digits_weights(kind: str) -> Path:
-    """The trained digits model ``kind``'s state dict on disk, trained on the first call for the code and machine at
-    hand and kept in ``.cache/tests/`` under a digest of all that decides it (its training code and the modules it
-    builds on, the torch, torchvision and scikit-learn versions, the CPU kernels and the thread count): a later run on
-    the same code loads it instead of training it again (10 s for the ResNet18 on a 2-core Zen 4)."""
+def digits_weights() -> Path:
+    """The trained digits CNN's state dict on disk, trained on the first call for the code and machine at hand and
+    kept in ``.cache/tests/`` under a digest of all that decides it (its training code and the modules it builds on,
+    the torch, torchvision and scikit-learn versions, the CPU kernels and the thread count): a later run on the same
+    code loads it instead of training it again (2 s on a 2-core Zen 4)."""
     import sklearn
     import torchvision
 
@@ -88,33 +87,24 @@ def digits_weights(kind: str) -> Path:
     from robust.models import archs, build
 
     sources = b"".join(Path(m.__file__).read_bytes() for m in (digits_model, digits, archs, build))
-    machine = f"{kind} {torch.__version__} {torchvision.__version__} {sklearn.__version__}"
+    machine = f"{DIGITS_EPOCHS} {torch.__version__} {torchvision.__version__} {sklearn.__version__}"
     machine += f" {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()}"
-    path = CACHE / f"digits-{kind}-{hashlib.sha256(sources + machine.encode()).hexdigest()[:16]}.pt"
+    path = CACHE / f"digits-cnn-{hashlib.sha256(sources + machine.encode()).hexdigest()[:16]}.pt"
     if not path.is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
-        for old in CACHE.glob(f"digits-{kind}-*.pt"):
+        for old in CACHE.glob("digits-*.pt"):
             old.unlink(missing_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.partial")
-        network, epochs = DIGITS_MODELS[kind]
-        torch.save(train_digits_model(epochs, network=network).state_dict(), partial)
+        torch.save(train_digits_model(DIGITS_EPOCHS, network=digits_cnn_network).state_dict(), partial)
         partial.replace(path)
     return path
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
-    """Under pytest-xdist the controller makes the digits models before the workers start, on every core (each worker
-    would otherwise train its own on its share of them: 17 s instead of 10 on a 2-core Zen 4)."""
-    for kind in DIGITS_MODELS:  # trained for the first node; found for the others
-        node.workerinput[f"{DIGITS_WEIGHTS}_{kind}"] = str(digits_weights(kind))
-
-
-def _trained(request, kind: str) -> torch.nn.Module:
-    weights = getattr(request.config, "workerinput", {}).get(f"{DIGITS_WEIGHTS}_{kind}") or digits_weights(kind)
-    model = DIGITS_MODELS[kind][0]()
-    model.load_state_dict(torch.load(weights, weights_only=True))
-    return model.eval()
+    """Under pytest-xdist the controller makes the digits CNN before the workers start, on every core (each worker
+    would otherwise train its own on its share of them)."""
+    node.workerinput[DIGITS_WEIGHTS] = str(digits_weights())  # trained for the first node; found for the others
 
 
 def _left_unchanged(model: torch.nn.Module):
@@ -124,35 +114,38 @@ def _left_unchanged(model: torch.nn.Module):
     yield model
     after = model.state_dict()
     changed = [k for k, v in before.items() if not (after[k].dtype == v.dtype and torch.equal(after[k], v))]
-    assert not changed, f"the test changed the shared digits model: {changed[:3]}"
+    assert not changed, f"the test changed the shared model: {changed[:3]}"
     assert not model.training and all(p.requires_grad for p in model.parameters()), "the test left the model changed"
 
 
 @pytest.fixture(scope="session")
-def _digits_model_session(request) -> torch.nn.Module:
-    return _trained(request, "resnet18")
-
-
-@pytest.fixture(scope="session")
 def _digits_cnn_session(request) -> torch.nn.Module:
-    return _trained(request, "cnn")
-
-
-@pytest.fixture
-def digits_model(_digits_model_session):
-    """The session's trained digits ResNet18 (:func:`benchmarks.digits_model.digits_network`, ~98% val accuracy),
-    in eval mode, shared by every test: for tests whose figures are a real model's (an attack's effect, a defense's,
-    a report)."""
-    yield from _left_unchanged(_digits_model_session)
+    weights = getattr(request.config, "workerinput", {}).get(DIGITS_WEIGHTS) or digits_weights()
+    model = digits_cnn_network()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
 
 
 @pytest.fixture
 def digits_cnn(_digits_cnn_session):
-    """The session's trained small digits CNN (:func:`benchmarks.digits_model.digits_cnn_network`, ~97% val
-    accuracy, far less robust than the ResNet18: FGSM at eps 0.03 fools nearly all of it), in eval mode, shared: for
-    tests of an attack's arithmetic (agreement with torchattacks, bounds, early exit), where the model is not the
-    point and a ResNet18 makes each about 5x slower."""
+    """The session's trained digits CNN (:func:`benchmarks.digits_model.digits_cnn_network`: BatchNorm, ~97% val
+    accuracy, clean-trained, so PGD at eps 0.03 fools nearly all of it and eps 0.01-0.015 about half), in eval mode,
+    shared by every test whose figures are a trained model's: an attack's effect and arithmetic, a defense's, a
+    report's. A ResNet18 in its place makes each about 5x slower and its training costs 9 s of every fresh run."""
     yield from _left_unchanged(_digits_cnn_session)
+
+
+@pytest.fixture(scope="session")
+def _resnet18_session() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return digits_network().eval()
+
+
+@pytest.fixture
+def resnet18_model(_resnet18_session):
+    """An untrained, seeded ResNet18 for digits (:func:`benchmarks.digits_model.digits_network`), eval mode, shared:
+    for tests of what a torchvision ResNet18 checkpoint goes through (loading, fine-tuning, export), not of figures."""
+    yield from _left_unchanged(_resnet18_session)
 
 
 @pytest.fixture(scope="session")
@@ -162,7 +155,7 @@ def digits_val() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def lightning_checkpoint(model: torch.nn.Module, arch: str, path: Path) -> Path:
-    """A real Lightning checkpoint of the trained digits ``model`` (of ``arch``) at ``path``: an AdversarialClassifier
+    """A real Lightning checkpoint of the digits ``model`` (of ``arch``) at ``path``: an AdversarialClassifier
     fitted for one batch on Digits by a Trainer (so the checkpoint holds the data description), its weights then set
     to ``model``'s, saved."""
     import lightning as L
@@ -198,14 +191,15 @@ def lightning_checkpoint(model: torch.nn.Module, arch: str, path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_ckpt(_digits_model_session, tmp_path_factory) -> Path:
-    """A real Lightning checkpoint of ``digits_model`` (:func:`lightning_checkpoint`)."""
-    return lightning_checkpoint(_digits_model_session, "resnet18", tmp_path_factory.mktemp("ckpt") / "digits.ckpt")
+def resnet18_ckpt(_resnet18_session, tmp_path_factory) -> Path:
+    """A real Lightning checkpoint of ``resnet18_model`` (:func:`lightning_checkpoint`)."""
+    return lightning_checkpoint(_resnet18_session, "resnet18", tmp_path_factory.mktemp("ckpt") / "resnet18.ckpt")
 
 
 @pytest.fixture(scope="session")
 def digits_cnn_ckpt(_digits_cnn_session, tmp_path_factory) -> Path:
-    """A real Lightning checkpoint of ``digits_cnn`` (arch ``digits_cnn``): for reports whose model is not the point."""
+    """A real Lightning checkpoint of ``digits_cnn`` (arch ``digits_cnn``, registered above): what the report, fool
+    and ONNX tests load."""
     return lightning_checkpoint(_digits_cnn_session, "digits_cnn", tmp_path_factory.mktemp("ckpt") / "digits_cnn.ckpt")
 
 

@@ -220,15 +220,15 @@ def test_registry_is_the_one_home_of_default_steps():
         attack_info("cw")
 
 
-def test_threat_suite_in_l2(digits_model, batch):
+def test_threat_suite_in_l2(digits_cnn, batch):
     x, y = batch[0][:24], batch[1][:24]
     keys = ("clean", "fgsm", "pgd", "apgd", "pgd_worst", "bpda_pgd", "targeted_success")
     spec = ThreatSpec(2.0, steps=5, norm="l2", threats=keys)
-    preds = predictions(digits_model, x, y, spec)
+    preds = predictions(digits_cnn, x, y, spec)
     acc = {k: (preds[k] == y).float().mean().item() for k in keys if k != "targeted_success"}
     assert acc["clean"] > 0.85
     assert acc["pgd"] < acc["clean"] - 0.3 and acc["apgd"] < acc["clean"] - 0.3 and acc["bpda_pgd"] < acc["clean"]
     assert acc["pgd_worst"] <= min(acc["fgsm"], acc["pgd"], acc["apgd"])
     with torch.random.fork_rng():
-        made = apgd(digits_model, x, y, 2.0, 5, norm="l2")
+        made = apgd(digits_cnn, x, y, 2.0, 5, norm="l2")
     assert l2_dist(made, x).max() <= 2.0 + 1e-4 and 0 <= made.min() and made.max() <= 1

@@ -250,7 +250,7 @@ def test_cascade_worst_case_is_below_each_part_on_a_real_model(digits_cnn, digit
 
 
 @pytest.mark.slow  # torchattacks' AutoAttack components, one by one
-def test_the_component_benchmark_runs(digits_model, digits_val):
+def test_the_component_benchmark_runs(digits_cnn, digits_val):
     """``benchmarks/autoattack_components.py`` on 6 images, 2 iterations: its rows add up (no timing verdict)."""
     import importlib.util
     from pathlib import Path
@@ -260,13 +260,13 @@ def test_the_component_benchmark_runs(digits_model, digits_val):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     x, y = digits_val[0][:6], digits_val[1][:6]
-    row = bench.measure_components(digits_model, x, y, 0.03, steps=2, square_queries=5)
+    row = bench.measure_components(digits_cnn, x, y, 0.03, steps=2, square_queries=5)
     assert row["cheap_survivors"] <= row["clean"] <= 6
-    whole = bench.measure_components(digits_model, x, y, 0.03, steps=2, square_queries=5, cheap="pgd_worst")
+    whole = bench.measure_components(digits_cnn, x, y, 0.03, steps=2, square_queries=5, cheap="pgd_worst")
     assert whole["cheap_survivors"] <= row["cheap_survivors"]  # the whole cheap worst case leaves no more
     assert all(0 <= n <= row["cheap_survivors"] for n in row["fooled"].values())
     assert row["fooled_by_any"] >= max(v for k, v in row["fooled"].items() if not k.startswith("ours"))
-    cost = bench.measure_cost(digits_model, x, y, 0.03)
+    cost = bench.measure_cost(digits_cnn, x, y, 0.03)
     assert [r["mode"] for r in cost] == ["every example, every step", "early exit", "early exit + cascade"]
     every, early, cascade = (r["pgd_worst"] for r in cost)
     assert cascade == early <= every

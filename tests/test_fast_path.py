@@ -112,10 +112,10 @@ def assert_same_figures(model, x, y, spec):
             assert int(differ.sum()) <= FLIPS, (key, int(differ.sum()))
 
 
-def test_every_threat_on_the_digits_model(digits_model, digits_val):
+def test_every_threat_on_the_digits_model(digits_cnn, digits_val):
     x, y = digits_val[0][:8], digits_val[1][:8]
-    spec = ThreatSpec(0.1, steps=3, threats=EVERY_THREAT, square_queries=20)
-    assert_same_figures(digits_model, x, y, spec)
+    spec = ThreatSpec(0.015, steps=3, threats=EVERY_THREAT, square_queries=20)  # partly fooled
+    assert_same_figures(digits_cnn, x, y, spec)
 
 
 @pytest.mark.parametrize("build", [bn_resnet18, small_mnist_net], ids=["resnet18", "mnist_net"])
@@ -127,10 +127,10 @@ def test_every_default_threat_on_resnet18_and_mnist_net(build):
     assert_same_figures(model, x, own_labels(model, x), spec)
 
 
-def test_the_report_records_the_path_and_gives_the_same_figures(digits_model, digits_val):
+def test_the_report_records_the_path_and_gives_the_same_figures(digits_cnn, digits_val):
     batches = [(digits_val[0][:16], digits_val[1][:16])]
     kwargs = {"steps": 2, "threats": ("clean", "pgd", "apgd"), "progress": False}
-    fast, plain = (evaluate(digits_model, batches, [0.1], fast_path=f, **kwargs) for f in (True, False))
+    fast, plain = (evaluate(digits_cnn, batches, [0.015], fast_path=f, **kwargs) for f in (True, False))
     assert fast["fast_path"] and not plain["fast_path"]
     for key in kwargs["threats"]:
         assert abs(fast["rows"][0][key] - plain["rows"][0][key]) * fast["n"] <= FLIPS, key

@@ -26,14 +26,14 @@ DIGITS = {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # the fixtures' normalization 
 
 
 @pytest.fixture(scope="module")
-def sources(_digits_model_session, digits_ckpt, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """Each kind of weights source of ``digits_model``: kind -> (the spec to pass, the file its sha256 is of)."""
+def sources(_resnet18_session, resnet18_ckpt, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Each kind of weights source of ``resnet18_model``: kind -> (the spec to pass, the file its sha256 is of)."""
     folder = tmp_path_factory.mktemp("sources")
-    torch.save(_digits_model_session.backbone.state_dict(), folder / "digits.pth")
-    export = export_model(digits_ckpt, folder / "export")
+    torch.save(_resnet18_session.backbone.state_dict(), folder / "digits.pth")
+    export = export_model(resnet18_ckpt, folder / "export")
     return {
         "state_dict": (folder / "digits.pth", folder / "digits.pth"),
-        "checkpoint": (digits_ckpt, digits_ckpt),
+        "checkpoint": (resnet18_ckpt, resnet18_ckpt),
         "export": (export, export / "model.safetensors"),
     }
 
@@ -47,12 +47,12 @@ def sha256(path: Path) -> str:
 
 
 @pytest.mark.parametrize("kind", ["state_dict", "checkpoint", "export"])
-def test_each_source_kind_loads_the_source_model(kind, sources, digits_model, digits_val):
+def test_each_source_kind_loads_the_source_model(kind, sources, resnet18_model, digits_val):
     spec, hashed = sources[kind]
     module = fine_tune_module(spec).eval()
     x = digits_val[0][:16]
     with torch.no_grad():
-        assert torch.allclose(module(x), digits_model(x), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(module(x), resnet18_model(x), atol=1e-5, rtol=1e-5)
     assert module.weights_init == {
         "weights": str(spec),
         "kind": kind,
@@ -63,10 +63,10 @@ def test_each_source_kind_loads_the_source_model(kind, sources, digits_model, di
 
 
 @pytest.mark.parametrize("kind", ["state_dict", "checkpoint", "export"])
-def test_a_different_class_count_gets_a_fresh_head(kind, sources, digits_model, caplog):
+def test_a_different_class_count_gets_a_fresh_head(kind, sources, resnet18_model, caplog):
     with caplog.at_level(logging.INFO):
         module = fine_tune_module(sources[kind][0], num_classes=5)
-    source, tuned = digits_model.backbone.state_dict(), module.model.backbone.state_dict()
+    source, tuned = resnet18_model.backbone.state_dict(), module.model.backbone.state_dict()
     assert all(torch.equal(tuned[k], v) for k, v in source.items() if not k.startswith("fc."))
     assert tuned["fc.weight"].shape == (5, 512) and tuned["fc.bias"].shape == (5,)
     assert not torch.allclose(tuned["fc.weight"], source["fc.weight"][:5])  # fresh, not the first five rows
@@ -99,15 +99,15 @@ def test_torchvision_stem_weights_get_a_fresh_cifar_stem_and_the_reverse_is_refu
         ("ckpt as .pth", "is a Lightning checkpoint, not a plain state dict: name it"),
     ],
 )
-def test_bad_sources_are_one_line_errors(case, match, digits_ckpt, tmp_path):
+def test_bad_sources_are_one_line_errors(case, match, resnet18_ckpt, tmp_path):
     kw = {}
     if case == "resnet34.pth":
         weights = tmp_path / case
         torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), weights)
     elif case == "ckpt as resnet34":
-        weights, kw = digits_ckpt, {"arch": "resnet34"}
+        weights, kw = resnet18_ckpt, {"arch": "resnet34"}
     elif case == "other mean":
-        weights, kw = digits_ckpt, {"mean": (0.4,) * 3}
+        weights, kw = resnet18_ckpt, {"mean": (0.4,) * 3}
     elif case == "missing":
         weights = tmp_path / "nowhere.ckpt"
     elif case == "garbage.pth":
@@ -115,7 +115,7 @@ def test_bad_sources_are_one_line_errors(case, match, digits_ckpt, tmp_path):
         weights.write_bytes(b"not a checkpoint")
     else:
         weights = tmp_path / "model.pth"
-        weights.write_bytes(digits_ckpt.read_bytes())
+        weights.write_bytes(resnet18_ckpt.read_bytes())
     with pytest.raises(RobustError, match=match) as info:
         fine_tune_module(weights, **kw)
     assert "\n" not in str(info.value)
@@ -155,13 +155,13 @@ def test_default_scale_keeps_one_group():
     assert module.weights_init == {"weights": None, "kind": "scratch", "sha256": None, "classes": None, "fresh": []}
 
 
-def test_train_cli_fine_tunes_a_checkpoint_with_a_smaller_backbone_lr(digits_ckpt, digits_model, tmp_path):
+def test_train_cli_fine_tunes_a_checkpoint_with_a_smaller_backbone_lr(resnet18_ckpt, resnet18_model, tmp_path):
     args = tiny_fit_args(
         tmp_path,
         "--model.arch",
         "resnet18",
         "--model.weights",
-        str(digits_ckpt),
+        str(resnet18_ckpt),
         "--model.backbone_lr_scale",
         "0.1",
         "--model.optimizer.lr",
@@ -174,9 +174,9 @@ def test_train_cli_fine_tunes_a_checkpoint_with_a_smaller_backbone_lr(digits_ckp
     assert [g["max_lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])  # OneCycle peaks per group
     init = load_model(cli.trainer.checkpoint_callback.best_model_path).card.training.init
     assert init == {
-        "weights": str(digits_ckpt),
+        "weights": str(resnet18_ckpt),
         "kind": "checkpoint",
-        "sha256": sha256(digits_ckpt),
+        "sha256": sha256(resnet18_ckpt),
         "classes": 10,
         "fresh": [],
     }

@@ -37,12 +37,12 @@ def cli_main(argv: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def model(digits_ckpt):
-    return load_model(digits_ckpt)
+def model(digits_cnn_ckpt):
+    return load_model(digits_cnn_ckpt)
 
 
 @pytest.fixture(scope="module")
-def targeted(digits_ckpt, shared_data, tmp_path_factory):
+def targeted(digits_cnn_ckpt, shared_data, tmp_path_factory):
     """``evaluate.py fool`` with a targeted PGD on the cat photo toward digit 7: 50 steps of eps/10, a margin wide
     enough that reaching the target does not hang on the digits model's training trajectory (PGD-10 of eps/4
     reached it on some CPUs only)."""
@@ -51,7 +51,7 @@ def targeted(digits_ckpt, shared_data, tmp_path_factory):
         [
             "fool",
             "--checkpoint",
-            str(digits_ckpt),
+            str(digits_cnn_ckpt),
             "--image",
             str(shared_data / PHOTO),
             "--target",
@@ -155,9 +155,9 @@ def test_quantize_within_stays_in_the_ball():
         (["--checkpoint", "{tmp}/notes.png"], "notes.png"),
     ],
 )
-def test_fool_input_errors_are_one_line_exit_2(args, message, digits_ckpt, shared_data, tmp_path):
+def test_fool_input_errors_are_one_line_exit_2(args, message, digits_cnn_ckpt, shared_data, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
-    defaults = {"--checkpoint": str(digits_ckpt), "--image": str(shared_data / PHOTO)}
+    defaults = {"--checkpoint": str(digits_cnn_ckpt), "--image": str(shared_data / PHOTO)}
     given = dict(zip(args[::2], (a.format(tmp=tmp_path) for a in args[1::2]), strict=True))
     argv = ["fool", *[x for k, v in {**defaults, **given}.items() for x in (k, v)], "--out", str(tmp_path / "out")]
     code, stdout, stderr = cli_main(argv)
@@ -166,14 +166,14 @@ def test_fool_input_errors_are_one_line_exit_2(args, message, digits_ckpt, share
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_debug_shows_the_exception(digits_ckpt, tmp_path):
+def test_debug_shows_the_exception(digits_cnn_ckpt, tmp_path):
     with pytest.raises(RobustError, match="does not exist"):
         cli_main(
             [
                 "fool",
                 "--debug",
                 "--checkpoint",
-                str(digits_ckpt),
+                str(digits_cnn_ckpt),
                 "--image",
                 str(tmp_path / "x.png"),
                 "--out",

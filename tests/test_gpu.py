@@ -108,9 +108,9 @@ def test_channels_last_training_steps_through_lightning(tmp_path, accelerator, p
 
 @pytest.mark.cuda
 @SKIP_WITHOUT_CUDA
-def test_autoattack_on_cuda_is_no_weaker_than_pgd(digits_model, digits_val, record_property):
+def test_autoattack_on_cuda_is_no_weaker_than_pgd(digits_cnn, digits_val, record_property):
     """torchattacks' standard AutoAttack through the report code, on 32 digits, on the GPU."""
-    model = copy.deepcopy(digits_model).cuda()
+    model = copy.deepcopy(digits_cnn).cuda()
     x, y = digits_val
     results = evaluate(model, [(x[:32], y[:32])], [0.1], steps=10, autoattack=True, progress=False)
     row = results["rows"][0]

@@ -139,9 +139,9 @@ def file_climbs(fn) -> tuple[list[str], list[tuple[str, str]]]:
     return entered, climbs
 
 
-def test_a_checkpoint_followed_through_export_never_climbs_back(digits_ckpt, tmp_path):
+def test_a_checkpoint_followed_through_export_never_climbs_back(resnet18_ckpt, tmp_path):
     """``export_model`` on a real checkpoint: reading it, building the carded model, writing the folder. No call goes
     from one library file back into a file further up the call stack (the layers only call downwards)."""
-    entered, climbs = file_climbs(lambda: export_model(digits_ckpt, tmp_path / "export"))
+    entered, climbs = file_climbs(lambda: export_model(resnet18_ckpt, tmp_path / "export"))
     assert entered[0] == "export/folder.py" and "models/resolve.py" in entered
     assert climbs == []

@@ -225,17 +225,17 @@ def test_cifar10_subset_folder_with_a_cifar_card(shared_data):
     assert sorted(set(y.tolist())) == list(range(10))  # evenly spaced: every class represented
 
 
-def test_nan_images_are_a_clear_error(digits_model):
+def test_nan_images_are_a_clear_error(digits_cnn):
     x = torch.rand(4, 3, 32, 32)
     x[2, 1, 5, 5] = float("nan")
     with pytest.raises(RobustError, match="NaN"):
-        evaluate(digits_model, [(x, torch.zeros(4, dtype=torch.int64))], [0.1], progress=False)
+        evaluate(digits_cnn, [(x, torch.zeros(4, dtype=torch.int64))], [0.1], progress=False)
 
 
 @pytest.mark.slow  # torchattacks' AutoAttack (FAB-T, Square): in make test-all
-def test_autoattack_is_no_weaker_than_pgd(digits_model, digits_val):
+def test_autoattack_is_no_weaker_than_pgd(digits_cnn, digits_val):
     x, y = digits_val
-    results = evaluate(digits_model, [(x[:8], y[:8])], [0.1], steps=10, autoattack=True, progress=False)
+    results = evaluate(digits_cnn, [(x[:8], y[:8])], [0.015], steps=10, autoattack=True, progress=False)
     row = results["rows"][0]
     assert 0.0 <= row["autoattack"] <= row["pgd"] + 1 / 8
     assert row["aa_worst"] <= min(row["pgd_worst"], row["autoattack"])  # the per-example worst of all of them

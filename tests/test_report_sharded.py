@@ -169,12 +169,12 @@ def test_killed_report_resumes_without_recomputing_finished_batches(digits_cnn_c
 
 
 @pytest.mark.slow  # an integration run (processes or a resumed fit), like the DDP and SIGKILL tests
-def test_two_cpu_processes_write_the_single_process_report(digits_ckpt, tmp_path):
+def test_two_cpu_processes_write_the_single_process_report(resnet18_ckpt, tmp_path):
     """``--devices 2`` on CPU (gloo): each process attacks one of the two batches; rank 0 writes the same report."""
     args = [
         "report",
         "--checkpoint",
-        str(digits_ckpt),
+        str(resnet18_ckpt),
         "--data",
         "digits",
         "--eps",
