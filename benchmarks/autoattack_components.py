@@ -1,7 +1,7 @@
 """Which AutoAttack component breaks what the cheap suite misses, and what the threat suite costs with and without
 early exit: ``python benchmarks/autoattack_components.py [--eps 0.02 0.03] [--n 200] [--steps 20]``.
 
-Model: the test suite's digits model (:func:`benchmarks.digits_model.train_digits_model`: ResNet18, clean
+Model: the reference digits ResNet18 (:func:`benchmarks.digits_model.train_digits_model`: ResNet18, clean
 training, 3 epochs, seed 0), evaluated on the first ``--n`` held-out digits (3×32×32 in [0, 1]), L-inf; or, with
 ``--model mnist``, the authors' MNIST ``fgsm.pth`` (Wong et al. 2020) on ``--n`` evenly spaced test images.
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--model",
         choices=["digits", "mnist"],
         default="digits",
-        help="the test suite's digits model, or the authors' MNIST fgsm.pth (--mnist-model)",
+        help="the reference digits ResNet18, or the authors' MNIST fgsm.pth (--mnist-model)",
     )
     parser.add_argument("--mnist-model", default=str(MNIST_MODEL))
     parser.add_argument(
