@@ -140,8 +140,9 @@ def digits_cnn(_digits_cnn_session):
 
 @pytest.fixture(scope="session")
 def _resnet18_session() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return digits_network().eval()
+    with torch.random.fork_rng():  # seeded, without reseeding the tests after it
+        torch.manual_seed(0)
+        return digits_network().eval()
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Attacks: agreement with torchattacks, bounds and side effects (on the small digits CNN: the arithmetic is the
-point), real effect on the trained digits ResNet18."""
+"""Attacks on the trained digits CNN: agreement with torchattacks, real effect (against a noise control), bounds
+and side effects."""
 
 from __future__ import annotations
 
