@@ -82,15 +82,14 @@ def digits_weights() -> Path:
     kept in ``.cache/tests/`` under a digest of all that decides it (its training code and the modules it builds on,
     the torch, torchvision and scikit-learn versions, the CPU kernels and the thread count): a later run on the same
     code loads it instead of training it again (2 s on a 2-core Zen 4)."""
-    import sklearn
-    import torchvision
+    from importlib.metadata import version  # not the imports: scikit-learn's pulls scipy in (1 s before any worker)
 
     from benchmarks import digits_model
     from robust.data import digits
     from robust.models import archs, build
 
     sources = b"".join(Path(m.__file__).read_bytes() for m in (digits_model, digits, archs, build))
-    machine = f"{DIGITS_EPOCHS} {DIGITS_SEED} {torch.__version__} {torchvision.__version__} {sklearn.__version__}"
+    machine = f"{DIGITS_EPOCHS} {DIGITS_SEED} {torch.__version__} {version('torchvision')} {version('scikit-learn')}"
     machine += f" {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()}"
     path = CACHE / f"digits-cnn-{hashlib.sha256(sources + machine.encode()).hexdigest()[:16]}.pt"
     if not path.is_file():
