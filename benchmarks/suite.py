@@ -134,12 +134,7 @@ def suite_cases(
     images). ``--quick``: stand-ins for the digits models (:func:`quick_digits_model`); the MNIST model must be
     there (``--mnist-model``), else its rows are left out with one line saying so. ``keys``: only these cases
     (default all)."""
-    mnist = Path(args.mnist_model)
-    if not mnist.is_file() and not sizes.quick:  # before minutes of training the digits models
-        raise RobustError(
-            f"{mnist} is missing: give the authors' fgsm.pth with --mnist-model (experiments/mnist.py "
-            "downloads it to .cache/fast_adversarial/)"
-        )
+    mnist = mnist_model(args, sizes, device)  # first: a missing model stops before minutes of training
     eps, threads = digits_eps(), torch.get_num_threads()
     cases = []
     for key, label, attack, given in (
@@ -158,10 +153,10 @@ def suite_cases(
         data.setup()
         x, y = (t[: sizes.suite_n] for t in data.val_set.tensors)
         cases.append(SuiteCase(key, label, model.to(device).eval(), x.to(device), y.to(device), eps))
-    model = mnist_model(args, sizes, device)
-    if model is not None:
+    if mnist is not None:
         x, y = mnist_test(sizes.suite_n)
-        cases.append(SuiteCase("mnist", f"MNIST {mnist.name}", model, x.to(device), y.to(device), MNIST_EPS))
+        name = Path(args.mnist_model).name
+        cases.append(SuiteCase("mnist", f"MNIST {name}", mnist, x.to(device), y.to(device), MNIST_EPS))
     return cases
 
 
