@@ -7,51 +7,65 @@ import hashlib
 import io
 import os
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
-from benchmarks.digits_model import digits_cnn, digits_cnn_network, digits_network, train_digits_model
-from robust.data.digits import digits_split
-from robust.data.roots import shared_data_dir
-from robust.models.archs import ARCHS, Arch
+# Nothing heavy at module level: pytest-xdist's controller loads this file too, before it starts any worker, and
+# torch, torchvision and robust would cost it 4 s that every run waits for. The workers (and a run without xdist)
+# import them in pytest_sessionstart and in the functions that use them.
+if TYPE_CHECKING:
+    import torch
 
 TINY_ARCH = "tiny_cnn"
+TINY_ARCH_ARGS = ("--model.arch", TINY_ARCH, "--model.cifar_stem", "false")  # train.py fit on it (in-process only)
 
 
 def tiny_cnn(num_classes: int = 10, channels: int = 3) -> torch.nn.Sequential:
     """conv 8×3×3, BatchNorm, ReLU, global average pool, linear 8→classes: any input size, about 300 parameters.
     For runs that only go through the motions: a ResNet18 makes each of them 4× slower (45 MB checkpoints to write,
     its build and its forward), and the model is not what such a test checks."""
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(channels, 8, 3, padding=1),
-        torch.nn.BatchNorm2d(8),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8, num_classes),
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
     )
 
 
-# Registered as a user would add an architecture (one entry): in-process runs of this suite can name it.
-ARCHS[TINY_ARCH] = Arch(tiny_cnn, "0", "5", 8, 3, "tests/conftest.py")
-TINY_ARCH_ARGS = ("--model.arch", TINY_ARCH, "--model.cifar_stem", "false")  # train.py fit on it (in-process only)
-ARCHS["digits_cnn"] = Arch(digits_cnn, "0", "12", 32, 3, "benchmarks/digits_model.py")  # digits_cnn_ckpt's arch
+def pytest_sessionstart(session) -> None:
+    """In each process that runs tests (not xdist's controller): register the suite's architectures, as a user would
+    add one (an entry each), so in-process runs can name them; under xdist give each worker its share of the cores,
+    as torch's thread count and as OMP_NUM_THREADS for the processes a test starts (more threads than cores slows
+    torch down ~10x)."""
+    if session.config.pluginmanager.has_plugin("dsession"):
+        return
+    import torch
 
-# Under pytest-xdist (`make test`: -n auto) the workers share the cores: each gets its part of them, as torch's thread
-# count and as OMP_NUM_THREADS for the processes a test starts (more threads than cores slows torch down ~10x).
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ["OMP_NUM_THREADS"] = str(_threads)
-    torch.set_num_threads(_threads)
+    from benchmarks.digits_model import digits_cnn
+    from robust.models.archs import ARCHS, Arch
+
+    ARCHS[TINY_ARCH] = Arch(tiny_cnn, "0", "5", 8, 3, "tests/conftest.py")
+    ARCHS["digits_cnn"] = Arch(digits_cnn, "0", "12", 32, 3, "benchmarks/digits_model.py")  # digits_cnn_ckpt's
+    if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
 def _torch_threads_restored():
     """The experiment scripts under test set torch's thread count for the whole process (``--threads``): the tests
     after them get the suite's count back."""
+    import torch
+
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
@@ -60,6 +74,8 @@ def _torch_threads_restored():
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (or ``$ROBUST_DATA``); CI sets ROBUST_REQUIRE_SHARED_DATA=1 to fail when missing."""
+    from robust.data.roots import shared_data_dir
+
     path = shared_data_dir()
     if not (path / "cifar10-subset").is_dir():
         msg = f"shared data not found at {path} (set ROBUST_DATA)"
@@ -69,7 +85,6 @@ def shared_data() -> Path:
     return path
 
 
-DIGITS_WEIGHTS = "robust_digits_weights"  # the workers' key to the weights the controller made
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "tests"
 DIGITS_EPOCHS = 5
 # Another seed gives another training trajectory, as another CPU does: `ROBUST_TEST_SEED=3 make test` checks that no
@@ -78,11 +93,12 @@ DIGITS_SEED = int(os.environ.get("ROBUST_TEST_SEED", "0"))
 
 
 def digits_weights() -> Path:
-    """The trained digits CNN's state dict on disk, trained on the first call for the code and machine at hand and
-    kept in ``.cache/tests/`` under a digest of all that decides it (its training code and the modules it builds on,
-    the torch, torchvision and scikit-learn versions, the CPU kernels and the thread count): a later run on the same
-    code loads it instead of training it again (2 s on a 2-core Zen 4)."""
-    from importlib.metadata import version  # not the imports: scikit-learn's pulls scipy in (1 s before any worker)
+    """The trained digits CNN's state dict on disk, trained (on one thread, 3 s on a Zen 4) on the first call for the
+    code and machine at hand and kept in ``.cache/tests/`` under a digest of all that decides it: its training code
+    and the modules it builds on, the torch, torchvision and scikit-learn versions, the CPU kernels. A later run on
+    the same code loads it. xdist workers that find none each train it (the same bits: same seed, one thread) and all
+    load the first one's."""
+    import torch
 
     from benchmarks import digits_model
     from robust.data import digits
@@ -90,28 +106,36 @@ def digits_weights() -> Path:
 
     sources = b"".join(Path(m.__file__).read_bytes() for m in (digits_model, digits, archs, build))
     machine = f"{DIGITS_EPOCHS} {DIGITS_SEED} {torch.__version__} {version('torchvision')} {version('scikit-learn')}"
-    machine += f" {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()}"
+    machine += f" {torch.backends.cpu.get_cpu_capability()}"
     path = CACHE / f"digits-cnn-{hashlib.sha256(sources + machine.encode()).hexdigest()[:16]}.pt"
-    if not path.is_file():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        for old in CACHE.glob("digits-*.pt"):
+    if path.is_file():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same model from every worker count, and no worker slowed by another's threads
+    try:
+        model = digits_model.train_digits_model(DIGITS_EPOCHS, DIGITS_SEED, network=digits_model.digits_cnn_network)
+    finally:
+        torch.set_num_threads(threads)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    torch.save(model.state_dict(), partial)
+    try:
+        os.link(partial, path)  # the first worker's file stays: every worker loads the same one
+    except FileExistsError:
+        pass
+    finally:
+        partial.unlink()
+    for old in CACHE.glob("digits-*.pt"):
+        if old != path:
             old.unlink(missing_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        torch.save(train_digits_model(DIGITS_EPOCHS, DIGITS_SEED, network=digits_cnn_network).state_dict(), partial)
-        partial.replace(path)
     return path
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node) -> None:
-    """Under pytest-xdist the controller makes the digits CNN before the workers start, on every core (each worker
-    would otherwise train its own on its share of them)."""
-    node.workerinput[DIGITS_WEIGHTS] = str(digits_weights())  # trained for the first node; found for the others
 
 
 def _left_unchanged(model: torch.nn.Module):
     """Yields the shared ``model``; fails the test that leaves it changed (weights, BatchNorm statistics, dtype, mode,
     frozen parameters) instead of letting it move later tests' figures."""
+    import torch
+
     before = {k: v.clone() for k, v in model.state_dict().items()}
     yield model
     after = model.state_dict()
@@ -121,10 +145,13 @@ def _left_unchanged(model: torch.nn.Module):
 
 
 @pytest.fixture(scope="session")
-def _digits_cnn_session(request) -> torch.nn.Module:
-    weights = getattr(request.config, "workerinput", {}).get(DIGITS_WEIGHTS) or digits_weights()
+def _digits_cnn_session() -> torch.nn.Module:
+    import torch
+
+    from benchmarks.digits_model import digits_cnn_network
+
     model = digits_cnn_network()
-    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.load_state_dict(torch.load(digits_weights(), weights_only=True))
     return model.eval()
 
 
@@ -139,6 +166,10 @@ def digits_cnn(_digits_cnn_session):
 
 @pytest.fixture(scope="session")
 def _resnet18_session() -> torch.nn.Module:
+    import torch
+
+    from benchmarks.digits_model import digits_network
+
     with torch.random.fork_rng():  # seeded, without reseeding the tests after it
         torch.manual_seed(0)
         return digits_network().eval()
@@ -154,6 +185,8 @@ def resnet18_model(_resnet18_session):
 @pytest.fixture(scope="session")
 def digits_val() -> tuple[torch.Tensor, torch.Tensor]:
     """The 360 digits validation images (``360×3×32×32`` in [0, 1]) and labels: ``Digits()``'s validation set."""
+    from robust.data.digits import digits_split
+
     return digits_split()[1]
 
 
@@ -263,6 +296,8 @@ def evaluate_in_process(*args: str) -> subprocess.CompletedProcess:
 def clean_accuracy(model: torch.nn.Module, data: str, limit: int) -> float:
     """The model's accuracy (eval mode, no gradient) on the images ``evaluate.py report --data DATA --limit LIMIT``
     reads for it: what a report's ``clean`` figure must equal."""
+    import torch
+
     from robust.data.eval_data import eval_data
 
     loader, _ = eval_data(data, model.card, limit=limit)
