@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import train
+from conftest import TINY_ARCH_ARGS
 from robust.files import load_checkpoint
 from robust.learned import small_data_advice
 from robust.models.resolve import CARD_KEY
@@ -130,12 +131,14 @@ def test_small_data_is_told_what_to_change_and_enough_data_is_not():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[str, Path]:
-    """One tiny epoch on digits, stdout a pipe (not a terminal): the run's stdout and version folder."""
+    """One tiny epoch of :func:`conftest.tiny_cnn` on digits, stdout a pipe (not a terminal): the run's stdout and
+    version folder."""
     tmp = tmp_path_factory.mktemp("logs")
     args = [
         "fit",
         "--config",
         str(ROOT / "configs" / "digits.yaml"),
+        *TINY_ARCH_ARGS,
         *("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"),
         *("--trainer.check_val_every_n_epoch", "1", "--data.init_args.batch_size", "16"),
         *("--data.init_args.image_size", "8", "--model.val_steps", "1", "--image_grid.n", "2"),
@@ -151,7 +154,7 @@ def test_a_log_gets_a_line_per_epoch_and_per_validation(tiny_run):
     stdout, _ = tiny_run
     assert len(re.findall(r"^epoch 0/0  step 2/2  loss [\d.]+  train-attack acc [\d.]+  lr ", stdout, re.M)) == 1
     assert len(re.findall(r"^validation after epoch 0: clean [\d.]+  pgd_worst [\d.]+  jpeg_worst", stdout, re.M)) == 1
-    assert re.search(r"^model: 11.2 M trainable parameters \([\d.]+ MB\)$", stdout, re.M)
+    assert re.search(r"^model: 330 trainable parameters \(0.0 MB\)$", stdout, re.M)  # tiny_cnn's, 1.3 kB
     assert re.search(r"^device: cpu \(", stdout, re.M) and "FLOPs" not in stdout and "v_num" not in stdout
 
 

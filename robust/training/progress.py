@@ -187,10 +187,16 @@ class OneLineSummary(ModelSummary):
     def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, **kwargs):
         frozen = total_parameters - trainable_parameters
         print(
-            f"model: {get_human_readable_count(trainable_parameters)} trainable parameters"
-            + (f", {get_human_readable_count(frozen)} frozen" if frozen else "")
+            f"model: {parameter_count(trainable_parameters)} trainable parameters"
+            + (f", {parameter_count(frozen)} frozen" if frozen else "")
             + f" ({model_size:.1f} MB)"
         )
+
+
+def parameter_count(n: int) -> str:
+    """``n`` as Lightning's summary writes it (``11.2 M``, ``1.2 K``, ``330``), without the padding it leaves on
+    counts under 1,000."""
+    return get_human_readable_count(n).strip()
 
 
 def resume_command(args: list[str]) -> str:
