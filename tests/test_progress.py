@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY_ARCH_ARGS
 
 import train
-from conftest import TINY_ARCH_ARGS
 from robust.files import load_checkpoint
 from robust.learned import small_data_advice
 from robust.models.resolve import CARD_KEY
