@@ -88,7 +88,8 @@ def test_figures_are_those_of_a_clean_trained_model(report):
         assert row["bpda_pgd"] <= row["jpeg_pgd"] + 0.02  # the adaptive attack beats the transferred one
         assert row["pgd"] < row["clean"] - 0.3  # clean training gives little robustness
     assert high["pgd"] <= low["pgd"] and high["targeted_success"] >= low["targeted_success"]
-    assert report["flags"] == honesty_flags(report["rows"])
+    # the report's flags are those of its rows, judged at its own sample size (a gap within its noise is no flag)
+    assert report["flags"] == honesty_flags(report["rows"], report["n"], report["norm"], report["mode"] == "cascade")
 
 
 def test_worst_cases_are_no_better_than_any_of_their_parts(report):
