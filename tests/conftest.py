@@ -123,8 +123,10 @@ def digits_weights() -> Path:
         os.link(partial, path)  # the first worker's file stays: every worker loads the same one
     except FileExistsError:
         pass
+    except OSError:  # a file system without hard links: the last worker's file stays (the same bits)
+        partial.replace(path)
     finally:
-        partial.unlink()
+        partial.unlink(missing_ok=True)
     for old in CACHE.glob("digits-*.pt"):
         if old != path:
             old.unlink(missing_ok=True)
