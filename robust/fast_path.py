@@ -3,17 +3,17 @@
 :func:`fast_model` takes a classifier (``N×C×H×W`` images in [0, 1] -> ``N×K`` logits) and returns a deep copy that
 computes the same function at a lower cost: eval mode, parameters frozen (``requires_grad`` off, so nothing can
 accumulate in them), every BatchNorm that follows a convolution folded into it (``torch.fx``'s ``fuse``), and, on the
-CPU, weights in channels-last memory format where the convolutions are wide, and the input gradient of a convolution
-on few channels (the stem on the image) as one matrix product and a col2im (``F.fold``) instead of oneDNN's
-backward-data kernel, 3× slower on those shapes (both measured in ``docs/benchmarks.md``). The user's model object
-is never changed. The copy is for input gradients on fixed weights (the report, ``fool``, validation's threat suite,
+CPU, weights in channels-last memory format where the convolutions are wide, and the convolutions of
+:mod:`robust.fast_convs` where oneDNN's kernels are slower: the stem's input gradient as a matrix product, the wide
+3×3 layers by Winograd's F(2×2, 3×3) (each measured in ``docs/benchmarks.md``). The user's model object is
+never changed. The copy is for input gradients on fixed weights (the report, ``fool``, validation's threat suite,
 the overfitting guard's probe): never train it, and build a new one when the weights change (validation builds one
 per epoch, the guard one per probe). Training's own attack runs on the weights that train.
 
 These change the float rounding, not the function: folding computes ``w·(x - μ)/σ`` as ``(w/σ)·x - w·μ/σ``, the
-layout and the matmul gradient sum in another order, so logits and gradients move by a few float32 ulps of their size
-(about 1e-6 on the models here; ``tests/test_fast_path.py`` states the bound), and a prediction can change only where
-its top-2 logit margin is that small.
+layout, the matmul gradient and Winograd sum in another order, so logits and gradients move by a few float32 ulps of
+their size (about 1e-6 on the models here; ``tests/test_fast_path.py`` states the bound), and a prediction can change
+only where its top-2 logit margin is that small.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.fx.experimental.optimization import fuse
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from robust.fast_convs import speed_up_convs
 
 
 def fast_model(model: nn.Module, channels_last: bool | None = None) -> nn.Module:
@@ -34,7 +35,7 @@ def fast_model(model: nn.Module, channels_last: bool | None = None) -> nn.Module
     on ``model``'s device and takes and returns what ``model`` does (a card it carries is copied with it)."""
     fast = _fold(copy.deepcopy(model).eval().requires_grad_(False))
     if _on_cpu(fast):
-        _narrow_convs_by_matmul(fast)
+        speed_up_convs(fast)
     if prefers_channels_last(fast) if channels_last is None else channels_last:
         # A convolution whose weight is channels-last makes its output so, and the layers after it follow; the
         # gradient comes back to the input in the input's own layout, so callers see no difference.
@@ -56,43 +57,6 @@ def prefers_channels_last(model: nn.Module) -> bool:
 def _on_cpu(model: nn.Module) -> bool:
     param = next(model.parameters(), None)
     return param is None or param.device.type == "cpu"
-
-
-NARROW_CONV = 3  # input channels up to which the matmul input gradient beat oneDNN's on the CPU (1 and 3 won; 16 lost)
-
-
-class _MatmulInputGrad(torch.autograd.Function):
-    """A frozen convolution whose input gradient is ``Wᵀ·grad`` (one batched matrix product: ``N×(C·k·k)×L``
-    columns) folded back onto the ``N×C×H×W`` input (col2im): the same sum as the convolution's own backward, in
-    another order. No gradient for the weight or bias (the fast path's are frozen)."""
-
-    @staticmethod
-    def forward(ctx, x, conv: nn.Conv2d):
-        ctx.conv, ctx.size = conv, x.shape[-2:]
-        return conv._conv_forward(x, conv.weight, conv.bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        conv = ctx.conv
-        cols = conv.weight.flatten(1).T @ grad.flatten(2)
-        return F.fold(cols, ctx.size, conv.kernel_size, conv.dilation, conv.padding, conv.stride), None
-
-
-class _NarrowConv2d(nn.Conv2d):
-    """A frozen :class:`nn.Conv2d` on at most :data:`NARROW_CONV` input channels, input gradient by
-    :class:`_MatmulInputGrad`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _MatmulInputGrad.apply(x, self)
-
-
-def _narrow_convs_by_matmul(model: nn.Module) -> None:
-    """Give each plain convolution of ``model`` on at most :data:`NARROW_CONV` input channels (zero padding, one
-    group, no dilation beyond what fold handles) the matmul input gradient, in place."""
-    for conv in model.modules():
-        plain = type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
-        if plain and conv.in_channels <= NARROW_CONV and not isinstance(conv.padding, str):
-            conv.__class__ = _NarrowConv2d
 
 
 def _fold(module: nn.Module) -> nn.Module:
