@@ -73,14 +73,19 @@ class NarrowConv2d(nn.Conv2d):
 
 # F(2×2, 3×3): output tile = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A for a 4×4 input tile d and a 3×3 kernel g (Lavin & Gray).
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# G·flip(g) = J·G·g with J the row order (3, 1, 2, 0): the flipped kernel's transform is the kernel's, tiles reordered.
+_FLIP = tuple(4 * i + j for i in (3, 1, 2, 0) for j in (3, 1, 2, 0))
 
 
-def winograd_weight(weight: Tensor) -> Tensor:
-    """``O×C×3×3`` kernel -> ``16×C×O`` transformed kernel ``G g Gᵀ`` (index ``4·row + column``), summed in float64
-    and rounded once to ``weight``'s dtype."""
+def winograd_weights(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``O×C×3×3`` kernel -> its transform ``G g Gᵀ`` for the forward (``16×C×O``, index ``4·row + column``) and
+    that of the kernel flipped with its channels swapped, for the input gradient (``16×O×C``); summed in float64 and
+    rounded once to ``weight``'s dtype."""
+    o, c = weight.shape[:2]
     g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ik,ockl,jl->ijco", g, weight.detach().double(), g)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+    flat = weight.detach().double().reshape(o * c, 9).T  # 9×(O·C)
+    u = (torch.kron(g, g) @ flat).view(16, o, c).to(weight.dtype)
+    return u.transpose(1, 2), u[list(_FLIP)]
 
 
 def _input_transform(t0: Tensor, t1: Tensor, t2: Tensor, t3: Tensor, out: Tensor) -> None:
@@ -93,7 +98,7 @@ def _input_transform(t0: Tensor, t1: Tensor, t2: Tensor, t3: Tensor, out: Tensor
 
 def winograd_conv(x: Tensor, u: Tensor, bias: Tensor | None = None) -> Tensor:
     """3×3 convolution, stride 1, zero padding 1, of ``x`` (``N×C×H×W``, H and W even, any memory format) with the
-    transformed kernel ``u`` (``16×C×O``, :func:`winograd_weight`) -> ``N×O×H×W`` in channels-last format."""
+    transformed kernel ``u`` (``16×C×O``, :func:`winograd_weights`) -> ``N×O×H×W`` in channels-last format."""
     n, c, h, w = x.shape
     th, tw, o = h // 2, w // 2, u.shape[2]
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # N×(H+2)×(W+2)×C
@@ -135,9 +140,9 @@ class WinogradConv2d(nn.Conv2d):
 
     def prepare(self) -> None:
         """Transform the kernel for the forward and the input gradient (buffers outside the state dict)."""
-        self.register_buffer("winograd_u", winograd_weight(self.weight), persistent=False)
-        flipped = self.weight.detach().transpose(0, 1).flip(2, 3)
-        self.register_buffer("winograd_u_grad", winograd_weight(flipped), persistent=False)
+        forward, grad = winograd_weights(self.weight)
+        self.register_buffer("winograd_u", forward, persistent=False)
+        self.register_buffer("winograd_u_grad", grad, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-2] % 2 or x.shape[-1] % 2:
