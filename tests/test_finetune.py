@@ -155,13 +155,13 @@ def test_default_scale_keeps_one_group():
     assert module.weights_init == {"weights": None, "kind": "scratch", "sha256": None, "classes": None, "fresh": []}
 
 
-def test_train_cli_fine_tunes_a_checkpoint_with_a_smaller_backbone_lr(resnet18_ckpt, resnet18_model, tmp_path):
+def test_train_cli_fine_tunes_a_checkpoint_with_a_smaller_backbone_lr(digits_cnn_ckpt, tmp_path):
     args = tiny_fit_args(
         tmp_path,
         "--model.arch",
-        "resnet18",
+        "digits_cnn",
         "--model.weights",
-        str(resnet18_ckpt),
+        str(digits_cnn_ckpt),
         "--model.backbone_lr_scale",
         "0.1",
         "--model.optimizer.lr",
@@ -174,9 +174,9 @@ def test_train_cli_fine_tunes_a_checkpoint_with_a_smaller_backbone_lr(resnet18_c
     assert [g["max_lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])  # OneCycle peaks per group
     init = load_model(cli.trainer.checkpoint_callback.best_model_path).card.training.init
     assert init == {
-        "weights": str(resnet18_ckpt),
+        "weights": str(digits_cnn_ckpt),
         "kind": "checkpoint",
-        "sha256": sha256(resnet18_ckpt),
+        "sha256": sha256(digits_cnn_ckpt),
         "classes": 10,
         "fresh": [],
     }
