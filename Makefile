@@ -20,8 +20,9 @@ setup: .venv/.synced
 train: setup
 	$(RUN) python train.py fit --config configs/digits.yaml
 
+# --dist loadfile: a file's module fixtures (trained checkpoints, exports) are built once, not once per worker.
 test: setup
-	$(RUN) pytest -m "not slow" -n auto -q --durations=15
+	$(RUN) pytest -m "not slow" -n auto --dist loadfile -q --durations=15
 
 test-all: setup
 	$(RUN) pytest -n auto -q --durations=15

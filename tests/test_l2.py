@@ -149,7 +149,7 @@ def test_the_cifar10_l2_config_trains_on_the_shared_subset(shared_data, tmp_path
             "--data.init_args.limit",
             "8",
             "--data.init_args.image_size",
-            "16",  # a quarter of the PreAct ResNet-18's cost at 32×32; the config, not the size, is under test
+            "8",  # a sixteenth of the PreAct ResNet-18's cost at 32×32; the config, not the size, is under test
             "--trainer.max_epochs",
             "1",
             "--trainer.limit_train_batches",
