@@ -3,10 +3,12 @@ within float32 rounding, swapped in only where their shape is served.
 
 The bound, and why: both sum the same products in another order (Winograd after transforming the kernel in float64
 and the tiles by additions), so each output moves by a few float32 ulps of the layer's output scale, growing with
-the number of terms (C·9). ``RELATIVE`` = 1e-5 of the largest output is ten times the worst measured (3e-6 at 512
-channels); here C ≤ 32."""
+the number of terms (C·9). ``RELATIVE`` = 1e-5 of the largest output is three times the worst measured (3e-6 at 512
+channels), the most any test here sums (ResNet18's stage 4)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -74,7 +76,7 @@ def test_only_the_shapes_served_are_swapped():
     the rest stay plain, and the state dict is unchanged."""
     torch.manual_seed(0)
     model = build_model("resnet18", 10, mean=CIFAR10_MEAN, std=CIFAR10_STD, cifar_stem=True).eval()
-    keys = set(model.state_dict())
+    plain = copy.deepcopy(model)
     speed_up_convs(model)
     kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     winograd = {name for name, kind in kinds.items() if kind is WinogradConv2d}
@@ -82,9 +84,7 @@ def test_only_the_shapes_served_are_swapped():
     expected = {f"backbone.layer{s}.{b}.conv{c}" for s in (3, 4) for b in (0, 1) for c in (1, 2)}
     assert winograd == expected - {"backbone.layer3.0.conv1", "backbone.layer4.0.conv1"}
     assert sum(kind is nn.Conv2d for kind in kinds.values()) == len(kinds) - 1 - len(winograd)
-    assert set(model.state_dict()) == keys
+    assert model.state_dict().keys() == plain.state_dict().keys()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
-    plain = build_model("resnet18", 10, mean=CIFAR10_MEAN, std=CIFAR10_STD, cifar_stem=True).eval()
-    plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert_close(model(x), plain(x))

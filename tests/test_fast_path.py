@@ -3,7 +3,7 @@ as the plain path for every threat key, within what float rounding can move.
 
 The bound, and why. Folding computes ``w·(x - μ)/σ + b`` as ``(w/σ)·x + (b - w·μ/σ)``, and channels-last changes the
 order in which a convolution sums, as Winograd's F(2×2, 3×3) does in ResNet18's wide layers: float32 rounding then moves
-logits by a few ulps per layer (1.6e-6 measured on a ResNet18, 1.9e-6 with Winograd), far below ``LOGIT_BOUND`` = 1e-4.
+logits by a few ulps per layer (1.6e-6 measured on a ResNet18, 1.8e-6 with Winograd), far below ``LOGIT_BOUND`` = 1e-4.
 So a clean prediction can differ only where the top-2 logit margin is below the bound. An attack's images can part only
 where a gradient component is within rounding of zero and its sign flips (L-inf), which moves that pixel by one step;
 that changes a verdict only for an example that sits on its decision boundary after the attack, so per threat at most
