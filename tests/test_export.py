@@ -182,6 +182,7 @@ def test_torch_export_program_gives_same_logits(trained, batch, tmp_path):
 def test_plain_torchvision_one_liner(fixture, request, batch, tmp_path, monkeypatch):
     """The README's recipe: torchvision alone, normalization by the card's mean/std, cifar_stem swap."""
     ckpt, module = request.getfixturevalue(fixture)
+    batch = batch[:4]  # bit-identical logits on a few images: a CIFAR-stem ResNet18 costs 16x per 32×32 image
     folder = export_model(ckpt, tmp_path / "model")
     card = json.loads((folder / "model.json").read_text())
     monkeypatch.chdir(tmp_path)  # the recipe uses the relative path model/model.safetensors

@@ -15,6 +15,8 @@ in another order, by a matrix product.)
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -32,13 +34,21 @@ FLIPS = 1  # per threat and batch: examples left on a decision boundary by an at
 EVERY_THREAT = (*DEFAULT_THREATS, "square", "autoattack", "aa_worst")
 
 
-def bn_resnet18() -> nn.Module:
-    """A CIFAR-stem ResNet18 with random weights and BatchNorm statistics of its own (not the identity), eval mode."""
+@functools.cache
+def _bn_resnet18_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = build_model("resnet18", 10, mean=CIFAR10_MEAN, std=CIFAR10_STD, cifar_stem=True).train()
     with torch.no_grad():
         for _ in range(2):
-            model(torch.rand(16, 3, 32, 32))
+            model(torch.rand(8, 3, 16, 16))  # statistics of its own; their image size does not matter
+    return model.state_dict()
+
+
+def bn_resnet18() -> nn.Module:
+    """A CIFAR-stem ResNet18 with random weights and BatchNorm statistics of its own (not the identity), eval mode; a
+    new object each call, the same values (built once)."""
+    model = build_model("resnet18", 10, mean=CIFAR10_MEAN, std=CIFAR10_STD, cifar_stem=True)
+    model.load_state_dict(_bn_resnet18_state())
     return model.eval()
 
 

@@ -160,10 +160,12 @@ def test_the_cifar10_l2_config_trains_on_the_shared_subset(shared_data, tmp_path
             "32-true",
             "--trainer.logger.init_args.save_dir",
             str(tmp_path),
+            "--trainer.num_sanity_val_steps",
+            "0",  # the validation below runs the same threat suite
             "--model.val_steps",
             "1",
             "--image_grid.n",
-            "2",
+            "0",
             "--trainer.enable_progress_bar",
             "false",
             "--overfit_guard.n",

@@ -86,3 +86,36 @@ def test_garbage_weights_file_is_a_clear_error(tmp_path):
     (tmp_path / "w.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(RobustError, match="not a readable"):
         build_model(weights=str(tmp_path / "w.pth"))
+
+
+class WithFixedBuffer(torch.nn.Module):
+    """A user's network holding a non-persistent buffer: no state dict restores it."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 3) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, 4, 3)
+        self.fc = torch.nn.Linear(4, num_classes)
+        self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)) * self.scale)
+
+
+def test_an_empty_network_is_uninitialised_only_where_a_state_dict_fills_it(monkeypatch):
+    """A load builds the network without its random init (:func:`robust.models.archs.empty_arch`): every tensor is
+    allocated on the CPU and a whole state dict fills it; a network with a buffer no state dict holds is built as
+    usual, so the buffer keeps its value."""
+    from robust.models.archs import ARCHS, Arch, empty_arch
+
+    assert empty_arch("resnet18", 10, cifar_stem=True).conv1.kernel_size == (3, 3)
+    resnet = empty_arch("resnet18", 10)
+    assert {t.device.type for t in resnet.state_dict().values()} == {"cpu"}
+    source = torchvision.models.resnet18(num_classes=10)
+    resnet.load_state_dict(source.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(resnet.eval()(x), source.eval()(x))
+    monkeypatch.setitem(ARCHS, "with_buffer", Arch(WithFixedBuffer, "conv", "fc", 8, 3, "tests/test_models.py"))
+    assert float(empty_arch("with_buffer", 10).scale) == 2.0
+    with pytest.raises(RobustError, match="num_classes must be at least 2"):
+        empty_arch("resnet18", 1)

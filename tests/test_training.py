@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARCH_ARGS
+from conftest import TINY_ARCH_ARGS, tiny_fit_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_cli
@@ -90,6 +90,13 @@ def test_tensorboard_events_hold_every_metric_and_an_image(run):
         assert all(0 <= e.value <= 1 for e in events.Scalars(key)) or "loss" in key
     assert "val/images" in events.Tags()["images"]
     assert len(events.Images("val/images")) == 2  # one grid per validation epoch
+
+
+def test_image_grid_n_0_logs_the_scalars_and_no_image(tmp_path):
+    train_cli.main(tiny_fit_args(tmp_path))  # --image_grid.n 0
+    events = EventAccumulator(str(tmp_path / "digits" / "version_0"))
+    events.Reload()
+    assert "val/pgd_worst" in events.Tags()["scalars"] and events.Tags()["images"] == []
 
 
 def test_checkpoints_and_resolved_config(run):

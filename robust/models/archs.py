@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
@@ -149,3 +150,21 @@ def build_arch(name: str, num_classes: int, channels: int | None = None, cifar_s
     if cifar_stem:
         use_cifar_stem(backbone, channels)
     return backbone
+
+
+def empty_arch(name: str, num_classes: int, channels: int | None = None, cifar_stem: bool = False) -> nn.Module:
+    """:func:`build_arch`'s backbone with its parameters allocated but not initialised, for a whole state dict to
+    fill: a load skips the random init it would overwrite (a ResNet18's is 0.1-0.2 s on a CPU). Built on the meta
+    device; a network that cannot be built there, or holds buffers no state dict restores (non-persistent ones), is
+    built by :func:`build_arch` instead."""
+    try:
+        with torch.device("meta"):
+            backbone = build_arch(name, num_classes, channels, cifar_stem)
+    except RobustError:
+        raise
+    except Exception:  # a user's network may compute on its tensors while it is built
+        return build_arch(name, num_classes, channels, cifar_stem)
+    stored = backbone.state_dict().keys()
+    if any(key not in stored for key, _ in (*backbone.named_parameters(), *backbone.named_buffers())):
+        return build_arch(name, num_classes, channels, cifar_stem)
+    return backbone.to_empty(device="cpu")

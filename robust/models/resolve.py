@@ -25,11 +25,10 @@ from torch import Tensor, nn
 
 from robust.errors import RobustError
 from robust.files import load_checkpoint, sha256_hex
-from robust.models.archs import ARCHS, build_arch, get_arch
+from robust.models.archs import ARCHS, build_arch, empty_arch, get_arch
 from robust.models.build import (
     CardedModel,
     Normalize,
-    build_backbone,
     build_model,
     head_of,
     imagenet_class_names,
@@ -266,7 +265,7 @@ def _model_from_card(card: ModelCard, state: dict[str, Tensor], source: str) -> 
     if card.arch.startswith(HF_PREFIX):
         model = load_hf_model(card.arch.removeprefix(HF_PREFIX), card.num_classes)
     else:
-        backbone = build_arch(card.arch, card.num_classes, card.channels, card.cifar_stem)
+        backbone = empty_arch(card.arch, card.num_classes, card.channels, card.cifar_stem)  # load_state fills it all
         model = normalized(backbone, card.mean, card.std)
     load_state(model, state, source, "its model description")
     return CardedModel(model, card).eval()
@@ -417,7 +416,7 @@ def external_model(
         cifar_stem = info.torchvision and stem is not None and stem.shape[-1] == 3
         head = state.get(f"{info.head}.weight")
         num_classes = int(head.shape[0]) if head is not None else 10
-        backbone = build_backbone(arch, num_classes, None, cifar_stem, channels)[0]
+        backbone = empty_arch(arch, num_classes, channels, cifar_stem)
         load_state(backbone, state, spec, f"a {arch}")
         digest, size = sha256_hex(Path(spec).read_bytes()), image_size or info.image_size
     else:

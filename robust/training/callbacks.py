@@ -17,7 +17,7 @@ class AdversarialImages(L.Callback):
     each titled with its true / predicted class names.
 
     Args:
-        n: images in the grid (the first ones of the first validation batch).
+        n: images in the grid (the first ones of the first validation batch); 0: no grid.
     """
 
     def __init__(self, n: int = 8) -> None:
@@ -25,7 +25,7 @@ class AdversarialImages(L.Callback):
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch_idx == 0:
+        if batch_idx == 0 and self.n > 0:
             x, y = batch
             self._batch = (x[: self.n].detach(), y[: self.n].detach())
 
