@@ -233,6 +233,7 @@ def test_the_mnist_recipe_trains_and_keeps_a_held_out_choice(shared_data, tmp_pa
             "--data.init_args.root",
             str(shared_data),
             *"--data.init_args.download false --data.init_args.val_size 64 --overfit_guard.n 32".split(),
+            *"--model.val_steps 2 --image_grid.n 0".split(),  # what is under test is which data chooses
             *"--trainer.max_epochs 1 --trainer.limit_train_batches 3 --trainer.limit_val_batches 1".split(),
             "--trainer.logger.init_args.save_dir",
             str(tmp_path),

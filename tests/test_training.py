@@ -133,7 +133,7 @@ def test_real_tensorboard_server_lists_the_scalar_tags(run):
                     tags = json.load(r)
             except OSError:
                 assert server.poll() is None, "tensorboard exited"
-                time.sleep(1)
+                time.sleep(0.2)
         assert tags is not None, "tensorboard did not answer"
         run_tags = set().union(*(t.keys() for t in tags.values()))
         assert {"val/pgd", "val/clean", "val/bpda_pgd", "train/loss"} <= run_tags
